@@ -1,0 +1,210 @@
+"""model.py: the code contracts of GUIDE §1, exhaustively over all ids, and the decoder's behaviour."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, INPUT_CODES, code_bits, gf2_inverse, sample_next
+
+V = 65536
+ALL_IDS = torch.arange(V)
+
+
+def small(**overrides):
+    base = dict(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    return GPTConfig(**{**base, **overrides})
+
+
+def bits_of(ids, K):  # (N,) -> (N, K) 0/1, LSB first
+    return (ids[:, None] >> torch.arange(K)) & 1
+
+
+def ids_of(bits):  # (N, K) 0/1 -> (N,)
+    return (bits.long() << torch.arange(bits.size(1))).sum(1)
+
+
+def lift_bits(model, ids):
+    """The 0/1 code bits the lift puts on each channel, read back from its output values."""
+    return (model.embed(ids) > 0).long()  # bit 1 is the larger value for both code_values (code_scale > 0)
+
+
+def test_paper_config_parameter_counts():
+    with torch.device("meta"):
+        counts = {code: GPT(GPTConfig(input_code=code)).param_counts() for code in INPUT_CODES}
+    assert counts["learned"]["trainable"] - counts["fixed_min"]["trainable"] == V * 1024 == 67_108_864
+    assert counts["fixed_min"]["trainable"] == counts["affine"]["trainable"] == counts["frozen_random"]["trainable"]
+    for code in ("fixed_min", "affine", "frozen_random"):
+        assert counts[code]["input_trainable"] == 0
+    assert counts["learned"]["input_trainable"] == 67_108_864
+    assert counts["fixed_min"]["trainable"] == 469_828_608  # the README's figures
+    assert counts["learned"]["trainable"] == 536_937_472
+    assert counts["affine"]["input_fixed_values"] == 16 * 16 + 16
+
+
+@pytest.mark.parametrize("vocab_size,K", [(2, 1), (3, 2), (256, 8), (257, 9), (50257, 16), (65536, 16), (65537, 17)])
+def test_code_bits(vocab_size, K):
+    assert code_bits(vocab_size) == K
+    assert 2 ** K >= vocab_size > 2 ** (K - 1) or K == 1
+
+
+@pytest.mark.parametrize("code_values", ["bipolar", "binary"])
+def test_fixed_code_is_the_tiled_binary_code_of_every_id(code_values):
+    model = GPT(GPTConfig(n_layer=1, input_code="fixed_min", code_values=code_values, code_scale=0.5))
+    out = model.embed(ALL_IDS)
+    assert out.shape == (V, 1024) and out.dtype == torch.float32
+    assert set(out.unique().tolist()) == ({-0.5, 0.5} if code_values == "bipolar" else {0.0, 0.5})
+    bits = lift_bits(model, ALL_IDS)
+    assert torch.equal(bits.view(V, 64, 16), bits[:, None, :16].expand(V, 64, 16))  # channel j carries bit j mod 16
+    assert torch.equal(ids_of(bits[:, :16]), ALL_IDS)  # the code decodes back: injective
+
+
+def test_partial_last_tile_for_a_vocabulary_that_is_not_a_power_of_two():
+    model = GPT(small(vocab_size=257, n_embd=64))
+    ids = torch.arange(257)
+    bits = lift_bits(model, ids)
+    for j in range(64):
+        assert torch.equal(bits[:, j], bits[:, j % 9])
+    assert torch.equal(ids_of(bits[:, :9]), ids)
+    assert torch.equal(bits[:, 63], (ids >> 0) & 1)  # 63 = 7 * 9: the partial tile restarts at bit 0
+
+
+def test_affine_code_is_A_c_xor_b_and_decodes_through_the_inverse():
+    model = GPT(GPTConfig(n_layer=1, input_code="affine", code_seed=7))
+    A, b = model.embed.A, model.embed.b
+    assert A.dtype == b.dtype == torch.uint8 and A.shape == (16, 16) and b.shape == (16,)
+    assert set(A.unique().tolist()) <= {0, 1}
+    A_inv = gf2_inverse(A)
+    assert A_inv is not None
+    assert torch.equal((A.long() @ A_inv.long()) % 2, torch.eye(16, dtype=torch.long))
+    code = lift_bits(model, ALL_IDS)
+    c = bits_of(ALL_IDS, 16)
+    assert torch.equal(code[:, :16], (c @ A.long().T + b.long()) % 2)
+    assert torch.equal(code.view(V, 64, 16), code[:, None, :16].expand(V, 64, 16))
+    decoded = ((code[:, :16] - b.long()) % 2) @ A_inv.long().T % 2
+    assert torch.equal(ids_of(decoded), ALL_IDS)
+
+
+def test_gf2_inverse_detects_singular_matrices():
+    singular = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.uint8)  # row 3 = row 1 + row 2
+    assert gf2_inverse(singular) is None
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        M = torch.randint(0, 2, (6, 6), generator=g, dtype=torch.uint8)
+        inv = gf2_inverse(M)
+        if inv is not None:
+            assert torch.equal((M.long() @ inv.long()) % 2, torch.eye(6, dtype=torch.long))
+        else:  # singular: some nonzero x has M x = 0 over GF(2)
+            xs = bits_of(torch.arange(1, 64), 6)
+            assert bool(((xs @ M.long().T) % 2 == 0).all(1).any())
+
+
+def test_same_code_seed_draws_the_same_code_in_a_fresh_process():
+    script = "from model import GPT, GPTConfig; m = GPT(GPTConfig(vocab_size=1000, n_layer=1, n_embd=64, n_head=2, input_code='affine', code_seed=3)); print(m.embed.A.flatten().tolist(), m.embed.b.tolist())"
+    here = GPT(small(vocab_size=1000, input_code="affine", code_seed=3))
+    printed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == f"{here.embed.A.flatten().tolist()} {here.embed.b.tolist()}"
+    other = GPT(small(vocab_size=1000, input_code="affine", code_seed=4))
+    assert not torch.equal(other.embed.A, here.embed.A)
+
+
+def test_state_dict_round_trip_restores_the_code_and_refuses_broken_ones():
+    saved = GPT(small(input_code="affine", code_seed=1)).state_dict()
+    fresh = GPT(small(input_code="affine", code_seed=2))
+    assert not torch.equal(fresh.embed.A, saved["embed.A"])
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.embed.A, saved["embed.A"]) and torch.equal(fresh.embed.b, saved["embed.b"])
+    singular = dict(saved, **{"embed.A": torch.zeros_like(saved["embed.A"])})
+    with pytest.raises(ValueError, match="not an invertible"):
+        fresh.load_state_dict(singular)
+    assert torch.equal(fresh.embed.A, saved["embed.A"])  # the refused code was not copied in
+    wrong_shape = GPT(small(vocab_size=1000, input_code="affine")).state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        fresh.load_state_dict(wrong_shape)
+
+
+@pytest.mark.parametrize("input_code", ["fixed_min", "affine"])
+def test_first_block_reads_distinct_vectors_for_all_ids_with_the_defaults(input_code):
+    model = GPT(GPTConfig(n_layer=1, input_code=input_code))
+    with torch.no_grad():
+        seen = model.blocks[0].norm_1(model.embed(ALL_IDS))
+    assert torch.unique(seen[:, :16], dim=0).size(0) == V  # injective on 16 channels, so on all 1024
+
+
+@pytest.mark.parametrize("code_values", ["bipolar", "binary"])
+def test_layernorm_pitfall_is_real(code_values):
+    """Why the default is not LayerNorm: it maps id 0 and id 65535 (all bits equal) to the same input."""
+    model = GPT(GPTConfig(n_layer=1, norm="layernorm", code_values=code_values))
+    with torch.no_grad():
+        seen = model.blocks[0].norm_1(model.embed(torch.tensor([0, 65535, 1])))
+    assert torch.allclose(seen[0], seen[1])
+    assert not torch.allclose(seen[0], seen[2])
+
+
+@pytest.mark.parametrize("input_code", INPUT_CODES)
+def test_kv_cache_generation_equals_recomputing_every_step(input_code):
+    torch.manual_seed(0)
+    model = GPT(small(input_code=input_code)).eval()
+    prompt = torch.randint(0, 257, (3, 40))  # longer than block_size: cropped from the left
+    out = model.generate(prompt, max_new_tokens=30, temperature=0)  # runs past the context: window re-fills
+    seq = prompt[:, -32:]
+    for _ in range(30):
+        logits, _ = model(seq[:, -32:])
+        seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out[:, :40], prompt)
+    assert torch.equal(out[:, 40:], seq[:, 32:])
+
+
+def test_generation_stops_at_end_of_text():
+    torch.manual_seed(0)
+    model = GPT(small()).eval()
+    prompt = torch.randint(0, 257, (2, 5))
+    first = model.generate(prompt, max_new_tokens=1, temperature=0)[:, -1]
+    out = model.generate(prompt, max_new_tokens=20, temperature=0, eos_id=int(first[0]))
+    assert out.size(1) <= 25 and (out[0, 5:] == first[0]).all()
+
+
+def test_sampling_options():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 257)
+    greedy = sample_next(logits, temperature=0)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1), greedy)
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), greedy)
+    draw = lambda: sample_next(logits, 0.8, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(draw(), draw())
+    allowed = torch.topk(logits, 3).indices
+    for seed in range(20):
+        pick = sample_next(logits, 2.0, top_k=3, generator=torch.Generator().manual_seed(seed))
+        assert (pick == allowed).any(1).all()
+
+
+def test_initial_loss_on_random_ids_is_close_to_ln_V():
+    torch.manual_seed(0)
+    for input_code in ("fixed_min", "learned"):
+        model = GPT(GPTConfig(n_layer=2, block_size=64, input_code=input_code))
+        ids = torch.randint(0, V, (2, 65))
+        with torch.no_grad():
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+        assert abs(loss.item() - math.log(V)) < 0.3
+
+
+@pytest.mark.parametrize("input_code", INPUT_CODES)
+def test_training_step_under_cpu_bf16_autocast_matches_float32(input_code):
+    torch.manual_seed(0)
+    model = GPT(small(input_code=input_code))
+    ids = torch.randint(0, 257, (2, 33))
+    _, loss32 = model(ids[:, :-1], ids[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss16 = model(ids[:, :-1], ids[:, 1:])
+    loss16.backward()
+    assert abs(loss16.item() - loss32.item()) < 0.05
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(not b.requires_grad for b in model.embed.buffers())
+
+
+@pytest.mark.parametrize("bad,match", [(dict(input_code="learnt"), "input_code"), (dict(code_values="pm1"), "code_values"),
+                                       (dict(n_head=5), "multiple"), (dict(vocab_size=1), "vocab_size")])
+def test_config_errors_name_the_problem(bad, match):
+    with pytest.raises(ValueError, match=match):
+        small(**bad)
