@@ -1,0 +1,93 @@
+"""
+Checkpoints: written atomically, read back with torch.load(weights_only=True), turned into a model.
+
+A checkpoint is out_dir/ckpt.pt, a dict of plain types and tensors:
+  model_args     GPTConfig fields            model          state_dict (the code buffers A/b included)
+  meta           the dataset's meta.json     config         the full training config
+  iter_num       optimizer steps done        tokens_seen    tokens trained on
+  best_val_loss, val_loss                    optimizer, rng training state (train.py)
+"""
+import os
+from dataclasses import fields
+
+import torch
+
+from model import GPT, GPTConfig
+
+CKPT_NAME = "ckpt.pt"
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write(path, write):
+    """write(f) into a temp file beside path, fsync, rename: readers see the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(checkpoint, out_dir):
+    atomic_write(os.path.join(out_dir, CKPT_NAME), lambda f: torch.save(checkpoint, f))
+
+
+def clean_state_dict(state_dict):
+    """Strip the key prefixes that torch.compile and DDP wrappers add."""
+    clean = {}
+    for key, value in state_dict.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        clean[key] = value
+    return clean
+
+
+def load_checkpoint(out_dir, device="cpu"):
+    """The checkpoint dict of out_dir (or of a ckpt.pt path); CheckpointError with a one-line reason."""
+    path = out_dir if os.path.isfile(out_dir) else os.path.join(out_dir, CKPT_NAME)
+    if not os.path.isdir(out_dir) and not os.path.isfile(out_dir):
+        raise CheckpointError(f"out_dir '{out_dir}' does not exist: train a model there first (python train.py ...)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint in '{out_dir}' (expected {CKPT_NAME}): train a model there first")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    missing = [key for key in ("model_args", "model", "meta") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this repository (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def model_config(checkpoint):
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(checkpoint["model_args"]) - known)
+    if unknown:
+        raise CheckpointError(f"checkpoint has model settings this code does not know ({', '.join(unknown)}): "
+                              f"it was written by a newer version of this repository")
+    return GPTConfig(**checkpoint["model_args"])
+
+
+def build_model(checkpoint, device="cpu"):
+    """The GPT of a checkpoint with its weights, on device, in eval mode."""
+    model = GPT(model_config(checkpoint))
+    try:
+        model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint weights do not fit its model: {' '.join(str(e).split())}") from None
+    return model.to(device).eval()
