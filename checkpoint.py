@@ -66,8 +66,9 @@ def load_checkpoint(out_dir, device="cpu"):
         raise CheckpointError(f"no checkpoint in '{out_dir}' (expected {CKPT_NAME}): train a model there first")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # torch's own message suggests weights_only=False: wrong advice for a broken file
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch "
+                              f"checkpoint ({type(e).__name__})") from None
     missing = [key for key in ("model_args", "model", "meta") if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repository (missing {', '.join(missing)})")

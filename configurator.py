@@ -40,7 +40,9 @@ def _checked(key, value, defaults, where):
     return value
 
 
-def _parse_value(text):
+def _parse_value(text, default):
+    if isinstance(default, str):
+        return text  # --start=123 is the text "123"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -58,7 +60,7 @@ def parse_config(defaults, argv):
             if "=" not in arg:
                 raise ConfigError(f"argument '{arg}' must be --key=value")
             key, text = arg[2:].split("=", 1)
-            config[key] = _checked(key, _parse_value(text), defaults, "on the command line")
+            config[key] = _checked(key, _parse_value(text, defaults.get(key)), defaults, "on the command line")
             continue
         if not os.path.isfile(arg):
             raise ConfigError(f"config file '{arg}' not found")

@@ -263,7 +263,7 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        x = self.drop(self.embed(idx))
+        x = self.drop(self.embed(idx).to(self.lm_head.weight.dtype))  # the codes are float32; weights may be bf16
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:

@@ -1,15 +1,13 @@
-"""Shared fixtures: small real checkpoints, trained here on Shakespeare bytes, for every input code."""
+"""Shared fixtures: Shakespeare prepared by prepare.py, and small checkpoints trained by train.py."""
 import os
+import subprocess
+import sys
 
-import numpy as np
 import pytest
-import torch
 
-from checkpoint import save_checkpoint
-from model import GPT, GPTConfig
-
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
-TINY_MODEL = dict(block_size=64, n_layer=2, n_head=4, n_embd=64)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+TINY_MODEL = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--compile=False", "--device=cpu"]
 
 
 def shakespeare_text():
@@ -19,35 +17,36 @@ def shakespeare_text():
         return f.read()
 
 
-def _train_tiny(out_dir, input_code, steps=40):
-    tokens = np.frombuffer(shakespeare_text()[:200_000].encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=257, input_code=input_code, **TINY_MODEL)
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = np.random.default_rng(0)
-    for _ in range(steps):
-        starts = rng.integers(0, len(tokens) - config.block_size - 1, size=8)
-        batch = torch.from_numpy(np.stack([tokens[s:s + config.block_size + 1] for s in starts]))
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    meta = {"encoding": "bytes", "vocab_size": 257, "eot_token": 256, "source": SHAKESPEARE}
-    save_checkpoint({"model_args": vars(config), "model": model.state_dict(), "meta": meta, "config": {},
-                     "iter_num": steps, "tokens_seen": steps * 8 * config.block_size,
-                     "best_val_loss": loss.item(), "val_loss": loss.item()}, str(out_dir))
-    return str(out_dir)
+def run(*args):
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed: {result.stderr[-3000:]}"
+    return result
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory):
-    """trained_checkpoint(input_code) -> an out_dir holding ckpt.pt of a tiny model trained on bytes."""
+def shakespeare_bytes(tmp_path_factory):
+    """A dataset folder (train.bin, val.bin, meta.json) of Shakespeare in the bytes encoding (V = 257)."""
+    shakespeare_text()
+    root = tmp_path_factory.mktemp("data")
+    run("prepare.py", "--input", SHAKESPEARE, "--name", "shakespeare_bytes", "--encoding", "bytes",
+        "--out_root", str(root), "--workers", "1")
+    return str(root / "shakespeare_bytes")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, shakespeare_bytes):
+    """trained_checkpoint(input_code) -> an out_dir holding ckpt.pt of a tiny model that train.py
+    trained for 40 steps on Shakespeare bytes."""
     made = {}
 
     def make(input_code="fixed_min"):
         if input_code not in made:
-            made[input_code] = _train_tiny(tmp_path_factory.mktemp(f"run_{input_code}"), input_code)
+            out_dir = str(tmp_path_factory.mktemp(f"run_{input_code}"))
+            run("train.py", f"--dataset={shakespeare_bytes}", f"--out_dir={out_dir}", f"--input_code={input_code}",
+                *TINY_MODEL, "--batch_size=8", "--gradient_accumulation_steps=1", "--max_iters=40",
+                "--eval_interval=40", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5",
+                "--lr_decay_iters=40", "--log_interval=10")
+            made[input_code] = out_dir
         return made[input_code]
 
     return make

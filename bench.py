@@ -1,0 +1,306 @@
+"""
+Training and decode speed of the input codes, side by side: tokens/s, MFU, peak memory, parameters.
+
+    python bench.py config/quickstart.py                        # CPU, under a minute
+    python bench.py config/fixed_min.py --json=bench.json       # the paper's model, one GPU
+    python bench.py --n_layer=4 --n_embd=256 --n_head=4 --codes=fixed_min,learned --decode=False
+
+The keys are train.py's (so a training config file works as is; keys that only matter to a run,
+such as out_dir or max_iters, are accepted and ignored) plus the bench keys below. For each input code,
+in a fresh process (so peak memory, allocator and compile caches start clean), bench.py builds the
+config's model and optimizer exactly as train.py does, runs warmup_steps full optimizer steps on
+random ids, then times `steps` more: gradient_accumulation_steps forward/backward micro-batches of
+batch_size x block_size tokens, gradient clipping, the AdamW step. Then, unless decode=False, it
+times greedy decoding with model.generate_stream (KV cache, eager model) after a prompt of
+prompt_tokens random ids, at each batch size of decode_batch_sizes.
+
+On CUDA, as in train.py: bf16 autocast (dtype=auto), TF32 matmuls, fused AdamW, torch.compile
+(compile=True), and F.scaled_dot_product_attention, whose flash kernel serves the causal training
+pass; --sdpa=flash makes any other choice an error, --sdpa=math measures the unfused reference.
+
+MFU = flops_per_token * tokens_per_s / peak, with model.flops_per_token() (PaLM, appendix B):
+    flops_per_token = 6 * N + 12 * n_layer * n_embd * block_size
+where N counts the trainable parameters outside the input (every matmul weight, the lm_head
+included; the lift or table lookup does no matmul, so the three codes cost the same FLOPs), and the
+second term is attention's scores and values. Peak = model.peak_flops(torch.cuda.get_device_name()):
+dense bf16 tensor-core FLOP/s, e.g. 989e12 for H100 SXM and H200, 756e12 for H100 PCIe, 312e12 for
+A100. On CPU (and unknown GPUs) MFU is not reported.
+
+Peak memory is torch.cuda.max_memory_allocated on CUDA, and the measuring process's peak resident
+set size (resource.getrusage ru_maxrss, the ~0.3 GiB of torch itself included) elsewhere.
+Optimizer state is the bytes of every AdamW state tensor after a step (exp_avg, exp_avg_sq, step).
+"""
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+
+import torch
+
+import train
+from checkpoint import atomic_write
+from configurator import ConfigError, parse_config
+from model import GPT, INPUT_CODES, GPTConfig, peak_flops
+
+DEFAULTS = dict(
+    train.DEFAULTS,
+    vocab_size=None,  # None: the dataset's (data/DATASET/meta.json) when it is prepared, else 65,536
+    json="",  # write the results here as a JSON list, one object per input code
+    codes="fixed_min,affine,learned",  # the input codes to measure, comma-separated
+    warmup_steps=2, steps=5,  # optimizer steps run before timing (compilation happens here), then timed
+    sdpa="auto",  # attention kernel: auto (PyTorch picks), or only flash, efficient or math
+    decode=True, decode_batch_sizes="1,32", prompt_tokens=16, decode_tokens=64,
+)
+DEFAULT_VOCAB_SIZE = 65536
+
+
+def parse_list(cfg, key, kind):
+    try:
+        return [kind(item.strip()) for item in cfg[key].split(",")]
+    except ValueError:
+        train.fail(f"{key} must be a comma-separated list, e.g. --{key}={DEFAULTS[key]}, got '{cfg[key]}'")
+
+
+def check_config(cfg):
+    """The validated settings a measurement needs; every mistake is a one-line error here, before any process starts."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        train.fail("bench.py measures one process: run it with python, not torchrun")
+    codes = parse_list(cfg, "codes", str)
+    for code in codes:
+        if code not in INPUT_CODES:
+            train.fail(f"unknown input code '{code}' in codes: choose from {', '.join(INPUT_CODES)}")
+    batch_sizes = parse_list(cfg, "decode_batch_sizes", int)
+    if min(batch_sizes) < 1:
+        train.fail(f"decode_batch_sizes must be positive, got '{cfg['decode_batch_sizes']}'")
+    if cfg["decode"] and cfg["prompt_tokens"] + cfg["decode_tokens"] > cfg["block_size"]:
+        # past block_size, generate_stream recomputes the whole window each step: that is not decoding speed
+        train.fail(f"prompt_tokens + decode_tokens ({cfg['prompt_tokens']} + {cfg['decode_tokens']}) must fit in "
+                   f"block_size ({cfg['block_size']}): lower them")
+    if cfg["prompt_tokens"] < 1 or cfg["decode_tokens"] < 2:
+        train.fail("prompt_tokens must be at least 1 and decode_tokens at least 2")
+    if cfg["steps"] < 1 or cfg["warmup_steps"] < 1:
+        train.fail("steps and warmup_steps must be at least 1 (the first step allocates the optimizer state)")
+    if cfg["sdpa"] not in ("auto", "flash", "efficient", "math"):
+        train.fail(f"sdpa must be auto, flash, efficient or math, got '{cfg['sdpa']}'")
+    vocab_size, source = vocab_of(cfg)
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        train.fail(f"vocab_size must be an integer of at least 2, got {vocab_size!r}")
+    for code in codes:
+        try:
+            GPTConfig(vocab_size=vocab_size, **{k: cfg[k] for k in train.MODEL_KEYS if k != "input_code"}, input_code=code)
+        except (TypeError, ValueError) as e:
+            train.fail(str(e))
+    _, _, device = train.setup_distributed(cfg)
+    train.autocast_dtype(cfg, device)
+    return codes, batch_sizes, vocab_size, source, device
+
+
+def vocab_of(cfg):
+    """(vocab_size, where it comes from): bench reads no tokens, so an unprepared dataset is no error."""
+    if cfg["vocab_size"] is not None:
+        return cfg["vocab_size"], "vocab_size"
+    path = os.path.join(train.data_dir(cfg["dataset"]), "meta.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)["vocab_size"], path
+    return DEFAULT_VOCAB_SIZE, f"default; dataset '{cfg['dataset']}' is not prepared here"
+
+
+# ------------------------------------------------------------------------- one code, in its own process
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory(device):
+    """(bytes, what they are) of the peak so far in this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "unknown"
+    kib = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib, "peak RSS (getrusage)"
+
+
+def sdpa_context(name):
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "math": SDPBackend.MATH}[name])
+
+
+def random_batch(generator, vocab_size, batch_size, block_size, device):
+    """(x, y) of random ids, made and moved like train.py's batches: int32 on the CPU, widened on the device."""
+    ids = torch.randint(vocab_size, (batch_size, block_size + 1), generator=generator, dtype=torch.int32)
+    return train.to_device(ids[:, :-1], device), train.to_device(ids[:, 1:], device)
+
+
+def train_step(model, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator):
+    """One optimizer step as train.py takes it: G micro-batches, clip, AdamW."""
+    G = cfg["gradient_accumulation_steps"]
+    for _ in range(G):
+        x, y = random_batch(generator, vocab_size, cfg["batch_size"], cfg["block_size"], device)
+        with autocast:
+            _, loss = model(x, y)
+        scaler.scale(loss / G).backward()
+    if cfg["grad_clip"] > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def decode_speed(gpt, autocast, cfg, vocab_size, batch_size, device, generator):
+    """Greedy new tokens per second (all rows together), the prompt's prefill excluded."""
+    prompt = torch.randint(vocab_size, (batch_size, cfg["prompt_tokens"]), generator=generator).to(device)
+    with autocast:
+        for _ in gpt.generate_stream(prompt, 2, temperature=0):  # warm-up: first KV cache, kernels
+            pass
+        stream = gpt.generate_stream(prompt, cfg["decode_tokens"], temperature=0)
+        next(stream)  # the prefill and the first token
+        synchronize(device)
+        start = time.perf_counter()
+        new_tokens = sum(1 for _ in stream)
+        synchronize(device)
+    return batch_size * new_tokens / (time.perf_counter() - start)
+
+
+def measure(cfg, input_code, vocab_size, batch_sizes):
+    """All the figures of one input code, as a JSON-ready dict (run in a fresh process)."""
+    _, _, device = train.setup_distributed(cfg)
+    dtype = train.autocast_dtype(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(cfg["seed"])
+    gpt = GPT(GPTConfig(vocab_size=vocab_size, **{k: cfg[k] for k in train.MODEL_KEYS if k != "input_code"},
+                        input_code=input_code)).to(device)
+    optimizer = train.make_optimizer(gpt, cfg, device)
+    model = torch.compile(gpt) if cfg["compile"] else gpt
+    generator = torch.Generator().manual_seed(cfg["seed"])
+
+    with sdpa_context(cfg["sdpa"]):
+        for _ in range(cfg["warmup_steps"]):
+            train_step(model, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(cfg["steps"]):
+            train_step(model, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    peak_mem, peak_mem_kind = peak_memory(device)
+
+    tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
+    tokens_per_s = cfg["steps"] * tokens_per_step / seconds
+    flops_per_token = gpt.flops_per_token()
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    counts = gpt.param_counts()
+    result = {
+        "input_code": input_code, "tokens_per_s": tokens_per_s,
+        "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+        "peak_mem_bytes": peak_mem, "peak_mem_kind": peak_mem_kind,
+        "trainable_params": counts["trainable"], "input_trainable_params": counts["input_trainable"],
+        "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                     for t in state.values() if torch.is_tensor(t)),
+        "flops_per_token": flops_per_token, "peak_flops": peak, "tokens_per_step": tokens_per_step,
+        "steps": cfg["steps"], "warmup_steps": cfg["warmup_steps"], "seconds": seconds,
+        "device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "compile": cfg["compile"], "sdpa": cfg["sdpa"], "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "vocab_size": vocab_size,
+        "model": {k: cfg[k] for k in train.MODEL_KEYS if k != "input_code"},
+        "decode": [],
+    }
+    if cfg["decode"]:
+        gpt.eval()  # the eager model: under compile, the KV cache's growing shapes would recompile every step
+        result["decode"] = [{"batch_size": b, "prompt_tokens": cfg["prompt_tokens"], "new_tokens": cfg["decode_tokens"],
+                             "tokens_per_s": decode_speed(gpt, autocast, cfg, vocab_size, b, device, generator)}
+                            for b in batch_sizes]
+    return result
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def size(n_bytes):
+    return "-" if n_bytes is None else f"{n_bytes / 2 ** 20:,.1f} MiB"
+
+
+def training_table(results):
+    lines = ["| input code | tokens/s | MFU | peak memory | trainable params | in the input | optimizer state |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        lines.append(f"| {r['input_code']} | {r['tokens_per_s']:,.0f} | {mfu} | {size(r['peak_mem_bytes'])} | "
+                     f"{r['trainable_params']:,} | {r['input_trainable_params']:,} | {size(r['optimizer_state_bytes'])} |")
+    return "\n".join(lines)
+
+
+def decode_table(results):
+    batch_sizes = [d["batch_size"] for d in results[0]["decode"]]
+    lines = ["| input code | " + " | ".join(f"batch {b} tokens/s" for b in batch_sizes) + " |",
+             "|---|" + "---:|" * len(batch_sizes)]
+    for r in results:
+        lines.append(f"| {r['input_code']} | " + " | ".join(f"{d['tokens_per_s']:,.0f}" for d in r["decode"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    try:
+        cfg = parse_config(DEFAULTS, argv)
+    except ConfigError as e:
+        train.fail(str(e))
+    codes, batch_sizes, vocab_size, source, device = check_config(cfg)
+    tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
+    print(f"{device_name(device)} ({device}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"dtype {cfg['dtype']}, compile={cfg['compile']}, sdpa={cfg['sdpa']}", file=sys.stderr)
+    print(f"n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} block_size={cfg['block_size']} "
+          f"vocab_size={vocab_size:,} ({source}); {tokens_per_step:,} tokens/step; "
+          f"{cfg['warmup_steps']} warm-up + {cfg['steps']} timed steps per code", file=sys.stderr)
+
+    results = []
+    spawn = multiprocessing.get_context("spawn")
+    for code in codes:
+        print(f"measuring {code} ...", file=sys.stderr)
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:  # a fresh process per code
+            try:
+                results.append(pool.submit(measure, cfg, code, vocab_size, batch_sizes).result())
+            except torch.cuda.OutOfMemoryError:
+                train.fail(f"{code}: out of memory on {device} at batch_size {cfg['batch_size']}: lower batch_size "
+                           f"(raise gradient_accumulation_steps to keep the tokens per step)")
+
+    print(f"\ntraining: {tokens_per_step:,} tokens/step, peak memory = {results[0]['peak_mem_kind']}\n")
+    print(training_table(results))
+    if cfg["decode"]:
+        print(f"\ngreedy decode after a {cfg['prompt_tokens']}-token prompt, {cfg['decode_tokens']} new tokens, "
+              f"eager model, prefill excluded\n")
+        print(decode_table(results))
+    if cfg["json"]:
+        atomic_write(cfg["json"], lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
+        print(f"\nwrote {cfg['json']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,32 @@
+# The paper's affine (fully table-free) run: each id's 16-bit code is recoded by a fixed random
+# invertible affine map over GF(2), then tiled; 0 trainable input parameters. Identical to
+# fixed_min.py and learned_baseline.py but for input_code.
+#   torchrun --standalone --nproc_per_node=8 train.py config/affine_recoded.py
+# Data: python prepare.py --hf fineweb-edu+cosmopedia --name fineweb_cosmo (V = 65,536, ~17B tokens).
+# Global batch: 16 sequences x 32 accumulation steps x 1024 tokens = 524,288 tokens per step (any
+# number of GPUs dividing 32). Budget: 32,500 steps = 17.04B tokens. LR: 1,000 warmup steps to 3e-4,
+# cosine decay to 3e-5 at the last step; AdamW (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0.
+input_code = 'affine'  # c~ = A c xor b over GF(2), A and b drawn from code_seed
+code_seed = 0
+out_dir = 'out-affine'
+
+dataset = 'fineweb_cosmo'
+n_layer = 32
+n_head = 32
+n_embd = 1024
+block_size = 1024
+
+batch_size = 16
+gradient_accumulation_steps = 32
+max_iters = 32500
+lr_decay_iters = 32500
+learning_rate = 3e-4
+min_lr = 3e-5
+warmup_iters = 1000
+weight_decay = 0.1
+grad_clip = 1.0
+
+eval_interval = 1000
+eval_iters = 100
+log_interval = 10
+seed = 1337

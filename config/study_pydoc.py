@@ -1,0 +1,24 @@
+# Small-scale study, part B (run by study.sh): the paper's vocabulary, V = 65,536 (K = 16 bits), on the
+# offline quickstart corpus (python prepare.py: CPython's docs, 94K train / 13K val tokens). The same
+# tiny model as part A: at this V the 64 x 65,536 lm_head (and the learned input table) dominate, so
+# a run is CPU-bound at a few hundred tokens per second. study.sh sets the rest per run.
+dataset = 'study_pydoc'
+n_layer = 2
+n_head = 4
+n_embd = 64
+block_size = 64
+
+# 8 x 64 = 512 tokens per step, 120 steps = 61,440 tokens (0.65 epoch of the train split)
+batch_size = 8
+gradient_accumulation_steps = 1
+max_iters = 120
+lr_decay_iters = 120
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 10
+weight_decay = 0.1
+
+eval_interval = 20
+eval_iters = 4
+log_interval = 10
+compile = False

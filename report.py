@@ -1,0 +1,212 @@
+"""
+The paper's comparison from run directories: a markdown table and, optionally, a figure.
+
+    python report.py out-study/shakespeare/*/ --plot assets/study_shakespeare.png
+
+A run directory is what train.py and eval.py leave in out_dir: ckpt.pt, metrics.jsonl and eval.json.
+Runs are grouped into variants: the input code plus every setting that differs between the runs
+(code_values, code_scale, or anything else of the training config), so ablations are rows of the same
+table. Seeds (seed, code_seed) and bookkeeping (out_dir, eval_interval, device, ...) do not make a
+variant: the runs of a variant are its repeats. Per variant the table gives trainable parameters (all,
+and in the input), the frozen values the input holds, the number of runs, the held-out loss and
+perplexity of eval.json as mean ± sample standard deviation (n - 1) over the runs, the relative gap of
+those means to the `learned` variant with the same other settings, and the tokens seen in training.
+
+Runs trained or evaluated on different data, or of different model shapes, are refused unless
+--allow_mixed is given (then what differs becomes part of the variants).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
+from model import INPUT_CODES
+from train import DEFAULTS as TRAIN_DEFAULTS
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+# Not what a run is, only how it was seeded or run: runs differing in these are repeats of one variant.
+REPEAT_KEYS = {"seed", "code_seed", "out_dir", "init_from", "eval_interval", "eval_iters", "log_interval",
+               "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile"}
+CODE_KEYS = {"input_code", "code_values", "code_scale"}  # what a row may differ in from its learned baseline
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def load_run(run_dir):
+    """What the report needs of one run: its settings, parameter counts and eval.json."""
+    try:
+        checkpoint = load_checkpoint(run_dir)
+        counts = build_model(checkpoint).param_counts()
+    except CheckpointError as e:
+        fail(str(e))
+    eval_path = os.path.join(run_dir, "eval.json")
+    if not os.path.isfile(eval_path):
+        fail(f"no eval.json in '{run_dir}': evaluate the run first (python eval.py --out_dir={run_dir})")
+    with open(eval_path) as f:
+        result = json.load(f)
+    if result.get("iter_num") != checkpoint.get("iter_num"):
+        fail(f"eval.json in '{run_dir}' is of iter {result.get('iter_num')} but ckpt.pt is at iter "
+             f"{checkpoint.get('iter_num')}: evaluate it again (python eval.py --out_dir={run_dir})")
+    settings = {**checkpoint["config"], **checkpoint["model_args"]}
+    # what must match between runs for their numbers to be comparable
+    data = {"dataset": settings.get("dataset"), "evaluated on": result["dataset"],
+            "encoding": checkpoint["meta"].get("encoding"), "held-out tokens": result["tokens"],
+            **{key: settings[key] for key in SHAPE_KEYS}}
+    return {"dir": run_dir, "settings": settings, "data": data, "counts": counts, "eval": result}
+
+
+def check_comparable(runs, allow_mixed):
+    for key in runs[0]["data"]:
+        values = {}
+        for run in runs:
+            values.setdefault(run["data"][key], run["dir"])
+        if len(values) > 1 and not allow_mixed:
+            shown = ", ".join(f"{value!r} in {run_dir}" for value, run_dir in list(values.items())[:2])
+            fail(f"the runs differ in {key} ({shown}): their losses are not comparable; "
+                 f"pass --allow_mixed to report them anyway, as separate rows")
+
+
+def group_variants(runs):
+    """{variant key: runs}; the key is the input code and the (key, value) pairs that tell runs apart."""
+    keys = sorted({key for run in runs for key in run["settings"]} - REPEAT_KEYS)
+    differing = [key for key in keys if len({repr(run["settings"].get(key)) for run in runs}) > 1 and key != "input_code"]
+    variants = {}
+    for run in runs:
+        key = (run["settings"]["input_code"], tuple((k, run["settings"].get(k)) for k in differing))
+        variants.setdefault(key, []).append(run)
+    order = {code: i for i, code in enumerate(INPUT_CODES)}
+    return dict(sorted(variants.items(), key=lambda item: (order.get(item[0][0], len(order)), repr(item[0][1]))))
+
+
+def label(variant):
+    """'fixed_min code_values=binary': the input code and its settings that are not train.py's defaults."""
+    code, settings = variant
+    extra = [f"{k}={v}" for k, v in settings if k not in TRAIN_DEFAULTS or v != TRAIN_DEFAULTS[k]]
+    return " ".join([code, *extra])
+
+
+def mean_std(values, digits):
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def learned_baseline(variant, variants):
+    code, settings = variant
+    others = tuple((k, v) for k, v in settings if k not in CODE_KEYS)
+    for (other_code, other_settings), runs in variants.items():
+        if other_code == "learned" and tuple((k, v) for k, v in other_settings if k not in CODE_KEYS) == others:
+            return runs
+    return None
+
+
+def table(variants):
+    lines = ["| input code | trainable params | trainable input params | frozen input values | runs "
+             "| held-out loss | held-out ppl | loss vs learned | ppl vs learned | tokens seen |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, runs in variants.items():
+        counts = runs[0]["counts"]
+        losses = [run["eval"]["loss"] for run in runs]
+        ppls = [run["eval"]["ppl"] for run in runs]
+        baseline = learned_baseline(variant, variants)
+        if baseline is None:
+            gap_loss = gap_ppl = "n/a"
+        else:
+            gap_loss = f"{statistics.mean(losses) / statistics.mean(r['eval']['loss'] for r in baseline) - 1:+.1%}"
+            gap_ppl = f"{statistics.mean(ppls) / statistics.mean(r['eval']['ppl'] for r in baseline) - 1:+.1%}"
+        seen = sorted({run["eval"]["tokens_seen"] for run in runs})
+        tokens = f"{seen[0]:,}" if len(seen) == 1 else f"{seen[0]:,} to {seen[-1]:,}"
+        lines.append(f"| {label(variant)} | {counts['trainable']:,} | {counts['input_trainable']:,} "
+                     f"| {counts['input_fixed_values']:,} | {len(runs)} | {mean_std(losses, 4)} | {mean_std(ppls, 3)} "
+                     f"| {gap_loss} | {gap_ppl} | {tokens} |")
+    return "\n".join(lines)
+
+
+def summary(runs):
+    """One line on what the runs share (or that they differ)."""
+    data = runs[0]["data"]
+    shared = {key: data[key] for key in data if all(run["data"][key] == data[key] for run in runs)}
+    parts = [f"{key} {shared[key]}" for key in ("dataset", "encoding") if key in shared]
+    if all(key in shared for key in SHAPE_KEYS):
+        parts.append("model {n_layer} layers x {n_embd} wide, {n_head} heads, block_size {block_size}, "
+                     "V = {vocab_size:,}".format(**shared))
+    if "held-out tokens" in shared:
+        parts.append(f"held-out loss (eval.py) over {shared['held-out tokens']:,} tokens")
+    return "; ".join(parts) or "mixed runs"
+
+
+def read_curve(run_dir):
+    """[(tokens, val_loss)] of train.py's periodic evals, from metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        fail(f"no metrics.jsonl in '{run_dir}' (train.py writes it): the plot needs the training curves")
+    curve = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if "val_loss" in record:
+                curve.append((record["tokens"], record["val_loss"]))
+    return sorted(curve)
+
+
+def plot(variants, title, path):
+    """Val loss against tokens, every run, one colour per variant; the right panel zooms on the end."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("--plot needs matplotlib: pip install matplotlib")
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.get_cmap("tab10")
+    tail = []
+    for i, (variant, runs) in enumerate(variants.items()):
+        for j, run in enumerate(runs):
+            tokens, losses = zip(*read_curve(run["dir"]))
+            for ax in (full, zoom):
+                ax.plot(tokens, losses, color=colours(i % 10), lw=1.2, alpha=0.85,
+                        label=f"{label(variant)} ({len(runs)} runs)" if j == 0 and ax is full else None)
+            tail += [loss for t, loss in zip(tokens, losses) if t >= tokens[-1] / 2]
+    last = max(t for runs in variants.values() for run in runs for t, _ in read_curve(run["dir"]))
+    zoom.set_xlim(last / 2, last * 1.01)
+    zoom.set_ylim(min(tail) - 0.02, max(tail) + 0.02)
+    for ax, name in ((full, "val loss"), (zoom, "second half, zoomed")):
+        ax.set_xlabel("tokens trained on")
+        ax.set_ylabel("val loss (nats/token, train.py's eval batches)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    full.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    plt.close(fig)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Markdown table (and figure) of runs, grouped by input code.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="out_dir of train.py and eval.py")
+    parser.add_argument("--plot", metavar="PATH.png", help="also write val loss against tokens, every run")
+    parser.add_argument("--allow_mixed", action="store_true",
+                        help="report runs of different data or model shapes (what differs makes separate rows)")
+    args = parser.parse_args(argv)
+    run_dirs = list(dict.fromkeys(os.path.normpath(d) for d in args.run_dirs))
+    runs = [load_run(d) for d in run_dirs]
+    check_comparable(runs, args.allow_mixed)
+    variants = group_variants(runs)
+    print(f"{summary(runs)}. Mean ± sample std (n - 1) over runs; gaps are relative to the mean of `learned`.\n")
+    print(table(variants))
+    if args.plot:
+        plot(variants, summary(runs), args.plot)
+        print(f"\nwrote {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

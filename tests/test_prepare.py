@@ -1,0 +1,331 @@
+"""prepare.py, run as a subprocess on real text: round trips, meta vs files, determinism, mixing, errors, Ctrl-C."""
+import glob
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+
+import tokenizer
+from conftest import shakespeare_text
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_prepare(out_root, *args, env=None):
+    return subprocess.run([sys.executable, "prepare.py", *map(str, args), "--out_root", str(out_root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def prepared(out_root, *args):
+    result = run_prepare(out_root, *args)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def load(out_dir):
+    """meta.json and both token files, after checking that they agree with each other (GUIDE §2)."""
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        meta = json.load(f)
+    enc = tokenizer.get_encoding(meta["encoding"])
+    assert (meta["vocab_size"], meta["eot_token"]) == (enc.n_vocab, enc.eot_token)
+    tokens = {}
+    for split in ("train", "val"):
+        path = os.path.join(out_dir, f"{split}.bin")
+        tokens[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        assert os.path.getsize(path) == 2 * meta[f"{split}_tokens"]
+        assert len(tokens[split]) == meta[f"{split}_tokens"] > 0
+        assert tokens[split].max() < meta["vocab_size"]
+        assert tokens[split][0] == meta["eot_token"]  # eot precedes every document
+        assert np.count_nonzero(tokens[split] == meta["eot_token"]) == meta[f"{split}_documents"]
+    return meta, tokens
+
+
+def documents(tokens, meta, with_lengths=False):
+    """The decoded text of each document in a token file (and its length in tokens, eot included)."""
+    enc = tokenizer.get_encoding(meta["encoding"])
+    starts = np.flatnonzero(tokens == meta["eot_token"])
+    docs = [(enc.decode_bytes(tokens[a + 1:b].tolist()).decode("utf-8"), b - a)
+            for a, b in zip(starts, list(starts[1:]) + [len(tokens)])]
+    return docs if with_lengths else [text for text, _ in docs]
+
+
+def skip_blank_lines(text, pos):
+    while pos < len(text):
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end + 1
+        if text[pos:end].strip():
+            break
+        pos = end
+    return pos
+
+
+def assert_cut_from(texts, train_docs, val_docs):
+    """Merged back in input order, the documents are the texts minus the blank lines where they were cut."""
+    queues = [deque(train_docs), deque(val_docs)]
+    for text in texts:
+        pos = skip_blank_lines(text, 0)
+        while pos < len(text):
+            queue = next((q for q in queues if q and text.startswith(q[0], pos)), None)
+            assert queue is not None, f"no document continues the input at {pos}: {text[pos:pos + 60]!r}"
+            pos = skip_blank_lines(text, pos + len(queue.popleft()))
+    assert not queues[0] and not queues[1], "documents left over that are not in the input"
+
+
+@pytest.fixture(scope="module")
+def shakespeare_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "tinyshakespeare.txt"
+    path.write_text(shakespeare_text(), encoding="utf-8")
+    return path
+
+
+def test_quickstart_with_no_arguments_uses_the_pydoc_topics(tmp_path):
+    from pydoc_data.topics import topics
+    result = prepared(tmp_path)
+    meta, tokens = load(tmp_path / "pydoc")
+    assert meta["encoding"] == "cl100k_65536" and meta["vocab_size"] == 65536 and meta["eot_token"] == 65535
+    assert "pydoc_data" in meta["source"][0]
+    assert meta["val_tokens"] >= 20 * 128, "the quickstart's val split must hold many blocks of 128 tokens"
+    train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
+    assert_cut_from([topics[name] for name in sorted(topics)], train_docs, val_docs)
+    assert "bytes/token" in result.stdout and "tokens/s" in result.stdout
+
+
+@pytest.mark.parametrize("encoding", ["cl100k_65536", "bytes"])
+def test_shakespeare_round_trip(tmp_path, shakespeare_file, encoding):
+    prepared(tmp_path, "--input", shakespeare_file, "--name", "shakespeare", "--encoding", encoding)
+    meta, tokens = load(tmp_path / "shakespeare")
+    assert meta["encoding"] == encoding and meta["source"] == [str(shakespeare_file)]
+    train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
+    assert not set(train_docs) & set(val_docs)
+    assert_cut_from([shakespeare_text()], train_docs, val_docs)
+    assert meta["train_bytes"] == sum(len(d.encode()) for d in train_docs)
+    assert meta["val_bytes"] == sum(len(d.encode()) for d in val_docs)
+    if encoding == "bytes":
+        assert meta["vocab_size"] == 257 and meta["eot_token"] == 256 and meta["bytes_per_token"] == 1.0
+
+
+def test_reruns_are_byte_identical_whatever_the_workers(tmp_path, shakespeare_file):
+    outputs = []
+    for workers, root in [(1, "a"), (2, "b"), (2, "b")]:  # the third run replaces the second's data
+        prepared(tmp_path / root, "--input", shakespeare_file, "--name", "s", "--workers", workers,
+                 "--doc_chars", 1000)
+        outputs.append({f: (tmp_path / root / "s" / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")})
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert sorted(os.listdir(tmp_path / "b")) == ["s"]  # no temp or old folder left
+
+
+def write_jsonl_gz(path, records):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_mixing_two_streams_of_hub_style_records(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from pydoc_data.topics import topics
+    # Stand-ins for the two hub streams, in their record formats: fineweb-edu shards as .jsonl.gz
+    # (text, id, url, score) and cosmopedia-v2 as parquet (prompt, text, audience, format).
+    text = shakespeare_text()
+    web = [text[i:i + 2000] for i in range(0, len(text), 2000)]
+    (tmp_path / "web").mkdir()
+    for shard in range(2):
+        write_jsonl_gz(tmp_path / "web" / f"shard_{shard}.jsonl.gz",
+                       [{"text": t, "id": f"{shard}-{i}", "url": "https://example.org", "score": 3.1}
+                        for i, t in enumerate(web[shard::2])])
+    (tmp_path / "web" / "README.md").write_text("not an input file")
+    web = web[0::2] + web[1::2]  # shard order
+    books = list(dict.fromkeys(topics[name] for name in sorted(topics)))  # two topics share one text
+    pq.write_table(pa.table({"prompt": ["write a textbook"] * len(books), "text": books,
+                             "audience": ["students"] * len(books), "format": ["textbook"] * len(books)}),
+                   tmp_path / "cosmo.parquet", row_group_size=16)
+
+    def check(out_dir, mix, max_tokens=None):
+        meta, tokens = load(out_dir)
+        origin = {t: (0, i) for i, t in enumerate(web)} | {t: (1, i) for i, t in enumerate(books)}
+        stream_tokens = [0, 0]
+        taken = {0: [], 1: []}
+        for split in ("train", "val"):
+            order = {0: [], 1: []}
+            for doc, length in documents(tokens[split], meta, with_lengths=True):
+                stream, index = origin[doc]
+                order[stream].append(index)
+                stream_tokens[stream] += length
+            for stream in (0, 1):
+                assert order[stream] == sorted(order[stream]), "a stream's records were reordered"
+                taken[stream] += order[stream]
+        for stream in (0, 1):  # each stream contributed a prefix of its records, each one once
+            assert sorted(taken[stream]) == list(range(len(taken[stream])))
+        assert [s["tokens"] for s in meta["streams"]] == stream_tokens
+        total = sum(stream_tokens)
+        assert total == meta["train_tokens"] + meta["val_tokens"]
+        if max_tokens:
+            assert total <= max_tokens
+        biggest = max(len(tokenizer.get_encoding().encode_ordinary(t)) + 1 for t in web + books)
+        assert abs(stream_tokens[0] - mix * total) <= biggest
+        return meta
+
+    prepared(tmp_path / "out", "--input", tmp_path / "web", "--input", str(tmp_path / "*.parquet"),
+             "--name", "mix", "--mix", 0.3, "--max_tokens", 60_000)
+    meta = check(tmp_path / "out" / "mix", 0.3, 60_000)
+    assert meta["mix"] == 0.3 and meta["max_tokens"] == 60_000
+    assert meta["streams"][0]["source"] == [str(tmp_path / "web" / f"shard_{i}.jsonl.gz") for i in range(2)]
+    # With no budget, it stops when the smaller stream (the pydoc "books") runs out, keeping the mix.
+    result = prepared(tmp_path / "out", "--input", tmp_path / "web", "--input", tmp_path / "cosmo.parquet",
+                      "--name", "mix", "--mix", 0.7)
+    assert "ran out" in result.stderr
+    check(tmp_path / "out" / "mix", 0.7)
+
+
+@pytest.mark.parametrize("val_fraction, empty_by_hash", [(1e-9, "val"), (1 - 1e-9, "train")])
+def test_both_splits_get_documents_and_duplicates_stay_in_one(tmp_path, val_fraction, empty_by_hash):
+    paragraphs = shakespeare_text().split("\n\n")[:30]
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs + paragraphs)
+    prepared(tmp_path, "--input", tmp_path / "docs.jsonl", "--name", "d", "--val_fraction", val_fraction)
+    meta, tokens = load(tmp_path / "d")
+    assert meta[f"{empty_by_hash}_documents"] == 1  # the last document, which the hash sent to the other split
+    train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
+    assert sorted(train_docs + val_docs) == sorted(paragraphs + paragraphs)
+    last = paragraphs[-1]
+    assert not (set(train_docs) - {last}) & (set(val_docs) - {last})
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("earlier")
+    (root / "prev.jsonl").write_text("".join(json.dumps({"text": f"document {i}\n"}) + "\n" for i in range(20)))
+    prepared(root / "data", "--input", root / "prev.jsonl", "--name", "prev")
+    return root / "data" / "prev"
+
+
+@pytest.fixture
+def previous(tmp_path, earlier_run):
+    """An out_root already holding data/prev from an earlier good run, and a snapshot of its bytes."""
+    shutil.copytree(earlier_run, tmp_path / "data" / "prev")
+    return tmp_path / "data", {f: (earlier_run / f).read_bytes() for f in os.listdir(earlier_run)}
+
+
+def assert_untouched(previous):
+    root, snapshot = previous
+    assert sorted(os.listdir(root)) == ["prev"], "a temp folder was left behind"
+    assert {f: (root / "prev" / f).read_bytes() for f in os.listdir(root / "prev")} == snapshot
+
+
+def plugin_path(tmp_path):
+    """A tiktoken_ext plugin registering 'oversized': a real Encoding of 256 bytes + 65,536 pairs + eot."""
+    (tmp_path / "plugin" / "tiktoken_ext").mkdir(parents=True)
+    (tmp_path / "plugin" / "tiktoken_ext" / "oversized_test.py").write_text(
+        "def oversized():\n"
+        "    ranks = {bytes([i]): i for i in range(256)}\n"
+        "    for pair in range(65536):\n"
+        "        ranks.setdefault(pair.to_bytes(2, 'big'), len(ranks))\n"
+        "    return {'name': 'oversized', 'pat_str': r'\\S+|\\s+', 'mergeable_ranks': ranks,\n"
+        "            'special_tokens': {'<|endoftext|>': len(ranks)}}\n"
+        "ENCODING_CONSTRUCTORS = {'oversized': oversized}\n")
+    return str(tmp_path / "plugin")
+
+
+def bad_inputs(tmp_path, case):
+    """(arguments, expected words in the error) for one kind of bad input."""
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "fine\n"}) + "\n" + json.dumps({"text": "also fine\n"}) + "\n")
+    if case == "missing":
+        return ["--input", tmp_path / "nope.txt"], "input not found"
+    if case == "empty":
+        (tmp_path / "empty.txt").write_text("")
+        return ["--input", tmp_path / "empty.txt"], "no text"
+    if case == "no usable files":
+        (tmp_path / "dir").mkdir()
+        (tmp_path / "dir" / "notes.csv").write_text("a,b\n")
+        return ["--input", tmp_path / "dir"], "holds no .txt"
+    if case == "glob matches nothing":
+        return ["--input", str(tmp_path / "*.jsonl.gz")], "no file matches"
+    if case == "not json":  # fails mid-way: the first shard, longer than a worker batch, is already written
+        (tmp_path / "shards").mkdir()
+        text = shakespeare_text()
+        (tmp_path / "shards" / "a.jsonl").write_text(
+            "".join(json.dumps({"text": text[i:i + 5000]}) + "\n" for i in range(0, 600_000, 5000)))
+        (tmp_path / "shards" / "b.jsonl").write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
+        return ["--input", tmp_path / "shards", "--workers", 1], f"{tmp_path / 'shards' / 'b.jsonl'}:2: not JSON"
+    if case == "no text field":
+        (tmp_path / "other.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+        return ["--input", good, tmp_path / "other.jsonl"], f"{tmp_path / 'other.jsonl'}:2: the record has no 'text'"
+    if case == "one document":
+        (tmp_path / "short.txt").write_text("one paragraph\n\nand another, but short\n")
+        return ["--input", tmp_path / "short.txt"], "single document"
+    if case == "unknown encoding":
+        return ["--input", good, "--encoding", "no_such_encoding"], "cannot load tiktoken encoding 'no_such_encoding'"
+    if case == "oversized encoding":
+        return ["--input", good, "--encoding", "oversized"], "65,793 tokens, more than the 65,536"
+    if case == "mix of one stream":
+        return ["--input", good, "--mix", 0.3], "--mix needs two streams"
+
+
+ERRORS = ["missing", "empty", "no usable files", "glob matches nothing", "not json", "no text field", "one document",
+          "unknown encoding", "oversized encoding", "mix of one stream"]
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_bad_input_is_one_clear_error_and_leaves_data_intact(tmp_path, previous, case):
+    args, expected = bad_inputs(tmp_path, case)
+    env = None
+    if case == "oversized encoding":
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([plugin_path(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = run_prepare(previous[0], *args, "--name", "prev", env=env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert_untouched(previous)
+
+
+def test_hf_without_datasets_says_how_to_install_it(tmp_path):
+    if importlib.util.find_spec("datasets"):
+        pytest.skip("datasets is installed: --hf would go to the network")
+    result = run_prepare(tmp_path, "--hf", "fineweb-edu+cosmopedia")
+    assert result.returncode != 0 and "pip install datasets" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "fineweb_edu_cosmopedia")
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    paragraphs = shakespeare_text()[:60_000].split("\n\n")
+    paragraphs[3] += " caf\xe9 na\xefve"
+    paragraphs[40] += " \xa9 1623"
+    raw = "\n\n".join(paragraphs).encode("latin-1")  # three bytes that are not UTF-8
+    (tmp_path / "latin1.txt").write_bytes(raw)
+    result = prepared(tmp_path, "--input", tmp_path / "latin1.txt", "--name", "l", "--doc_chars", 2000)
+    assert "not valid UTF-8: replaced 3 invalid byte sequences" in result.stderr
+    meta, tokens = load(tmp_path / "l")
+    train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
+    assert_cut_from([raw.decode("utf-8", errors="replace")], train_docs, val_docs)
+    assert "".join(train_docs + val_docs).count("\ufffd") == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def test_ctrl_c_mid_run_leaves_previous_data_intact(tmp_path, previous):
+    fifo = tmp_path / "slow.txt"  # a pipe as the input file: the run waits mid-way for text that never comes
+    os.mkfifo(fifo)
+    process = subprocess.Popen([sys.executable, "prepare.py", "--input", str(fifo), "--name", "prev",
+                                "--out_root", str(previous[0])], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    with open(fifo, "w") as f:
+        f.write(shakespeare_text()[:300_000])
+        f.flush()
+        deadline = time.time() + 60
+        while not glob.glob(str(previous[0] / ".prev.tmp-*" / "train.bin")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert_untouched(previous)

@@ -1,0 +1,132 @@
+"""report.py on real runs made here with train.py and eval.py on Shakespeare bytes."""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SHAKESPEARE, TINY_MODEL, run
+
+STEPS = ["--batch_size=8", "--gradient_accumulation_steps=1", "--max_iters=20", "--eval_interval=10",
+         "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5", "--lr_decay_iters=20", "--log_interval=10"]
+
+
+def train_and_eval(out_dir, dataset, *args):
+    run("train.py", f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY_MODEL, *STEPS, *args)
+    run("eval.py", f"--out_dir={out_dir}", "--max_tokens=4096", "--device=cpu")
+    return str(out_dir)
+
+
+def report(*args):
+    return subprocess.run([sys.executable, "report.py", *map(str, args)], cwd=REPO, capture_output=True, text=True)
+
+
+def read(run_dir, name="eval.json"):
+    with open(os.path.join(run_dir, name)) as f:
+        return json.load(f)
+
+
+def rows(markdown):
+    """{first cell: {column: cell}} of the markdown table in report.py's output."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    table = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        table[cells[0]] = dict(zip(header, cells))
+    return table
+
+
+@pytest.fixture(scope="module")
+def runs(shakespeare_bytes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report_runs")
+    made = {name: train_and_eval(root / name, shakespeare_bytes, *args) for name, args in {
+        "fixed_min-1": ["--input_code=fixed_min", "--seed=1"],
+        "fixed_min-2": ["--input_code=fixed_min", "--seed=2"],
+        "learned-1": ["--input_code=learned", "--seed=1"],
+        "binary-1": ["--input_code=fixed_min", "--code_values=binary", "--seed=1"],
+    }.items()}
+    # the same text split by another seed: a different dataset
+    run("prepare.py", "--input", SHAKESPEARE, "--name", "other_split", "--encoding", "bytes", "--seed", "1",
+        "--out_root", str(root), "--workers", "1")
+    made["other-split"] = train_and_eval(root / "other-split", root / "other_split", "--input_code=fixed_min", "--seed=1")
+    return made
+
+
+@pytest.fixture(scope="module")
+def plotted(runs, tmp_path_factory):
+    """(stdout, figure path) of report.py on the four runs of one dataset, with --plot."""
+    figure = tmp_path_factory.mktemp("figure") / "curves.png"
+    result = report(runs["fixed_min-1"], runs["fixed_min-2"], runs["learned-1"], runs["binary-1"], "--plot", figure)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, figure
+
+
+def trainable(run_dir):
+    """Trainable parameters counted from the optimizer's state: one exp_avg per trainable tensor."""
+    checkpoint = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+    return sum(state["exp_avg"].numel() for state in checkpoint["optimizer"]["state"].values())
+
+
+def test_one_row_per_variant_with_mean_and_sample_std_over_seeds(runs, plotted):
+    table = rows(plotted[0])
+    assert list(table) == ["fixed_min", "fixed_min code_values=binary", "learned"]
+    assert [table[name]["runs"] for name in table] == ["2", "1", "1"]
+
+    seeds = [read(runs["fixed_min-1"]), read(runs["fixed_min-2"])]
+    losses, ppls = [r["loss"] for r in seeds], [r["ppl"] for r in seeds]
+    assert table["fixed_min"]["held-out loss"] == f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}"
+    assert table["fixed_min"]["held-out ppl"] == f"{statistics.mean(ppls):.3f} ± {statistics.stdev(ppls):.3f}"
+    learned = read(runs["learned-1"])
+    assert table["learned"]["held-out loss"] == f"{learned['loss']:.4f}"  # one run: no spread to show
+    assert table["fixed_min"]["loss vs learned"] == f"{statistics.mean(losses) / learned['loss'] - 1:+.1%}"
+    assert table["fixed_min"]["ppl vs learned"] == f"{statistics.mean(ppls) / learned['ppl'] - 1:+.1%}"
+    assert table["learned"]["loss vs learned"] == "+0.0%"
+    binary = read(runs["binary-1"])
+    assert table["fixed_min code_values=binary"]["loss vs learned"] == f"{binary['loss'] / learned['loss'] - 1:+.1%}"
+
+    assert table["fixed_min"]["trainable input params"] == "0"
+    assert table["learned"]["trainable input params"] == f"{257 * 64:,}"  # V x n_embd
+    for name, run_dir in (("fixed_min", runs["fixed_min-1"]), ("learned", runs["learned-1"])):
+        assert table[name]["trainable params"] == f"{trainable(run_dir):,}"
+        assert table[name]["tokens seen"] == f"{read(run_dir)['tokens_seen']:,}" == f"{20 * 8 * 64:,}"
+
+
+def test_plot_is_a_png(plotted):
+    figure = plotted[1]
+    with open(figure, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(figure.parent) == [figure.name]  # written atomically: no temp file left
+
+
+def test_runs_of_different_datasets_are_refused_unless_allow_mixed(runs):
+    mixed = report(runs["fixed_min-1"], runs["other-split"])
+    assert mixed.returncode == 1 and mixed.stdout == ""
+    assert len(mixed.stderr.strip().splitlines()) == 1
+    assert "differ in dataset" in mixed.stderr and "--allow_mixed" in mixed.stderr
+
+    allowed = report(runs["fixed_min-1"], runs["other-split"], "--allow_mixed")
+    assert allowed.returncode == 0, allowed.stderr
+    table = rows(allowed.stdout)
+    assert len(table) == 2 and all(name.startswith("fixed_min dataset=") for name in table)
+    assert {row["held-out loss"] for row in table.values()} == {
+        f"{read(runs['fixed_min-1'])['loss']:.4f}", f"{read(runs['other-split'])['loss']:.4f}"}
+
+
+def test_a_run_without_eval_json_or_checkpoint_is_one_clear_error(runs, tmp_path):
+    not_evaluated = tmp_path / "not_evaluated"
+    shutil.copytree(runs["learned-1"], not_evaluated)
+    os.remove(not_evaluated / "eval.json")
+    result = report(runs["fixed_min-1"], not_evaluated)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert f"python eval.py --out_dir={not_evaluated}" in result.stderr
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = report(empty)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "no checkpoint" in result.stderr and "train" in result.stderr

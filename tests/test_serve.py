@@ -1,0 +1,263 @@
+"""serve.py through the real `openai` client: greedy text as sample.py's, streaming, echo + logprobs as
+the model computes them, seeded sampling, stop strings, bad requests answered 4xx, concurrent requests."""
+import http.client
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from checkpoint import build_model, load_checkpoint
+from conftest import shakespeare_text
+from tokenizer import get_encoding
+
+openai = pytest.importorskip("openai")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_TOKENS_CAP = 48
+MAX_BODY_BYTES = 100_000
+
+
+class Server:
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.process = subprocess.Popen(
+            [sys.executable, "serve.py", f"--out_dir={out_dir}", "--port=0", f"--max_tokens_cap={MAX_TOKENS_CAP}",
+             f"--max_body_bytes={MAX_BODY_BYTES}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        self.log, lines = [], queue.Queue()
+        threading.Thread(target=self.read_log, args=(lines,), daemon=True).start()  # also keeps the pipe from filling
+        first = lines.get(timeout=120)
+        match = re.search(r"serving (\S+) .* at http://127\.0\.0\.1:(\d+)/v1", first or "")
+        assert match, f"serve.py did not start: {''.join(self.log)}"
+        self.name, self.port = match.group(1), int(match.group(2))
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0,
+                                    timeout=120)
+
+    def read_log(self, lines):
+        for line in self.process.stderr:
+            self.log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    def complete(self, **request):
+        return self.client.completions.create(model=self.name, **request)
+
+    def raw(self, method, path, body=b""):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(trained_checkpoint):
+    server = Server(trained_checkpoint("fixed_min"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def model(server):
+    checkpoint = load_checkpoint(server.out_dir)
+    return build_model(checkpoint), get_encoding(checkpoint["meta"]["encoding"])
+
+
+def model_logprobs(model, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, and each position's log-softmax, from our model in this process."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]), all_logits=True)
+    scores = logits[0].log_softmax(dim=-1)
+    return [scores[i - 1, ids[i]].item() for i in range(1, len(ids))], scores
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return shakespeare_text()[3000:3030]
+
+
+def test_models_lists_the_checkpoint(server):
+    assert [m.id for m in server.client.models.list()] == [server.name]
+
+
+def test_greedy_text_equals_sample_py(prompt, server):
+    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={server.out_dir}", f"--start={prompt}",
+                             "--temperature=0", "--max_new_tokens=40"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    answer = server.complete(prompt=prompt, max_tokens=40, temperature=0)
+    [choice] = answer.choices
+    assert result.stdout == prompt + choice.text + "\n"
+    assert choice.finish_reason == "length" and answer.usage.completion_tokens == 40
+    assert answer.usage.prompt_tokens == len(prompt.encode("utf-8"))  # byte tokens
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 40
+
+
+def test_streaming_yields_the_same_text_in_pieces(prompt, server):
+    whole = server.complete(prompt=prompt, max_tokens=40, temperature=0).choices[0].text
+    chunks = list(server.complete(prompt=prompt, max_tokens=40, temperature=0, stream=True))
+    pieces = [c.choices[0].text for c in chunks if c.choices[0].finish_reason is None]
+    assert "".join(pieces) == whole and len(pieces) > 1
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_echo_logprobs_are_the_models(prompt, server, model):
+    model, encoding = model
+    answer = server.complete(prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    [choice] = answer.choices
+    ids = encoding.encode(prompt)
+    expected, scores = model_logprobs(model, ids)
+    assert choice.text == prompt and answer.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert logprobs.tokens == list(prompt)  # ASCII: one byte token per character
+    assert logprobs.text_offset == list(range(len(prompt)))
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    for position, top in enumerate(logprobs.top_logprobs[1:]):  # two tokens may share a text (bytes >= 0x80)
+        best = scores[position].topk(2).values.tolist()
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(best[0], abs=1e-5)
+        assert all(min(abs(value - b) for b in best) < 1e-5 for value in top.values())
+
+
+def test_loglikelihood_request_as_lm_eval_sends_it(server, model):
+    """lm-evaluation-harness local-completions: token-id prompts, echo, max_tokens=1, logprobs=1, and it
+    sums token_logprobs[context_length:-1]."""
+    model, encoding = model
+    contexts = [encoding.encode(shakespeare_text()[i:i + 30]) for i in (100, 7000)]
+    continuation = encoding.encode(" the king")
+    answer = server.complete(prompt=[c + continuation for c in contexts], max_tokens=1, echo=True, logprobs=1,
+                             temperature=0)
+    assert [c.index for c in answer.choices] == [0, 1]
+    for choice, context in zip(answer.choices, contexts):
+        ids = context + continuation
+        expected, scores = model_logprobs(model, ids)
+        greedy_next = scores[-1].argmax().item()
+        token_logprobs = choice.logprobs.token_logprobs
+        assert len(token_logprobs) == len(ids) + 1
+        assert token_logprobs[len(context):-1] == pytest.approx(expected[len(context) - 1:], abs=1e-5)
+        assert token_logprobs[-1] == pytest.approx(scores[-1, greedy_next].item(), abs=1e-5)
+        assert choice.text == encoding.decode(ids + [greedy_next], errors="replace")
+        tops = choice.logprobs.top_logprobs[len(context):-1]
+        is_greedy = all(lp == pytest.approx(max(top.values()), abs=1e-6)
+                        for lp, top in zip(token_logprobs[len(context):-1], tops))
+        assert is_greedy == all(scores[i - 1].argmax().item() == ids[i] for i in range(len(context), len(ids)))
+
+
+def test_seed_makes_sampling_reproducible(prompt, server):
+    request = dict(prompt=prompt, max_tokens=30, temperature=1.0, n=2)
+    first, again, other = ([c.text for c in server.complete(seed=seed, **request).choices] for seed in (3, 3, 4))
+    assert first == again and first != other
+    assert len(first) == 2 and first[0] != first[1]
+
+
+def test_stop_strings_cut_the_text(prompt, server):
+    request = dict(prompt=prompt, max_tokens=40, temperature=1.0, seed=1)  # seeded: the same tokens every time
+    whole = server.complete(**request).choices[0].text
+    stop = whole[20:23]
+    expected = whole[:whole.find(stop)]
+    for stream in (False, True):
+        answer = server.complete(**request, stop=[stop, "never there"], stream=stream)
+        if stream:
+            answer = list(answer)
+            text, finish = "".join(c.choices[0].text for c in answer), answer[-1].choices[0].finish_reason
+        else:
+            text, finish = answer.choices[0].text, answer.choices[0].finish_reason
+        assert (text, finish) == (expected, "stop")
+
+
+def test_long_prompt_is_cropped_from_the_left(server, model):
+    model, encoding = model
+    long_prompt = shakespeare_text()[5000:5100]  # 100 byte tokens, context 64
+    answer = server.complete(prompt=long_prompt, max_tokens=10, temperature=0)
+    ids = torch.tensor([encoding.encode(long_prompt)])
+    expected = model.generate(ids, 10, temperature=0)[0, -10:].tolist()  # generate crops to its last 64 too
+    assert answer.choices[0].text == encoding.decode(expected, errors="replace")
+    assert answer.usage.prompt_tokens == 100
+
+
+BAD_FIELDS = {  # request fields -> the param the error names
+    "max_tokens not an integer": (dict(max_tokens="ten"), "max_tokens"),
+    "max_tokens beyond the context": (dict(max_tokens=10_000), "max_tokens"),
+    "max_tokens beyond the cap": (dict(max_tokens=MAX_TOKENS_CAP + 1), "max_tokens"),
+    "negative temperature": (dict(temperature=-0.5), "temperature"),
+    "n zero": (dict(n=0), "n"),
+    "n too large": (dict(n=1000), "n"),
+    "empty prompt": (dict(prompt=""), "prompt"),
+    "empty prompt list": (dict(prompt=[]), "prompt"),
+    "token id outside the vocabulary": (dict(prompt=[[1, 2, 999]]), "prompt"),
+    "stop not a string": (dict(stop=5), "stop"),
+    "echo not a boolean": (dict(echo="yes"), "echo"),
+    "top_p zero": (dict(top_p=0), "top_p"),
+    "top_k not an integer": (dict(extra_body={"top_k": "five"}), "top_k"),
+    "logprobs beyond the context": (dict(prompt="x" * 100, echo=True, logprobs=1, max_tokens=0), "prompt"),
+    "logprobs while streaming": (dict(logprobs=1, stream=True), "logprobs"),
+}
+BAD_BODIES = {  # (method, path, body) -> status
+    "invalid JSON": (("POST", "/v1/completions", b'{"prompt": "x",'), 400),
+    "not an object": (("POST", "/v1/completions", b'["x"]'), 400),
+    "oversized body": (("POST", "/v1/completions", json.dumps({"prompt": "x" * 2 * MAX_BODY_BYTES}).encode()), 413),
+    "unknown POST route": (("POST", "/v1/chat/completions", b'{"prompt": "x"}'), 404),
+    "unknown GET route": (("GET", "/v1/nothing", b""), 404),
+}
+
+
+@pytest.fixture(scope="module")
+def normal_answer(prompt, server):
+    return lambda: server.complete(prompt=prompt, max_tokens=5, temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("case", list(BAD_FIELDS))
+def test_bad_fields_get_400_and_the_server_keeps_serving(prompt, server, normal_answer, case):
+    before = normal_answer()
+    fields, param = BAD_FIELDS[case]
+    with pytest.raises(openai.BadRequestError) as error:
+        server.complete(**{"prompt": prompt, "max_tokens": 5, **fields})
+    assert error.value.status_code == 400
+    assert error.value.body["type"] == "invalid_request_error" and error.value.body["param"] == param
+    assert error.value.body["message"]
+    assert normal_answer() == before
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_bad_bodies_get_4xx_and_the_server_keeps_serving(server, normal_answer, case):
+    before = normal_answer()
+    (method, path, body), status = BAD_BODIES[case]
+    got, answer = server.raw(method, path, body)
+    assert got == status
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert normal_answer() == before
+
+
+def test_unknown_fields_are_ignored(prompt, server, normal_answer):
+    answer = server.complete(prompt=prompt, max_tokens=5, temperature=0, extra_body={"frobnicate": [1, 2]})
+    assert answer.choices[0].text == normal_answer()
+
+
+def test_concurrent_requests_each_get_their_own_answer(prompt, server):
+    text = shakespeare_text()
+    requests = [dict(prompt=text[i:i + 30], max_tokens=30, temperature=1.0, seed=i) for i in (0, 900, 1800)]
+    requests.append(dict(prompt=prompt, max_tokens=30, temperature=0.9, seed=11, n=2))
+    requests.append(dict(prompt=prompt, max_tokens=30, temperature=0))
+    serial = [[c.text for c in server.complete(**r).choices] for r in requests]
+    assert len({text for answer in serial for text in answer}) == 6  # all differ, so a mix-up would show
+    with ThreadPoolExecutor(max_workers=2 * len(requests)) as pool:
+        concurrent = list(pool.map(lambda r: [c.text for c in server.complete(**r).choices], requests * 2))
+    assert concurrent == serial * 2
