@@ -100,8 +100,9 @@ class BinaryCode(nn.Module):
         self.K = code_bits(config.vocab_size)
         self.bipolar = config.code_values == "bipolar"
         self.scale = config.code_scale
-        self.register_buffer("channel_bit", torch.arange(config.n_embd) % self.K, persistent=False)
-        self.register_buffer("bit_weight", 1 << torch.arange(self.K), persistent=False)  # 2^i
+        self.n_embd = config.n_embd
+        self.tiles = -(-config.n_embd // self.K)  # ceil: the last tile may be partial
+        self.register_buffer("bit_shift", torch.arange(self.K), persistent=False)
         if config.input_code == "affine":
             A, b = draw_affine(self.K, config.code_seed)
             self.register_buffer("A", A)  # persistent: a checkpoint carries its own code
@@ -112,16 +113,16 @@ class BinaryCode(nn.Module):
     def recode(self, idx):
         if self.A is None:
             return idx
-        columns = (self.A.long() * self.bit_weight[:, None]).sum(0)  # column j of A as an integer
-        u = (self.b.long() * self.bit_weight).sum()
+        columns = (self.A.long() << self.bit_shift[:, None]).sum(0)  # column j of A as an integer
+        u = (self.b.long() << self.bit_shift).sum()
         for j in range(self.K):
             u = u ^ (((idx >> j) & 1) * columns[j])
         return u
 
     def forward(self, idx):  # (B, T) int64 -> (B, T, n_embd) float32
-        bits = (self.recode(idx).unsqueeze(-1) >> self.channel_bit) & 1
-        values = 2 * bits - 1 if self.bipolar else bits
-        return values.float() * self.scale
+        bits = (self.recode(idx).unsqueeze(-1) >> self.bit_shift) & 1  # (B, T, K)
+        values = (2 * bits - 1 if self.bipolar else bits).float() * self.scale
+        return values.tile((self.tiles,))[..., :self.n_embd]  # channel j carries bit j mod K
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         A = state_dict.get(prefix + "A")
