@@ -8,11 +8,11 @@ n_head = 4
 n_embd = 64
 block_size = 64
 
-# 8 x 64 = 512 tokens per step, 120 steps = 61,440 tokens (0.65 epoch of the train split)
+# 8 x 64 = 512 tokens per step, 100 steps = 51,200 tokens (0.54 epoch of the train split)
 batch_size = 8
 gradient_accumulation_steps = 1
-max_iters = 120
-lr_decay_iters = 120
+max_iters = 100
+lr_decay_iters = 100
 learning_rate = 3e-3
 min_lr = 3e-4
 warmup_iters = 10

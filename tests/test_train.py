@@ -165,3 +165,19 @@ def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, tmp_path)
     assert "vocab_size" in line and "257" in line and "65536" in line
     line = error_line(subprocess.run(resume + ["--input_code=learned"], cwd=REPO, capture_output=True, text=True))
     assert "input_code" in line and "another model" in line
+
+
+def test_paper_configs_differ_only_in_the_input_code():
+    from configurator import parse_config
+    from train import DEFAULTS
+    paper = {name: parse_config(DEFAULTS, [os.path.join(REPO, "config", f"{name}.py")])
+             for name in ("fixed_min", "affine_recoded", "learned_baseline")}
+    assert [paper[name]["input_code"] for name in paper] == ["fixed_min", "affine", "learned"]
+    for name, cfg in paper.items():
+        differing = {k for k in DEFAULTS if cfg[k] != paper["fixed_min"][k]}
+        assert differing <= {"input_code", "out_dir"}, (name, differing)
+        assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]) == (32, 32, 1024, 1024)
+        tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"] * cfg["max_iters"]
+        assert 16.5e9 < tokens < 17.5e9  # the paper's ~17B tokens
+    quickstart = parse_config(DEFAULTS, [os.path.join(REPO, "config", "quickstart.py")])
+    assert quickstart["dataset"] == "pydoc" and not quickstart["compile"]
