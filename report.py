@@ -26,6 +26,8 @@ from model import INPUT_CODES
 from train import DEFAULTS as TRAIN_DEFAULTS
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+# Runs whose losses can be compared: trained and evaluated on the same tokens, with models of one shape.
+COMPARABLE_KEYS = ("dataset", "evaluated_on", "encoding", "held_out_tokens", *SHAPE_KEYS)
 # Not what a run is, only how it was seeded or run: runs differing in these are repeats of one variant.
 REPEAT_KEYS = {"seed", "code_seed", "out_dir", "init_from", "eval_interval", "eval_iters", "log_interval",
                "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile"}
@@ -52,19 +54,16 @@ def load_run(run_dir):
     if result.get("iter_num") != checkpoint.get("iter_num"):
         fail(f"eval.json in '{run_dir}' is of iter {result.get('iter_num')} but ckpt.pt is at iter "
              f"{checkpoint.get('iter_num')}: evaluate it again (python eval.py --out_dir={run_dir})")
-    settings = {**checkpoint["config"], **checkpoint["model_args"]}
-    # what must match between runs for their numbers to be comparable
-    data = {"dataset": settings.get("dataset"), "evaluated on": result["dataset"],
-            "encoding": checkpoint["meta"].get("encoding"), "held-out tokens": result["tokens"],
-            **{key: settings[key] for key in SHAPE_KEYS}}
-    return {"dir": run_dir, "settings": settings, "data": data, "counts": counts, "eval": result}
+    settings = {**checkpoint["config"], **checkpoint["model_args"], "encoding": checkpoint["meta"].get("encoding"),
+                "evaluated_on": result["dataset"], "held_out_tokens": result["tokens"]}
+    return {"dir": run_dir, "settings": settings, "counts": counts, "eval": result}
 
 
 def check_comparable(runs, allow_mixed):
-    for key in runs[0]["data"]:
+    for key in COMPARABLE_KEYS:
         values = {}
         for run in runs:
-            values.setdefault(run["data"][key], run["dir"])
+            values.setdefault(run["settings"].get(key), run["dir"])
         if len(values) > 1 and not allow_mixed:
             shown = ", ".join(f"{value!r} in {run_dir}" for value, run_dir in list(values.items())[:2])
             fail(f"the runs differ in {key} ({shown}): their losses are not comparable; "
@@ -73,14 +72,19 @@ def check_comparable(runs, allow_mixed):
 
 def group_variants(runs):
     """{variant key: runs}; the key is the input code and the (key, value) pairs that tell runs apart."""
-    keys = sorted({key for run in runs for key in run["settings"]} - REPEAT_KEYS)
-    differing = [key for key in keys if len({repr(run["settings"].get(key)) for run in runs}) > 1 and key != "input_code"]
+    keys = sorted({key for run in runs for key in run["settings"]} - REPEAT_KEYS - {"input_code"})
+    differing = [key for key in keys if len({repr(run["settings"].get(key)) for run in runs}) > 1]
     variants = {}
     for run in runs:
         key = (run["settings"]["input_code"], tuple((k, run["settings"].get(k)) for k in differing))
         variants.setdefault(key, []).append(run)
     order = {code: i for i, code in enumerate(INPUT_CODES)}
-    return dict(sorted(variants.items(), key=lambda item: (order.get(item[0][0], len(order)), repr(item[0][1]))))
+
+    def rank(item):  # the codes in the paper's order; under each, its default settings first
+        code, name = item[0][0], label(item[0])
+        return order.get(code, len(order)), name != code, name
+
+    return dict(sorted(variants.items(), key=rank))
 
 
 def label(variant):
@@ -106,7 +110,7 @@ def learned_baseline(variant, variants):
 
 
 def table(variants):
-    lines = ["| input code | trainable params | trainable input params | frozen input values | runs "
+    lines = ["| variant | trainable params | trainable input params | frozen input values | runs "
              "| held-out loss | held-out ppl | loss vs learned | ppl vs learned | tokens seen |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, runs in variants.items():
@@ -128,15 +132,15 @@ def table(variants):
 
 
 def summary(runs):
-    """One line on what the runs share (or that they differ)."""
-    data = runs[0]["data"]
-    shared = {key: data[key] for key in data if all(run["data"][key] == data[key] for run in runs)}
+    """One line on what the runs share."""
+    shared = {key: runs[0]["settings"].get(key) for key in COMPARABLE_KEYS
+              if len({repr(run["settings"].get(key)) for run in runs}) == 1}
     parts = [f"{key} {shared[key]}" for key in ("dataset", "encoding") if key in shared]
     if all(key in shared for key in SHAPE_KEYS):
-        parts.append("model {n_layer} layers x {n_embd} wide, {n_head} heads, block_size {block_size}, "
+        parts.append("model: {n_layer} layers, {n_embd} wide, {n_head} heads, block_size {block_size}, "
                      "V = {vocab_size:,}".format(**shared))
-    if "held-out tokens" in shared:
-        parts.append(f"held-out loss (eval.py) over {shared['held-out tokens']:,} tokens")
+    if "held_out_tokens" in shared:
+        parts.append(f"held-out loss by eval.py over {shared['held_out_tokens']:,} tokens")
     return "; ".join(parts) or "mixed runs"
 
 
@@ -154,6 +158,8 @@ def read_curve(run_dir):
                 continue
             if "val_loss" in record:
                 curve.append((record["tokens"], record["val_loss"]))
+    if not curve:
+        fail(f"metrics.jsonl in '{run_dir}' holds no val_loss records: the run has no training curve to plot")
     return sorted(curve)
 
 
@@ -163,30 +169,39 @@ def plot(variants, title, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         fail("--plot needs matplotlib: pip install matplotlib")
+    curves = {variant: [read_curve(run["dir"]) for run in runs] for variant, runs in variants.items()}
+    last = max(tokens for runs in curves.values() for curve in runs for tokens, _ in curve)
+    tail = [loss for runs in curves.values() for curve in runs for tokens, loss in curve if tokens >= last / 2]
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = plt.get_cmap("tab10")
-    tail = []
-    for i, (variant, runs) in enumerate(variants.items()):
-        for j, run in enumerate(runs):
-            tokens, losses = zip(*read_curve(run["dir"]))
-            for ax in (full, zoom):
-                ax.plot(tokens, losses, color=colours(i % 10), lw=1.2, alpha=0.85,
-                        label=f"{label(variant)} ({len(runs)} runs)" if j == 0 and ax is full else None)
-            tail += [loss for t, loss in zip(tokens, losses) if t >= tokens[-1] / 2]
-    last = max(t for runs in variants.values() for run in runs for t, _ in read_curve(run["dir"]))
+    for i, (variant, runs) in enumerate(curves.items()):
+        colour = plt.get_cmap("tab10")(i % 10)
+        for j, curve in enumerate(runs):
+            tokens, losses = zip(*curve)
+            full.plot(tokens, losses, color=colour, lw=1, alpha=0.8,
+                      label=f"{label(variant)} ({len(runs)} run{'s' if len(runs) > 1 else ''})" if j == 0 else None)
+            zoom.plot(tokens, losses, color=colour, lw=0.8, alpha=0.35)
+        # the mean over the runs where they were all evaluated: the thick line to compare variants by
+        shared = sorted(set.intersection(*(set(dict(curve)) for curve in runs)))
+        means = [statistics.mean(dict(curve)[t] for curve in runs) for t in shared]
+        zoom.plot(shared, means, color=colour, lw=2.2, marker="o", markersize=3)
     zoom.set_xlim(last / 2, last * 1.01)
     zoom.set_ylim(min(tail) - 0.02, max(tail) + 0.02)
-    for ax, name in ((full, "val loss"), (zoom, "second half, zoomed")):
+    full.set_ylabel("val loss (nats/token, train.py's eval batches)")
+    for ax, name in ((full, "val loss during training"), (zoom, "second half: each run (thin) and their mean (thick)")):
         ax.set_xlabel("tokens trained on")
-        ax.set_ylabel("val loss (nats/token, train.py's eval batches)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     full.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror or e}")
     plt.close(fig)
 
 
@@ -201,7 +216,8 @@ def main(argv):
     runs = [load_run(d) for d in run_dirs]
     check_comparable(runs, args.allow_mixed)
     variants = group_variants(runs)
-    print(f"{summary(runs)}. Mean ± sample std (n - 1) over runs; gaps are relative to the mean of `learned`.\n")
+    print(f"{summary(runs)}. Mean ± sample std (n - 1) over the runs of a variant (one run: no ±); "
+          f"vs learned: mean / mean of `learned` - 1.\n")
     print(table(variants))
     if args.plot:
         plot(variants, summary(runs), args.plot)

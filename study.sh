@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The small-scale replication of the paper's comparison, on a CPU (README, "Small-scale study").
+# The small-scale replication of the paper's comparison, on a CPU (README, "Results").
 #
-#   bash study.sh      # about half an hour on 2 cores; run it again to resume (finished runs are kept)
+#   bash study.sh      # ~40 minutes on a shared 2-core CPU; run it again to resume (finished runs are kept)
 #
 # Part A, Shakespeare in the bytes encoding (V = 257): input codes fixed_min, affine and learned, and
 #   the ablations: fixed_min with {0,1} bits instead of {-1,+1}, with code_scale 0.5 and 2, and a frozen

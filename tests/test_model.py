@@ -182,7 +182,7 @@ def test_sampling_options():
 def test_initial_loss_on_random_ids_is_close_to_ln_V():
     torch.manual_seed(0)
     for input_code in ("fixed_min", "learned"):
-        model = GPT(GPTConfig(n_layer=2, block_size=64, input_code=input_code))
+        model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, input_code=input_code))
         ids = torch.randint(0, V, (2, 65))
         with torch.no_grad():
             _, loss = model(ids[:, :-1], ids[:, 1:])

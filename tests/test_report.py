@@ -9,14 +9,23 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE, TINY_MODEL, run
-
-STEPS = ["--batch_size=8", "--gradient_accumulation_steps=1", "--max_iters=20", "--eval_interval=10",
-         "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5", "--lr_decay_iters=20", "--log_interval=10"]
+from checkpoint import load_checkpoint
+from conftest import REPO, SHAKESPEARE, run
 
 
-def train_and_eval(out_dir, dataset, *args):
-    run("train.py", f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY_MODEL, *STEPS, *args)
+def evaluated_copy(run_dir, out_dir):
+    """A copy of a session fixture's run (left as it is for the other tests), evaluated by eval.py."""
+    shutil.copytree(run_dir, out_dir)
+    run("eval.py", f"--out_dir={out_dir}", "--max_tokens=4096", "--device=cpu")
+    return str(out_dir)
+
+
+def train_like(run_dir, out_dir, *overrides):
+    """Train with exactly the config of run_dir's checkpoint but for overrides (a seed, a setting), then eval."""
+    config_file = f"{out_dir}.py"
+    with open(config_file, "w") as f:
+        f.writelines(f"{key} = {value!r}\n" for key, value in load_checkpoint(run_dir)["config"].items())
+    run("train.py", config_file, f"--out_dir={out_dir}", *overrides)
     run("eval.py", f"--out_dir={out_dir}", "--max_tokens=4096", "--device=cpu")
     return str(out_dir)
 
@@ -25,8 +34,9 @@ def report(*args):
     return subprocess.run([sys.executable, "report.py", *map(str, args)], cwd=REPO, capture_output=True, text=True)
 
 
-def read(run_dir, name="eval.json"):
-    with open(os.path.join(run_dir, name)) as f:
+def read(run_dir):
+    """The run's eval.json."""
+    with open(os.path.join(run_dir, "eval.json")) as f:
         return json.load(f)
 
 
@@ -42,18 +52,18 @@ def rows(markdown):
 
 
 @pytest.fixture(scope="module")
-def runs(shakespeare_bytes, tmp_path_factory):
+def runs(trained_checkpoint, tmp_path_factory):
+    """Tiny runs of train.py (seed 1337 from the session fixture, and more like them), evaluated by eval.py."""
     root = tmp_path_factory.mktemp("report_runs")
-    made = {name: train_and_eval(root / name, shakespeare_bytes, *args) for name, args in {
-        "fixed_min-1": ["--input_code=fixed_min", "--seed=1"],
-        "fixed_min-2": ["--input_code=fixed_min", "--seed=2"],
-        "learned-1": ["--input_code=learned", "--seed=1"],
-        "binary-1": ["--input_code=fixed_min", "--code_values=binary", "--seed=1"],
-    }.items()}
+    fixed_min = trained_checkpoint("fixed_min")
+    made = {"fixed_min-1337": evaluated_copy(fixed_min, root / "fixed_min-1337"),
+            "learned-1337": evaluated_copy(trained_checkpoint("learned"), root / "learned-1337"),
+            "fixed_min-2": train_like(fixed_min, root / "fixed_min-2", "--seed=2"),
+            "binary-1337": train_like(fixed_min, root / "binary-1337", "--code_values=binary")}
     # the same text split by another seed: a different dataset
     run("prepare.py", "--input", SHAKESPEARE, "--name", "other_split", "--encoding", "bytes", "--seed", "1",
         "--out_root", str(root), "--workers", "1")
-    made["other-split"] = train_and_eval(root / "other-split", root / "other_split", "--input_code=fixed_min", "--seed=1")
+    made["other-split"] = train_like(fixed_min, root / "other-split", f"--dataset={root / 'other_split'}")
     return made
 
 
@@ -61,7 +71,8 @@ def runs(shakespeare_bytes, tmp_path_factory):
 def plotted(runs, tmp_path_factory):
     """(stdout, figure path) of report.py on the four runs of one dataset, with --plot."""
     figure = tmp_path_factory.mktemp("figure") / "curves.png"
-    result = report(runs["fixed_min-1"], runs["fixed_min-2"], runs["learned-1"], runs["binary-1"], "--plot", figure)
+    result = report(runs["fixed_min-1337"], runs["fixed_min-2"], runs["learned-1337"], runs["binary-1337"],
+                    "--plot", figure)
     assert result.returncode == 0, result.stderr
     return result.stdout, figure
 
@@ -77,23 +88,27 @@ def test_one_row_per_variant_with_mean_and_sample_std_over_seeds(runs, plotted):
     assert list(table) == ["fixed_min", "fixed_min code_values=binary", "learned"]
     assert [table[name]["runs"] for name in table] == ["2", "1", "1"]
 
-    seeds = [read(runs["fixed_min-1"]), read(runs["fixed_min-2"])]
+    seeds = [read(runs["fixed_min-1337"]), read(runs["fixed_min-2"])]
     losses, ppls = [r["loss"] for r in seeds], [r["ppl"] for r in seeds]
     assert table["fixed_min"]["held-out loss"] == f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}"
     assert table["fixed_min"]["held-out ppl"] == f"{statistics.mean(ppls):.3f} ± {statistics.stdev(ppls):.3f}"
-    learned = read(runs["learned-1"])
+    learned = read(runs["learned-1337"])
     assert table["learned"]["held-out loss"] == f"{learned['loss']:.4f}"  # one run: no spread to show
     assert table["fixed_min"]["loss vs learned"] == f"{statistics.mean(losses) / learned['loss'] - 1:+.1%}"
     assert table["fixed_min"]["ppl vs learned"] == f"{statistics.mean(ppls) / learned['ppl'] - 1:+.1%}"
     assert table["learned"]["loss vs learned"] == "+0.0%"
-    binary = read(runs["binary-1"])
+    binary = read(runs["binary-1337"])
     assert table["fixed_min code_values=binary"]["loss vs learned"] == f"{binary['loss'] / learned['loss'] - 1:+.1%}"
 
     assert table["fixed_min"]["trainable input params"] == "0"
-    assert table["learned"]["trainable input params"] == f"{257 * 64:,}"  # V x n_embd
-    for name, run_dir in (("fixed_min", runs["fixed_min-1"]), ("learned", runs["learned-1"])):
+    model_args = load_checkpoint(runs["learned-1337"])["model_args"]
+    assert table["learned"]["trainable input params"] == f"{model_args['vocab_size'] * model_args['n_embd']:,}"
+    for name, run_dir in (("fixed_min", runs["fixed_min-1337"]), ("learned", runs["learned-1337"])):
         assert table[name]["trainable params"] == f"{trainable(run_dir):,}"
-        assert table[name]["tokens seen"] == f"{read(run_dir)['tokens_seen']:,}" == f"{20 * 8 * 64:,}"
+        config = load_checkpoint(run_dir)["config"]
+        tokens = config["max_iters"] * config["batch_size"] * config["gradient_accumulation_steps"] \
+            * config["block_size"]
+        assert table[name]["tokens seen"] == f"{read(run_dir)['tokens_seen']:,}" == f"{tokens:,}"
 
 
 def test_plot_is_a_png(plotted):
@@ -104,24 +119,24 @@ def test_plot_is_a_png(plotted):
 
 
 def test_runs_of_different_datasets_are_refused_unless_allow_mixed(runs):
-    mixed = report(runs["fixed_min-1"], runs["other-split"])
+    mixed = report(runs["fixed_min-1337"], runs["other-split"])
     assert mixed.returncode == 1 and mixed.stdout == ""
     assert len(mixed.stderr.strip().splitlines()) == 1
     assert "differ in dataset" in mixed.stderr and "--allow_mixed" in mixed.stderr
 
-    allowed = report(runs["fixed_min-1"], runs["other-split"], "--allow_mixed")
+    allowed = report(runs["fixed_min-1337"], runs["other-split"], "--allow_mixed")
     assert allowed.returncode == 0, allowed.stderr
     table = rows(allowed.stdout)
     assert len(table) == 2 and all(name.startswith("fixed_min dataset=") for name in table)
     assert {row["held-out loss"] for row in table.values()} == {
-        f"{read(runs['fixed_min-1'])['loss']:.4f}", f"{read(runs['other-split'])['loss']:.4f}"}
+        f"{read(runs['fixed_min-1337'])['loss']:.4f}", f"{read(runs['other-split'])['loss']:.4f}"}
 
 
 def test_a_run_without_eval_json_or_checkpoint_is_one_clear_error(runs, tmp_path):
     not_evaluated = tmp_path / "not_evaluated"
-    shutil.copytree(runs["learned-1"], not_evaluated)
+    shutil.copytree(runs["learned-1337"], not_evaluated)
     os.remove(not_evaluated / "eval.json")
-    result = report(runs["fixed_min-1"], not_evaluated)
+    result = report(runs["fixed_min-1337"], not_evaluated)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert f"python eval.py --out_dir={not_evaluated}" in result.stderr
 
