@@ -12,11 +12,14 @@ config's model and optimizer exactly as train.py does, runs warmup_steps full op
 random ids, then times `steps` more: gradient_accumulation_steps forward/backward micro-batches of
 batch_size x block_size tokens, gradient clipping, the AdamW step. Then, unless decode=False, it
 times greedy decoding with model.generate_stream (KV cache, eager model) after a prompt of
-prompt_tokens random ids, at each batch size of decode_batch_sizes.
+prompt_tokens random ids, at each batch size of decode_batch_sizes. With profile=True, one more
+training step, after the timed ones, is traced with torch.profiler and its 15 largest kernels are
+printed (by self device time on CUDA, self CPU time elsewhere).
 
 On CUDA, as in train.py: bf16 autocast (dtype=auto), TF32 matmuls, fused AdamW, torch.compile
-(compile=True), and F.scaled_dot_product_attention, whose flash kernel serves the causal training
-pass; --sdpa=flash makes any other choice an error, --sdpa=math measures the unfused reference.
+(compile=True), and F.scaled_dot_product_attention, which picks its flash kernel for the causal
+training pass when it can; --sdpa=flash turns "when it can" into an error if it cannot, --sdpa=math
+measures the unfused reference.
 
 MFU = flops_per_token * tokens_per_s / peak, with model.flops_per_token() (PaLM, appendix B):
     flops_per_token = 6 * N + 12 * n_layer * n_embd * block_size
@@ -34,12 +37,15 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 
 import train
 from checkpoint import atomic_write
@@ -51,9 +57,10 @@ DEFAULTS = dict(
     vocab_size=None,  # None: the dataset's (data/DATASET/meta.json) when it is prepared, else 65,536
     json="",  # write the results here as a JSON list, one object per input code
     codes="fixed_min,affine,learned",  # the input codes to measure, comma-separated
-    warmup_steps=2, steps=5,  # optimizer steps run before timing (compilation happens here), then timed
-    sdpa="auto",  # attention kernel: auto (PyTorch picks), or only flash, efficient or math
-    decode=True, decode_batch_sizes="1,32", prompt_tokens=16, decode_tokens=64,
+    warmup_steps=1, steps=4,  # optimizer steps run before timing (compilation happens here), then timed
+    sdpa="auto",  # attention kernel of the timed steps: auto (PyTorch picks), or only flash, efficient or math
+    decode=True, decode_batch_sizes="1,32", prompt_tokens=16, decode_tokens=32,
+    profile=False,  # also trace one more step with torch.profiler and print its largest kernels
 )
 DEFAULT_VOCAB_SIZE = 65536
 
@@ -89,14 +96,19 @@ def check_config(cfg):
     vocab_size, source = vocab_of(cfg)
     if not isinstance(vocab_size, int) or vocab_size < 2:
         train.fail(f"vocab_size must be an integer of at least 2, got {vocab_size!r}")
-    for code in codes:
-        try:
-            GPTConfig(vocab_size=vocab_size, **{k: cfg[k] for k in train.MODEL_KEYS if k != "input_code"}, input_code=code)
-        except (TypeError, ValueError) as e:
-            train.fail(str(e))
+    try:
+        for code in codes:
+            model_config(cfg, vocab_size, code)
+    except (TypeError, ValueError) as e:
+        train.fail(str(e))
     _, _, device = train.setup_distributed(cfg)
-    train.autocast_dtype(cfg, device)
+    train.autocast_dtype(cfg, torch.device("cpu"))  # checks the name; on the CPU so this process leaves the GPU alone
     return codes, batch_sizes, vocab_size, source, device
+
+
+def model_config(cfg, vocab_size, input_code):
+    settings = {k: cfg[k] for k in train.MODEL_KEYS if k != "input_code"}
+    return GPTConfig(**settings, vocab_size=vocab_size, input_code=input_code)
 
 
 def vocab_of(cfg):
@@ -134,7 +146,6 @@ def peak_memory(device):
 def sdpa_context(name):
     if name == "auto":
         return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                         "math": SDPBackend.MATH}[name])
 
@@ -186,8 +197,7 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.manual_seed(cfg["seed"])
-    gpt = GPT(GPTConfig(vocab_size=vocab_size, **{k: cfg[k] for k in train.MODEL_KEYS if k != "input_code"},
-                        input_code=input_code)).to(device)
+    gpt = GPT(model_config(cfg, vocab_size, input_code)).to(device)
     optimizer = train.make_optimizer(gpt, cfg, device)
     model = torch.compile(gpt) if cfg["compile"] else gpt
     generator = torch.Generator().manual_seed(cfg["seed"])
@@ -202,6 +212,14 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
         synchronize(device)
         seconds = time.perf_counter() - start
     peak_mem, peak_mem_kind = peak_memory(device)
+    kernels = None
+    if cfg["profile"]:  # after the timed steps, so tracing costs them nothing
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with sdpa_context(cfg["sdpa"]), profile(activities=activities) as trace:
+            train_step(model, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator)
+            synchronize(device)
+        sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        kernels = trace.key_averages().table(sort_by=sort_by, row_limit=15)
 
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
     tokens_per_s = cfg["steps"] * tokens_per_step / seconds
@@ -220,8 +238,8 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
         "device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "compile": cfg["compile"], "sdpa": cfg["sdpa"], "torch": torch.__version__,
         "threads": torch.get_num_threads(), "vocab_size": vocab_size,
-        "model": {k: cfg[k] for k in train.MODEL_KEYS if k != "input_code"},
-        "decode": [],
+        "config": cfg,
+        "decode": [], "profile": kernels,
     }
     if cfg["decode"]:
         gpt.eval()  # the eager model: under compile, the KV cache's growing shapes would recompile every step
@@ -254,7 +272,8 @@ def training_table(results):
     for r in results:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         lines.append(f"| {r['input_code']} | {r['tokens_per_s']:,.0f} | {mfu} | {size(r['peak_mem_bytes'])} | "
-                     f"{r['trainable_params']:,} | {r['input_trainable_params']:,} | {size(r['optimizer_state_bytes'])} |")
+                     f"{r['trainable_params']:,} | {r['input_trainable_params']:,} | "
+                     f"{size(r['optimizer_state_bytes'])} |")
     return "\n".join(lines)
 
 
@@ -274,12 +293,6 @@ def main(argv):
         train.fail(str(e))
     codes, batch_sizes, vocab_size, source, device = check_config(cfg)
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
-    print(f"{device_name(device)} ({device}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"dtype {cfg['dtype']}, compile={cfg['compile']}, sdpa={cfg['sdpa']}", file=sys.stderr)
-    print(f"n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} block_size={cfg['block_size']} "
-          f"vocab_size={vocab_size:,} ({source}); {tokens_per_step:,} tokens/step; "
-          f"{cfg['warmup_steps']} warm-up + {cfg['steps']} timed steps per code", file=sys.stderr)
-
     results = []
     spawn = multiprocessing.get_context("spawn")
     for code in codes:
@@ -290,13 +303,29 @@ def main(argv):
             except torch.cuda.OutOfMemoryError:
                 train.fail(f"{code}: out of memory on {device} at batch_size {cfg['batch_size']}: lower batch_size "
                            f"(raise gradient_accumulation_steps to keep the tokens per step)")
+            except RuntimeError as e:
+                if cfg["sdpa"] == "auto" or "scaled_dot_product_attention" not in str(e):
+                    raise
+                train.fail(f"sdpa={cfg['sdpa']}: PyTorch has no such attention kernel for this device, dtype and "
+                           f"head size ({cfg['n_embd'] // cfg['n_head']}): use --sdpa=auto")
 
-    print(f"\ntraining: {tokens_per_step:,} tokens/step, peak memory = {results[0]['peak_mem_kind']}\n")
+    first = results[0]
+    threads = f"{first['threads']} CPU thread{'s' * (first['threads'] != 1)}"
+    print(f"python bench.py {shlex.join(argv)}")
+    print(f"{time.strftime('%Y-%m-%d')}: {first['device_name']} ({first['device']}, {threads}), torch {first['torch']}, "
+          f"{first['dtype']}, compile={cfg['compile']}, sdpa={cfg['sdpa']}; each code measured in a fresh process")
+    print(f"n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} block_size={cfg['block_size']} "
+          f"vocab_size={vocab_size:,} ({source})")
+    print(f"\ntraining: {tokens_per_step:,} tokens/step (batch_size {cfg['batch_size']} x gradient_accumulation_steps "
+          f"{cfg['gradient_accumulation_steps']} x block_size {cfg['block_size']}), {cfg['warmup_steps']} warm-up then "
+          f"{cfg['steps']} timed steps; peak memory: {first['peak_mem_kind']}\n")
     print(training_table(results))
     if cfg["decode"]:
         print(f"\ngreedy decode after a {cfg['prompt_tokens']}-token prompt, {cfg['decode_tokens']} new tokens, "
               f"eager model, prefill excluded\n")
         print(decode_table(results))
+    for r in results if cfg["profile"] else []:
+        print(f"\none training step of {r['input_code']}, torch.profiler:\n{r['profile']}")
     if cfg["json"]:
         atomic_write(cfg["json"], lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
         print(f"\nwrote {cfg['json']}", file=sys.stderr)

@@ -3,6 +3,7 @@
 Nothing here asserts a speed: timings belong in BENCHMARKS.md, measured by hand."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -17,7 +18,10 @@ TINY = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--batch_
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    # one thread: a tiny model gains nothing from two, and on a busy machine two threads wait on each other
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 @pytest.fixture(scope="module")
