@@ -164,12 +164,7 @@ def train_step(model, gpt, optimizer, scaler, autocast, cfg, vocab_size, device,
         with autocast:
             _, loss = model(x, y)
         scaler.scale(loss / G).backward()
-    if cfg["grad_clip"] > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg["grad_clip"])
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    train.apply_gradients(optimizer, scaler, gpt, cfg["grad_clip"])
 
 
 def decode_speed(gpt, autocast, cfg, vocab_size, batch_size, device, generator):
@@ -190,12 +185,7 @@ def decode_speed(gpt, autocast, cfg, vocab_size, batch_size, device, generator):
 def measure(cfg, input_code, vocab_size, batch_sizes):
     """All the figures of one input code, as a JSON-ready dict (run in a fresh process)."""
     _, _, device = train.setup_distributed(cfg)
-    dtype = train.autocast_dtype(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    dtype, autocast, scaler = train.setup_precision(cfg, device)
     torch.manual_seed(cfg["seed"])
     gpt = GPT(model_config(cfg, vocab_size, input_code)).to(device)
     optimizer = train.make_optimizer(gpt, cfg, device)

@@ -159,6 +159,27 @@ def setup_distributed(cfg):
     return rank, world_size, device
 
 
+def setup_precision(cfg, device):
+    """(dtype, autocast context, GradScaler): bf16 autocast and TF32 on CUDA by default; the scaler
+    only does something for float16."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = autocast_dtype(cfg, device)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def apply_gradients(optimizer, scaler, model, grad_clip):
+    """Clip the accumulated gradients (unscaled first), take the AdamW step, zero the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def autocast_dtype(cfg, device):
     name = cfg["dtype"]
     if name == "auto":
@@ -197,12 +218,7 @@ def main(argv):
     rank, world_size, device = setup_distributed(cfg)
     master = rank == 0
     meta = load_meta(cfg["dataset"], cfg["block_size"])
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = autocast_dtype(cfg, device)
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    dtype, autocast, scaler = setup_precision(cfg, device)
 
     gpt, optimizer = build(cfg, meta, device, checkpoint)
     model = torch.compile(gpt) if cfg["compile"] else gpt
@@ -301,12 +317,7 @@ def main(argv):
                     _, loss = train_model(to_device(x, device), to_device(y, device))
                 scaler.scale(loss / len(my_micro_steps)).backward()
             step_loss += loss.detach().float()
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(optimizer, scaler, gpt, cfg["grad_clip"])
         iter_num += 1
         window_steps += 1
         bar.update(1)
