@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
 from configurator import ConfigError, parse_config
+from sample import autocast, resolve_device, resolve_dtype
 from train import data_dir
 
 DEFAULTS = dict(
@@ -58,6 +58,8 @@ def main(argv):
         cfg = parse_config(DEFAULTS, argv)
         checkpoint = load_checkpoint(cfg["out_dir"])
         model = build_model(checkpoint)
+        device = resolve_device(cfg["device"])
+        dtype = resolve_dtype(cfg["dtype"], device)
     except (ConfigError, CheckpointError) as e:
         fail(str(e))
     dataset = cfg["dataset"] or checkpoint["config"].get("dataset", "")
@@ -72,10 +74,6 @@ def main(argv):
         fail(f"dataset '{dataset}' uses {meta['encoding']} (V={meta['vocab_size']}) but the model was trained on "
              f"{trained_on['encoding']} (V={trained_on['vocab_size']}): evaluate on data of the same encoding")
 
-    want = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(want)
-    dtype_name = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = nullcontext() if dtype_name == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype_name))
     model.to(device)
 
     tokens = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
@@ -83,7 +81,7 @@ def main(argv):
         tokens = tokens[:cfg["max_tokens"]]
     if len(tokens) < 2:
         fail(f"val.bin of '{dataset}' holds {len(tokens)} token(s): nothing to evaluate")
-    loss, n = evaluate(model, tokens, cfg["batch_size"], device, autocast)
+    loss, n = evaluate(model, tokens, cfg["batch_size"], device, autocast(device, dtype))
     result = {"loss": loss, "ppl": math.exp(loss), "tokens": n, "dataset": dataset, "encoding": meta["encoding"],
               "input_code": model.config.input_code, "iter_num": checkpoint.get("iter_num"),
               "tokens_seen": checkpoint.get("tokens_seen"), "block_size": model.config.block_size}
