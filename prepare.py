@@ -1,8 +1,8 @@
 """
-Text -> data/NAME/train.bin, val.bin (raw little-endian uint16 token ids) and meta.json (GUIDE §2).
+Text -> data/NAME/train.bin, val.bin (raw little-endian uint16 token ids) and meta.json.
 
     python prepare.py                                        # offline quickstart: CPython's docs -> data/pydoc
-    python prepare.py --input ../shared/data/tinyshakespeare.txt --name shakespeare
+    python prepare.py --input assets/tinyshakespeare.txt.gz --name shakespeare
     python prepare.py --input shards/ more/*.jsonl.gz --name mine --encoding bytes
     python prepare.py --input web/ --input books.parquet --mix 0.7 --name mine   # two local streams, mixed
     python prepare.py --hf fineweb-edu+cosmopedia            # needs `pip install datasets` and a network
@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import tokenizer
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 HF_STREAMS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu:sample-10BT",
               "cosmopedia": "HuggingFaceTB/smollm-corpus:cosmopedia-v2"}
 HF_MAX_TOKENS = 17e9      # the paper's training budget
@@ -152,7 +152,7 @@ def parquet_documents(path, field):
 
 
 def file_documents(path, args):
-    if path.endswith(".txt"):
+    if path.endswith((".txt", ".txt.gz")):
         return paragraph_documents(utf8_lines(path), args.doc_chars)
     if path.endswith(".parquet"):
         return parquet_documents(path, args.text_field)

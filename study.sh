@@ -30,7 +30,7 @@ run() {  # run PART NAME SEED [train.py overrides]: train, then evaluate on all 
 
 echo "$(lscpu | sed -n 's/^Model name: *//p'), $CORES cores, OMP_NUM_THREADS=$OMP_NUM_THREADS," \
      "$(python -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"
-python prepare.py --input ../shared/data/tinyshakespeare.txt --encoding bytes --name study_shakespeare_bytes
+python prepare.py --input assets/tinyshakespeare.txt.gz --encoding bytes --name study_shakespeare_bytes
 python prepare.py --name study_pydoc
 
 for seed in $SEEDS; do

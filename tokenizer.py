@@ -1,4 +1,4 @@
-"""Token encodings, all loaded offline as tiktoken Encodings (see ../shared/GUIDE.md §3).
+"""Token encodings, all loaded offline as tiktoken Encodings.
 
 - 'cl100k_65536' (the default): the first 65,535 merge ranks of cl100k_base plus <|endoftext|> = 65535,
   read from assets/cl100k_base_65536.tiktoken. V = 65,536 = 2^16, the paper's vocabulary: K = 16.

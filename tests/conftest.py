@@ -1,4 +1,5 @@
 """Shared fixtures: Shakespeare prepared by prepare.py, and small checkpoints trained by train.py."""
+import gzip
 import os
 import subprocess
 import sys
@@ -6,14 +7,12 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+SHAKESPEARE = os.path.join(REPO, "assets", "tinyshakespeare.txt.gz")  # bundled: a fresh clone needs nothing else
 TINY_MODEL = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--compile=False", "--device=cpu"]
 
 
 def shakespeare_text():
-    if not os.path.exists(SHAKESPEARE):
-        pytest.skip(f"{SHAKESPEARE} is missing: the tests expect ../shared beside the checkout")
-    with open(SHAKESPEARE, encoding="utf-8") as f:
+    with gzip.open(SHAKESPEARE, "rt", encoding="utf-8") as f:
         return f.read()
 
 
@@ -26,7 +25,6 @@ def run(*args):
 @pytest.fixture(scope="session")
 def shakespeare_bytes(tmp_path_factory):
     """A dataset folder (train.bin, val.bin, meta.json) of Shakespeare in the bytes encoding (V = 257)."""
-    shakespeare_text()
     root = tmp_path_factory.mktemp("data")
     run("prepare.py", "--input", SHAKESPEARE, "--name", "shakespeare_bytes", "--encoding", "bytes",
         "--out_root", str(root), "--workers", "1")

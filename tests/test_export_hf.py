@@ -6,12 +6,12 @@ import sys
 import pytest
 import torch
 
+from conftest import shakespeare_text
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 from tokenizer import BUNDLED_FILE, get_encoding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 CODES = ["fixed_min", "affine", "learned"]
 MODEL_CARD_PROMPT = "Question: What is the capital of France?\nAnswer:"
 MODEL_CARD_EXAMPLE = """\
@@ -25,10 +25,7 @@ print(tokenizer.decode(outputs[0]))
 
 
 def shakespeare(start, length):
-    if not os.path.exists(SHAKESPEARE):
-        pytest.skip(f"{SHAKESPEARE} is missing: the tests expect ../shared beside the checkout")
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        return f.read()[start:start + length]
+    return shakespeare_text()[start:start + length]
 
 
 def run(script, *args, env=None, cwd=REPO):

@@ -1,4 +1,4 @@
-"""model.py: the code contracts of GUIDE §1, exhaustively over all ids, and the decoder's behaviour."""
+"""model.py: the input-code contracts, exhaustively over all ids, and the decoder's behaviour."""
 import math
 import subprocess
 import sys

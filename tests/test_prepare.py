@@ -32,7 +32,7 @@ def prepared(out_root, *args):
 
 
 def load(out_dir):
-    """meta.json and both token files, after checking that they agree with each other (GUIDE §2)."""
+    """meta.json and both token files, after checking that they agree with each other."""
     with open(os.path.join(out_dir, "meta.json")) as f:
         meta = json.load(f)
     enc = tokenizer.get_encoding(meta["encoding"])
