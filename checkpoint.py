@@ -12,13 +12,14 @@ from dataclasses import fields
 
 import torch
 
+from common import UserError
 from model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 

@@ -1,18 +1,23 @@
 """
-Strict nanoGPT-style configuration: config files of plain Python assignments, then --key=value.
+Strict nanoGPT-style configuration, the one command-line convention of every script here: config
+files of plain Python assignments, then --key=value, applied in the order given.
 
     python train.py config/fixed_min.py --batch_size=16 --compile=False
+    python train.py config/fixed_min.py --help     # every key, its value after config/fixed_min.py, its meaning
 
 Every key must already exist in the script's defaults and keep its type (an int is accepted where a
-float is expected). Unlike nanoGPT's configurator, a typo is an error that names the closest key.
+float is expected; a key whose default is None takes any value). Unlike nanoGPT's configurator, a
+typo is an error that names the closest key. Booleans are True/False (true/false, 1/0 also work).
 """
 import ast
 import difflib
 import os
 import types
 
+from common import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     pass
 
 
@@ -40,35 +45,63 @@ def _checked(key, value, defaults, where):
     return value
 
 
+BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+
 def _parse_value(text, default):
     if isinstance(default, str):
         return text  # --start=123 is the text "123"
+    if isinstance(default, bool) and text.lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[text.lower()]
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text  # a bare word is a string: --device=cuda
 
 
-def parse_config(defaults, argv):
-    """defaults (dict) updated by config files and --key=value arguments, in the order given."""
-    config = dict(defaults)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print("config keys and their defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
-            raise SystemExit(0)
-        if arg.startswith("--"):
-            if "=" not in arg:
-                raise ConfigError(f"argument '{arg}' must be --key=value")
-            key, text = arg[2:].split("=", 1)
-            config[key] = _checked(key, _parse_value(text, defaults.get(key)), defaults, "on the command line")
-            continue
-        if not os.path.isfile(arg):
-            raise ConfigError(f"config file '{arg}' not found")
-        namespace = {}
+def _apply(config, defaults, arg):
+    if arg.startswith("--"):
+        if "=" not in arg:
+            raise ConfigError(f"argument '{arg}' must be --key=value{_closest(arg[2:], list(defaults))}")
+        key, text = arg[2:].split("=", 1)
+        config[key] = _checked(key, _parse_value(text, defaults.get(key)), defaults, "on the command line")
+        return
+    if not os.path.isfile(arg):
+        raise ConfigError(f"config file '{arg}' not found")
+    namespace = {}
+    try:
         with open(arg) as f:
             exec(compile(f.read(), arg, "exec"), {}, namespace)
-        for key, value in namespace.items():
-            if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-                continue
-            config[key] = _checked(key, value, defaults, f"in {arg}")
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{arg}' is not valid Python: {e}") from None
+    except Exception as e:  # the file runs code of its own; say where it went wrong
+        raise ConfigError(f"config file '{arg}' failed: {type(e).__name__}: {e}") from None
+    for key, value in namespace.items():
+        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue
+        config[key] = _checked(key, value, defaults, f"in {arg}")
+
+
+def help_text(config, meanings, usage):
+    """usage, then one line per key: --key=value (after the config files on the line) and its meaning."""
+    width = min(40, max(len(f"--{k}={v!r}") for k, v in config.items()))
+    lines = [usage.strip(), "", "keys (values after the config files given; --key=value overrides):"]
+    for key, value in config.items():
+        shown = f"--{key}={value!r}"
+        meaning = meanings.get(key, "")
+        lines.append(f"  {shown:<{width}}  {meaning}" if len(shown) <= width else f"  {shown}\n  {'':<{width}}  {meaning}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def parse_config(defaults, argv, meanings=None, usage=""):
+    """defaults (dict) updated by config files and --key=value arguments, in the order given.
+    --help (anywhere) prints each key's value after the other arguments, with its meaning, and exits."""
+    config = dict(defaults)
+    wants_help = any(arg in ("-h", "--help") for arg in argv)
+    for arg in argv:
+        if arg not in ("-h", "--help"):
+            _apply(config, defaults, arg)
+    if wants_help:
+        print(help_text(config, meanings or {}, usage))
+        raise SystemExit(0)
     return config

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
 from configurator import ConfigError, parse_config
-from sample import autocast, resolve_device, resolve_dtype
+from common import autocast, resolve_device, resolve_dtype
 from train import data_dir
 
 DEFAULTS = dict(

@@ -17,85 +17,34 @@ separated by a line of dashes. Diagnostics (the checkpoint's step and val loss, 
 batch 1) go to stderr. Generation uses the model's KV cache (GPT.generate_stream), so each new token
 costs one forward pass of one position.
 """
-import codecs
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from checkpoint import CheckpointError, build_model, load_checkpoint
-from configurator import ConfigError, parse_config
-from tokenizer import ENDOFTEXT, get_encoding
+from common import TextStream, UserError, autocast, encode_prompt, load_for_inference, resolve_device, resolve_dtype, run_main
+from configurator import parse_config
 
-DEFAULTS = dict(
-    out_dir="out",          # the run folder holding ckpt.pt (or a path to a ckpt.pt)
-    start="",               # the prompt: text, or FILE:path to read it from a file; "" = a new document
-    num_samples=1,
-    max_new_tokens=200,
-    temperature=0.8,        # 0 = greedy
-    top_k=200,              # None or 0: no top-k filter
-    top_p=1.0,              # 1.0: no nucleus filter
-    seed=1337,              # None: a different draw every run
-    device="auto",          # 'auto' = cuda when available, else cpu; or 'cpu', 'cuda', 'cuda:1', ...
-    dtype="auto",           # 'auto' = bfloat16 (float16 where unsupported) on CUDA, float32 on CPU
-    compile=False,          # torch.compile the model: a few graphs (prompt, step) to compile first, so only
-                            # long generations gain
-    stop_at_eot=True,       # end a sample at <|endoftext|>
-)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+SETTINGS = {  # key: (default, meaning)
+    "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt)"),
+    "start": ("", "the prompt: text, or FILE:path to read it from a file; '' starts a new document"),
+    "num_samples": (1, "samples to draw, one after another"),
+    "max_new_tokens": (200, "tokens to generate per sample (at most; fewer if <|endoftext|> ends it)"),
+    "temperature": (0.8, "0 is greedy; higher is more random"),
+    "top_k": (200, "sample among the top_k most likely tokens; None or 0: no top-k filter"),
+    "top_p": (1.0, "nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1.0: off"),
+    "seed": (1337, "seeds the sampling; None: a different draw every run"),
+    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
+                      "bfloat16 or float16"),
+    "compile": (False, "torch.compile the model: a few graphs (prompt, step) compile first, so only long "
+                       "generations gain"),
+    "stop_at_eot": (True, "end a sample at <|endoftext|>"),
+}
+DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
+MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 SEPARATOR = "---------------"
-
-
-def resolve_device(name):
-    """'auto' -> 'cuda' or 'cpu'; ConfigError for a device torch does not know or this machine lacks."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device '{name}' is not a torch device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' asked for, but CUDA is not available here: use --device=cpu")
-    return name
-
-
-def resolve_dtype(name, device):
-    if name not in DTYPES:
-        raise ConfigError(f"dtype must be one of {DTYPES}, got '{name}'")
-    if name != "auto":
-        return name
-    if torch.device(device).type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def autocast(device, dtype):
-    """A fresh context to run the model in: as is for float32, else autocast to dtype (fresh, because
-    an autocast object keeps state while entered and the server enters them from several threads)."""
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
-
-
-def load_for_inference(out_dir, device):
-    """(checkpoint, model in eval mode on device, tokenizer); CheckpointError with a one-line reason."""
-    checkpoint = load_checkpoint(out_dir)  # onto the CPU first: a GPU-trained checkpoint loads anywhere
-    try:
-        model = build_model(checkpoint, device)
-        encoding = get_encoding(checkpoint["meta"].get("encoding", "?"))
-    except (ValueError, TypeError) as e:  # GPTConfig or tokenizer refusing what the checkpoint names
-        raise CheckpointError(f"cannot use the checkpoint in '{out_dir}': {e}") from None
-    if encoding.n_vocab != model.config.vocab_size:
-        raise CheckpointError(f"checkpoint's tokenizer '{encoding.name}' has {encoding.n_vocab} tokens but its model "
-                              f"has vocab_size {model.config.vocab_size}")
-    return checkpoint, model, encoding
-
-
-def encode_prompt(encoding, text):
-    """Token ids of text, reading the literal <|endoftext|> as the document boundary; [eot] for ''."""
-    return encoding.encode(text, allowed_special={ENDOFTEXT}) or [encoding.eot_token]
 
 
 def read_start(start):
@@ -106,7 +55,7 @@ def read_start(start):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the prompt file '{path}' given by --start=FILE:...: {e}") from None
+        raise UserError(f"cannot read the prompt file '{path}' given by --start=FILE:...: {e}") from None
 
 
 def check_settings(config):
@@ -119,7 +68,7 @@ def check_settings(config):
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(message)
+            raise UserError(message)
 
 
 def new_tokens(model, ids, config, eot, generator, arrivals):
@@ -137,14 +86,13 @@ def new_tokens(model, ids, config, eot, generator, arrivals):
 
 
 def write_text(encoding, tokens, write):
-    """write() the text of tokens as they come, each character once all its bytes have arrived (a
-    character can span tokens: a byte token or a BPE token may hold part of one). Returns the count."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    count = 0
+    """write() the text of tokens as they come, each character once all its bytes have arrived.
+    Returns the count."""
+    text, count = TextStream(encoding), 0
     for token in tokens:
-        write(decoder.decode(encoding.decode_single_token_bytes(token)))
+        write(text.add(token))
         count += 1
-    write(decoder.decode(b"", final=True))  # bytes still pending form no character: U+FFFD
+    write(text.finish())
     return count
 
 
@@ -159,7 +107,7 @@ def log(message):
 
 
 def main(argv):
-    config = parse_config(DEFAULTS, argv)
+    config = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
     check_settings(config)
     start = read_start(config["start"])
     device = resolve_device(config["device"])
@@ -171,7 +119,7 @@ def main(argv):
     log(f"checkpoint {os.path.abspath(config['out_dir'])}: step {checkpoint.get('iter_num', '?')}, "
         f"val loss {f'{val_loss:.4f}' if isinstance(val_loss, float) else '?'}, input_code {model.config.input_code}, "
         f"{model.param_counts()['trainable'] / 1e6:.2f}M trainable parameters, encoding {encoding.name}, "
-        f"{device} {dtype}")
+        f"{device} {str(dtype).removeprefix('torch.')}")
     if config["compile"]:
         model.compile()  # in place, so generate_stream's calls to the model go through the compiled forward
 
@@ -201,7 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, CheckpointError) as e:
-        sys.exit(f"sample.py: error: {e}")
+    run_main(main)

@@ -56,7 +56,7 @@ import torch
 
 from checkpoint import CheckpointError
 from configurator import ConfigError
-from sample import autocast, load_for_inference, resolve_device, resolve_dtype
+from common import autocast, load_for_inference, resolve_device, resolve_dtype
 from tokenizer import ENDOFTEXT
 
 MAX_N = 16            # choices per prompt

@@ -1,0 +1,150 @@
+"""
+The helpers every script shares: the user-error type and the entry-point wrapper that turns it into
+one line, device and precision (one `auto` rule), a dataset's folder and meta.json, a checkpoint
+loaded for inference, and prompt encoding and UTF-8 streaming of generated tokens.
+
+Scripts import this module and model.py, never each other. torch is imported inside the functions
+that use it, so that prepare.py, which needs no torch, starts in a fraction of a second.
+"""
+import codecs
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+META_KEYS = ("encoding", "vocab_size", "eot_token", "train_tokens", "val_tokens")
+
+
+class UserError(Exception):
+    """A problem the user can fix (a bad setting, a missing file): printed as one line, no traceback."""
+
+
+def run_main(main, argv=None):
+    """Run a script's main(argv): a UserError becomes `error: ...` on stderr and exit code 1, Ctrl-C a
+    one-line note and exit code 130 (what shells use for SIGINT)."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # stdout piped into `head` and closed: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------ device, precision
+
+def resolve_device(name):
+    """'auto' -> cuda when there is a GPU, else cpu; a torch.device, or UserError for a device torch
+    does not know or this machine lacks."""
+    import torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device '{name}' is not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but CUDA is not available here: use --device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device '{name}' asked for, but MPS is not available here: use --device=cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device '{name}' is not supported: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name, device):
+    """The one `auto` rule, for training and inference alike: bfloat16 on a GPU that supports it,
+    float16 on an older GPU (training then scales the loss), float32 on CPU and MPS."""
+    import torch
+    if name not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{name}'")
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device, dtype):
+    """A fresh context to run the model in: as is for float32, else autocast to dtype. Fresh, because
+    an autocast object keeps state while entered and the server enters them from several threads."""
+    import torch
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def data_dir(dataset):
+    """A dataset is a name under data/ beside this file, or a path to a folder (it has a '/')."""
+    if "/" in dataset or os.sep in dataset:
+        return dataset
+    return os.path.join(REPO, "data", dataset)
+
+
+def load_meta(dataset):
+    """The meta.json of a dataset written by prepare.py, checked for the keys the scripts rely on."""
+    if not dataset:
+        raise UserError("no dataset given: pass --dataset=NAME (a folder under data/ written by prepare.py)")
+    path = os.path.join(data_dir(dataset), "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"dataset '{dataset}' not found ({path} is missing): run prepare.py first, "
+                        f"e.g. python prepare.py")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): run prepare.py again for '{dataset}'") from None
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it was not written by prepare.py; run it again")
+    return meta
+
+
+# ---------------------------------------------------------------------------------- inference
+
+def load_for_inference(out_dir, device):
+    """(checkpoint, model in eval mode on device, tokenizer); UserError with a one-line reason."""
+    from checkpoint import build_model, load_checkpoint  # checkpoint.py imports this module
+    from tokenizer import get_encoding
+    checkpoint = load_checkpoint(out_dir)  # onto the CPU first: a GPU-trained checkpoint loads anywhere
+    try:
+        model = build_model(checkpoint, device)
+        encoding = get_encoding(checkpoint["meta"].get("encoding", "?"))
+    except (ValueError, TypeError) as e:  # GPTConfig or tokenizer refusing what the checkpoint names
+        raise UserError(f"cannot use the checkpoint in '{out_dir}': {e}") from None
+    if encoding.n_vocab != model.config.vocab_size:
+        raise UserError(f"checkpoint's tokenizer '{encoding.name}' has {encoding.n_vocab} tokens but its model "
+                        f"has vocab_size {model.config.vocab_size}")
+    return checkpoint, model, encoding
+
+
+def encode_prompt(encoding, text):
+    """Token ids of text, reading the literal <|endoftext|> as the document boundary; [eot] for ''."""
+    from tokenizer import ENDOFTEXT
+    return encoding.encode(text, allowed_special={ENDOFTEXT}) or [encoding.eot_token]
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is final: a character is released once all its bytes have
+    arrived (a byte token or a BPE token may hold part of one); finish() turns bytes still pending
+    into U+FFFD."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token):
+        return self.decoder.decode(self.encoding.decode_single_token_bytes(token))
+
+    def finish(self):
+        return self.decoder.decode(b"", final=True)
