@@ -5,12 +5,13 @@ Training and decode speed of the input codes, side by side: tokens/s, MFU, peak 
     python bench.py config/fixed_min.py --json=bench.json       # the paper's model, one GPU
     python bench.py --n_layer=4 --n_embd=256 --n_head=4 --codes=fixed_min,learned --decode=False
 
-The keys are train.py's (so a training config file works as is; keys that only matter to a run,
-such as out_dir or max_iters, are accepted and ignored) plus the bench keys below. For each input code,
-in a fresh process (so peak memory, allocator and compile caches start clean), bench.py builds the
+The keys are train.py's (so a training config file works as is; keys that only matter to a run, such
+as out_dir or max_iters, are accepted and ignored) plus the bench keys below. For each input code, in
+a fresh process (so peak memory, allocator and compile caches start clean), bench.py builds the
 config's model and optimizer exactly as train.py does, runs warmup_steps full optimizer steps on
-random ids, then times `steps` more: gradient_accumulation_steps forward/backward micro-batches of
-batch_size x block_size tokens, gradient clipping, the AdamW step. Then, unless decode=False, it
+random ids, then times `steps` more of training.train_step, the very function train.py repeats:
+gradient_accumulation_steps forward/backward micro-batches of batch_size x block_size tokens,
+gradient clipping, the AdamW step. Then, unless decode=False, it
 times greedy decoding with model.generate_stream (KV cache, eager model) after a prompt of
 prompt_tokens random ids, at each batch size of decode_batch_sizes. With profile=True, one more
 training step, after the timed ones, is traced with torch.profiler and its 15 largest kernels are
@@ -47,21 +48,28 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-import train
+import training
 from checkpoint import atomic_write
-from configurator import ConfigError, parse_config
+from common import UserError, data_dir, resolve_device, resolve_dtype, run_main
+from configurator import parse_config
 from model import GPT, INPUT_CODES, GPTConfig, peak_flops
 
-DEFAULTS = dict(
-    train.DEFAULTS,
-    vocab_size=None,  # None: the dataset's (data/DATASET/meta.json) when it is prepared, else 65,536
-    json="",  # write the results here as a JSON list, one object per input code
-    codes="fixed_min,affine,learned",  # the input codes to measure, comma-separated
-    warmup_steps=1, steps=4,  # optimizer steps run before timing (compilation happens here), then timed
-    sdpa="auto",  # attention kernel of the timed steps: auto (PyTorch picks), or only flash, efficient or math
-    decode=True, decode_batch_sizes="1,32", prompt_tokens=16, decode_tokens=32,
-    profile=False,  # also trace one more step with torch.profiler and print its largest kernels
-)
+BENCH_SETTINGS = {  # key: (default, meaning); the other keys are train.py's
+    "vocab_size": (None, "None: the dataset's (data/DATASET/meta.json) when it is prepared, else 65,536"),
+    "json": ("", "write the results here as a JSON list, one object per input code"),
+    "codes": ("fixed_min,affine,learned", "the input codes to measure, comma-separated"),
+    "warmup_steps": (1, "optimizer steps run before timing (compilation happens here)"),
+    "steps": (4, "optimizer steps timed"),
+    "sdpa": ("auto", "attention kernel of the timed steps: auto (PyTorch picks), or only flash, efficient or math"),
+    "decode": (True, "also time greedy decoding"),
+    "decode_batch_sizes": ("1,32", "batch sizes of the decode timing, comma-separated"),
+    "prompt_tokens": (16, "prompt length before the timed decode"),
+    "decode_tokens": (32, "tokens decoded per timing"),
+    "profile": (False, "also trace one more step with torch.profiler and print its largest kernels"),
+}
+DEFAULTS = {**training.DEFAULTS, **{key: default for key, (default, _) in BENCH_SETTINGS.items()}}
+MEANINGS = {**training.MEANINGS, **{key: meaning for key, (_, meaning) in BENCH_SETTINGS.items()}}
+
 DEFAULT_VOCAB_SIZE = 65536
 
 
@@ -69,45 +77,45 @@ def parse_list(cfg, key, kind):
     try:
         return [kind(item.strip()) for item in cfg[key].split(",")]
     except ValueError:
-        train.fail(f"{key} must be a comma-separated list, e.g. --{key}={DEFAULTS[key]}, got '{cfg[key]}'")
+        raise UserError(f"{key} must be a comma-separated list, e.g. --{key}={DEFAULTS[key]}, got '{cfg[key]}'")
 
 
 def check_config(cfg):
     """The validated settings a measurement needs; every mistake is a one-line error here, before any process starts."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        train.fail("bench.py measures one process: run it with python, not torchrun")
+        raise UserError("bench.py measures one process: run it with python, not torchrun")
     codes = parse_list(cfg, "codes", str)
     for code in codes:
         if code not in INPUT_CODES:
-            train.fail(f"unknown input code '{code}' in codes: choose from {', '.join(INPUT_CODES)}")
+            raise UserError(f"unknown input code '{code}' in codes: choose from {', '.join(INPUT_CODES)}")
     batch_sizes = parse_list(cfg, "decode_batch_sizes", int)
     if min(batch_sizes) < 1:
-        train.fail(f"decode_batch_sizes must be positive, got '{cfg['decode_batch_sizes']}'")
+        raise UserError(f"decode_batch_sizes must be positive, got '{cfg['decode_batch_sizes']}'")
     if cfg["decode"] and cfg["prompt_tokens"] + cfg["decode_tokens"] > cfg["block_size"]:
         # past block_size, generate_stream recomputes the whole window each step: that is not decoding speed
-        train.fail(f"prompt_tokens + decode_tokens ({cfg['prompt_tokens']} + {cfg['decode_tokens']}) must fit in "
+        raise UserError(f"prompt_tokens + decode_tokens ({cfg['prompt_tokens']} + {cfg['decode_tokens']}) must fit in "
                    f"block_size ({cfg['block_size']}): lower them")
     if cfg["prompt_tokens"] < 1 or cfg["decode_tokens"] < 2:
-        train.fail("prompt_tokens must be at least 1 and decode_tokens at least 2")
+        raise UserError("prompt_tokens must be at least 1 and decode_tokens at least 2")
     if cfg["steps"] < 1 or cfg["warmup_steps"] < 1:
-        train.fail("steps and warmup_steps must be at least 1 (the first step allocates the optimizer state)")
+        raise UserError("steps and warmup_steps must be at least 1 (the first step allocates the optimizer state)")
     if cfg["sdpa"] not in ("auto", "flash", "efficient", "math"):
-        train.fail(f"sdpa must be auto, flash, efficient or math, got '{cfg['sdpa']}'")
+        raise UserError(f"sdpa must be auto, flash, efficient or math, got '{cfg['sdpa']}'")
     vocab_size, source = vocab_of(cfg)
     if not isinstance(vocab_size, int) or vocab_size < 2:
-        train.fail(f"vocab_size must be an integer of at least 2, got {vocab_size!r}")
+        raise UserError(f"vocab_size must be an integer of at least 2, got {vocab_size!r}")
     try:
         for code in codes:
             model_config(cfg, vocab_size, code)
     except (TypeError, ValueError) as e:
-        train.fail(str(e))
-    _, _, device = train.setup_distributed(cfg)
-    train.autocast_dtype(cfg, torch.device("cpu"))  # checks the name; on the CPU so this process leaves the GPU alone
+        raise UserError(str(e))
+    device = resolve_device(cfg["device"])
+    resolve_dtype(cfg["dtype"], torch.device("cpu"))  # checks the name; on the CPU so this process leaves the GPU alone
     return codes, batch_sizes, vocab_size, source, device
 
 
 def model_config(cfg, vocab_size, input_code):
-    settings = {k: cfg[k] for k in train.MODEL_KEYS if k != "input_code"}
+    settings = {k: cfg[k] for k in training.MODEL_KEYS if k != "input_code"}
     return GPTConfig(**settings, vocab_size=vocab_size, input_code=input_code)
 
 
@@ -115,7 +123,7 @@ def vocab_of(cfg):
     """(vocab_size, where it comes from): bench reads no tokens, so an unprepared dataset is no error."""
     if cfg["vocab_size"] is not None:
         return cfg["vocab_size"], "vocab_size"
-    path = os.path.join(train.data_dir(cfg["dataset"]), "meta.json")
+    path = os.path.join(data_dir(cfg["dataset"]), "meta.json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)["vocab_size"], path
@@ -153,18 +161,14 @@ def sdpa_context(name):
 def random_batch(generator, vocab_size, batch_size, block_size, device):
     """(x, y) of random ids, made and moved like train.py's batches: int32 on the CPU, widened on the device."""
     ids = torch.randint(vocab_size, (batch_size, block_size + 1), generator=generator, dtype=torch.int32)
-    return train.to_device(ids[:, :-1], device), train.to_device(ids[:, 1:], device)
+    return training.to_device(ids[:, :-1], device), training.to_device(ids[:, 1:], device)
 
 
 def train_step(model, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator):
-    """One optimizer step as train.py takes it: G micro-batches, clip, AdamW."""
-    G = cfg["gradient_accumulation_steps"]
-    for _ in range(G):
-        x, y = random_batch(generator, vocab_size, cfg["batch_size"], cfg["block_size"], device)
-        with autocast:
-            _, loss = model(x, y)
-        scaler.scale(loss / G).backward()
-    train.apply_gradients(optimizer, scaler, gpt, cfg["grad_clip"])
+    """One optimizer step exactly as train.py takes it (training.train_step), on G micro-batches of random ids."""
+    batches = (random_batch(generator, vocab_size, cfg["batch_size"], cfg["block_size"], device)
+               for _ in range(cfg["gradient_accumulation_steps"]))
+    training.train_step(model, gpt, optimizer, scaler, autocast, batches, cfg["grad_clip"], cfg["learning_rate"])
 
 
 def decode_speed(gpt, autocast, cfg, vocab_size, batch_size, device, generator):
@@ -184,11 +188,11 @@ def decode_speed(gpt, autocast, cfg, vocab_size, batch_size, device, generator):
 
 def measure(cfg, input_code, vocab_size, batch_sizes):
     """All the figures of one input code, as a JSON-ready dict (run in a fresh process)."""
-    _, _, device = train.setup_distributed(cfg)
-    dtype, autocast, scaler = train.setup_precision(cfg, device)
+    device = resolve_device(cfg["device"])
+    dtype, autocast, scaler = training.setup_precision(cfg, device)
     torch.manual_seed(cfg["seed"])
     gpt = GPT(model_config(cfg, vocab_size, input_code)).to(device)
-    optimizer = train.make_optimizer(gpt, cfg, device)
+    optimizer = training.make_optimizer(gpt, cfg, device)
     model = torch.compile(gpt) if cfg["compile"] else gpt
     generator = torch.Generator().manual_seed(cfg["seed"])
 
@@ -277,10 +281,7 @@ def decode_table(results):
 
 
 def main(argv):
-    try:
-        cfg = parse_config(DEFAULTS, argv)
-    except ConfigError as e:
-        train.fail(str(e))
+    cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
     codes, batch_sizes, vocab_size, source, device = check_config(cfg)
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
     results = []
@@ -291,12 +292,12 @@ def main(argv):
             try:
                 results.append(pool.submit(measure, cfg, code, vocab_size, batch_sizes).result())
             except torch.cuda.OutOfMemoryError:
-                train.fail(f"{code}: out of memory on {device} at batch_size {cfg['batch_size']}: lower batch_size "
+                raise UserError(f"{code}: out of memory on {device} at batch_size {cfg['batch_size']}: lower batch_size "
                            f"(raise gradient_accumulation_steps to keep the tokens per step)")
             except RuntimeError as e:
                 if cfg["sdpa"] == "auto" or "scaled_dot_product_attention" not in str(e):
                     raise
-                train.fail(f"sdpa={cfg['sdpa']}: PyTorch has no such attention kernel for this device, dtype and "
+                raise UserError(f"sdpa={cfg['sdpa']}: PyTorch has no such attention kernel for this device, dtype and "
                            f"head size ({cfg['n_embd'] // cfg['n_head']}): use --sdpa=auto")
 
     first = results[0]
@@ -322,4 +323,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

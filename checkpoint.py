@@ -6,7 +6,10 @@ A checkpoint is out_dir/ckpt.pt, a dict of plain types and tensors:
   meta           the dataset's meta.json     config         the full training config
   iter_num       optimizer steps done        tokens_seen    tokens trained on
   best_val_loss, val_loss                    optimizer, rng training state (train.py)
+  sha256         a digest of everything else, verified on every load: a checkpoint changed on disk
+                 (a bad disk, a partial copy, flipped bytes) is refused, not silently used
 """
+import hashlib
 import os
 from dataclasses import fields
 
@@ -44,7 +47,29 @@ def atomic_write(path, write):
         os.close(fd)
 
 
+def digest(value, h=None):
+    """sha256 of a checkpoint's contents: tensors by dtype, shape and bytes, containers in key order."""
+    h = h or hashlib.sha256()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)};".encode())
+        for key in sorted(value, key=repr):
+            digest(key, h)
+            digest(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            digest(item, h)
+    else:
+        h.update(f"{type(value).__name__} {value!r};".encode())
+    return h
+
+
 def save_checkpoint(checkpoint, out_dir):
+    checkpoint = {**checkpoint, "sha256": digest(checkpoint).hexdigest()}
     atomic_write(os.path.join(out_dir, CKPT_NAME), lambda f: torch.save(checkpoint, f))
 
 
@@ -73,6 +98,14 @@ def load_checkpoint(out_dir, device="cpu"):
     missing = [key for key in ("model_args", "model", "meta") if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repository (missing {', '.join(missing)})")
+    expected = checkpoint.pop("sha256", None)  # checkpoints written before checksums have none
+    if expected is not None and digest(checkpoint).hexdigest() != expected:
+        raise CheckpointError(f"{path} is corrupted: its contents do not match the checksum written with it "
+                              f"(a damaged disk or an incomplete copy); use another copy or train again")
+    broken = [name for name, t in checkpoint["model"].items()
+              if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        raise CheckpointError(f"{path} holds non-finite weights ({', '.join(broken[:3])}): it cannot be used")
     return checkpoint
 
 

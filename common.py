@@ -9,6 +9,7 @@ that use it, so that prepare.py, which needs no torch, starts in a fraction of a
 import codecs
 import json
 import os
+import signal
 import sys
 from contextlib import nullcontext
 
@@ -17,24 +18,35 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 META_KEYS = ("encoding", "vocab_size", "eot_token", "train_tokens", "val_tokens")
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem the user can fix (a bad setting, a missing file): printed as one line, no traceback."""
 
 
 def run_main(main, argv=None):
-    """Run a script's main(argv): a UserError becomes `error: ...` on stderr and exit code 1, Ctrl-C a
-    one-line note and exit code 130 (what shells use for SIGINT)."""
+    """Run a script's main(argv): a UserError becomes `error: ...` on stderr and exit code 1; Ctrl-C
+    or SIGTERM one line and exit code 128 + the signal (130, 143), as shells report them. Under
+    torchrun only rank 0 speaks, so a configuration error is printed once."""
+    speak = int(os.environ.get("RANK", 0)) == 0
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speak:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        if speak:
+            print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        sys.exit(128 + signum)
     except BrokenPipeError:  # stdout piped into `head` and closed: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def interrupt(signum, frame):
+    """SIGTERM, handled as Ctrl-C is: the files being written are temp files, cleaned up on the way out."""
+    raise KeyboardInterrupt(signum)
 
 
 # ------------------------------------------------------------------------------ device, precision

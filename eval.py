@@ -5,34 +5,34 @@ Held-out perplexity, the paper's metric: one pass over all of val.bin in non-ove
 
 Every token of val.bin but the first is predicted exactly once, from the tokens before it in its
 block_size window (the last window may be shorter). Prints loss (nats/token) and perplexity and
-writes out_dir/eval.json with loss, ppl, tokens and what was evaluated.
+writes out_dir/eval.json with loss, ppl, tokens and what was evaluated: only after a whole pass,
+atomically, so an interrupted or failed evaluation leaves the previous eval.json as it was.
 """
 import json
 import math
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
-from configurator import ConfigError, parse_config
-from common import autocast, resolve_device, resolve_dtype
-from train import data_dir
+from checkpoint import atomic_write, build_model, load_checkpoint
+from common import UserError, autocast, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from configurator import parse_config
 
-DEFAULTS = dict(
-    out_dir="out",
-    dataset="",      # default: the dataset the checkpoint was trained on
-    batch_size=8,    # windows per forward pass
-    max_tokens=0,    # evaluate only the first max_tokens of val.bin (0: all of it)
-    device="auto", dtype="auto",
-)
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+SETTINGS = {  # key: (default, meaning)
+    "out_dir": ("out", "the run folder holding ckpt.pt; eval.json is written there"),
+    "dataset": ("", "the dataset to evaluate on ('': the one the checkpoint was trained on)"),
+    "batch_size": (8, "windows per forward pass"),
+    "max_val_tokens": (0, "evaluate only the first max_val_tokens of val.bin (0: all of it)"),
+    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
+                      "bfloat16 or float16"),
+}
+DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
+MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 
 
 @torch.no_grad()
@@ -54,41 +54,42 @@ def evaluate(model, tokens, batch_size, device, autocast):
 
 
 def main(argv):
-    try:
-        cfg = parse_config(DEFAULTS, argv)
-        checkpoint = load_checkpoint(cfg["out_dir"])
-        model = build_model(checkpoint)
-        device = resolve_device(cfg["device"])
-        dtype = resolve_dtype(cfg["dtype"], device)
-    except (ConfigError, CheckpointError) as e:
-        fail(str(e))
+    cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
+    if cfg["batch_size"] < 1:
+        raise UserError(f"batch_size must be at least 1, got {cfg['batch_size']}")
+    if cfg["max_val_tokens"] < 0:
+        raise UserError(f"max_val_tokens must be 0 (all of val.bin) or more, got {cfg['max_val_tokens']}")
+    device = resolve_device(cfg["device"])
+    dtype = resolve_dtype(cfg["dtype"], device)
+    checkpoint = load_checkpoint(cfg["out_dir"])
+    model = build_model(checkpoint, device)
     dataset = cfg["dataset"] or checkpoint["config"].get("dataset", "")
-    folder = data_dir(dataset)
-    meta_path = os.path.join(folder, "meta.json")
-    if not dataset or not os.path.isfile(meta_path):
-        fail(f"dataset '{dataset}' not found ({meta_path} is missing): pass --dataset=NAME or run prepare.py")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    trained_on = checkpoint["meta"]
+    meta, trained_on = load_meta(dataset), checkpoint["meta"]
     if (meta["encoding"], meta["vocab_size"]) != (trained_on["encoding"], trained_on["vocab_size"]):
-        fail(f"dataset '{dataset}' uses {meta['encoding']} (V={meta['vocab_size']}) but the model was trained on "
-             f"{trained_on['encoding']} (V={trained_on['vocab_size']}): evaluate on data of the same encoding")
+        raise UserError(f"dataset '{dataset}' uses {meta['encoding']} (V={meta['vocab_size']}) but the model was "
+                        f"trained on {trained_on['encoding']} (V={trained_on['vocab_size']}): evaluate on data of "
+                        f"the same encoding")
+    run_dir = cfg["out_dir"] if os.path.isdir(cfg["out_dir"]) else os.path.dirname(os.path.abspath(cfg["out_dir"]))
+    try:  # before the pass, not after it: a folder that cannot take eval.json fails now
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as e:
+        raise UserError(f"cannot write eval.json into '{run_dir}' ({e.strerror})") from None
 
-    model.to(device)
-
-    tokens = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
-    if cfg["max_tokens"]:
-        tokens = tokens[:cfg["max_tokens"]]
+    tokens = np.memmap(os.path.join(data_dir(dataset), "val.bin"), dtype=np.uint16, mode="r")
+    if cfg["max_val_tokens"]:
+        tokens = tokens[:cfg["max_val_tokens"]]
     if len(tokens) < 2:
-        fail(f"val.bin of '{dataset}' holds {len(tokens)} token(s): nothing to evaluate")
+        raise UserError(f"val.bin of '{dataset}' holds {len(tokens)} token(s): nothing to evaluate")
     loss, n = evaluate(model, tokens, cfg["batch_size"], device, autocast(device, dtype))
+    if not math.isfinite(loss):
+        raise UserError(f"the held-out loss is {loss}: the model's outputs are not finite; eval.json is unchanged")
     result = {"loss": loss, "ppl": math.exp(loss), "tokens": n, "dataset": dataset, "encoding": meta["encoding"],
               "input_code": model.config.input_code, "iter_num": checkpoint.get("iter_num"),
               "tokens_seen": checkpoint.get("tokens_seen"), "block_size": model.config.block_size}
-    atomic_write(os.path.join(cfg["out_dir"], "eval.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
+    atomic_write(os.path.join(run_dir, "eval.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"{model.config.input_code}: val loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {n:,} tokens "
           f"of {dataset}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -22,28 +22,25 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict
 
-from checkpoint import CheckpointError, build_model, load_checkpoint
-from configurator import ConfigError, parse_config
+from checkpoint import build_model, load_checkpoint
+from common import UserError, run_main
+from configurator import parse_config
 from tokenizer import ENDOFTEXT, get_encoding
 
-DEFAULTS = dict(
-    out_dir="out",
-    hf_dir="",  # default: out_dir/hf
-)
+SETTINGS = {  # key: (default, meaning)
+    "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt)"),
+    "hf_dir": ("", "the folder to write ('': out_dir/hf); an earlier export there is replaced"),
+}
+DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
+MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 HERE = os.path.dirname(os.path.abspath(__file__))
 REMOTE_CODE = ["modeling_fixed_code_gpt.py", "tokenization_fixed_code_gpt.py"]  # in hf_remote_code/
 FOLDER_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.py", "tokenizer.tiktoken",
                 "tokenizer_config.json", *REMOTE_CODE}
 MODEL_TYPE = "fixed_code_gpt"
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def require_extras():
@@ -61,12 +58,12 @@ def exportable_encoding(name, vocab_size):
     try:
         enc = get_encoding(name)
     except ValueError as e:
-        raise CheckpointError(f"the checkpoint's tokenizer cannot be exported: {e}") from None
+        raise UserError(f"the checkpoint's tokenizer cannot be exported: {e}") from None
     if enc.special_tokens_set != {ENDOFTEXT} or enc.eot_token != enc.n_vocab - 1:
-        raise CheckpointError(f"encoding '{name}' is not merge ranks followed by {ENDOFTEXT} alone, which is all "
+        raise UserError(f"encoding '{name}' is not merge ranks followed by {ENDOFTEXT} alone, which is all "
                               f"the exported tokenizer holds ('cl100k_65536' and 'bytes' are)")
     if enc.n_vocab != vocab_size:
-        raise CheckpointError(f"encoding '{name}' has {enc.n_vocab:,} tokens but the model's vocab_size is {vocab_size:,}")
+        raise UserError(f"encoding '{name}' has {enc.n_vocab:,} tokens but the model's vocab_size is {vocab_size:,}")
     return enc
 
 
@@ -127,12 +124,12 @@ def replaceable(folder):
 
 
 def export(out_dir, hf_dir):
-    """Write the Hugging Face folder of out_dir's checkpoint to hf_dir; CheckpointError when it cannot,
+    """Write the Hugging Face folder of out_dir's checkpoint to hf_dir; UserError when it cannot,
     ModuleNotFoundError without the extras."""
     save_safetensors = require_extras().save_file
     hf_dir = os.path.abspath(hf_dir)
     if os.path.exists(hf_dir) and not replaceable(hf_dir):
-        raise CheckpointError(f"'{hf_dir}' exists and is not an earlier export (or holds files of yours): pick "
+        raise UserError(f"'{hf_dir}' exists and is not an earlier export (or holds files of yours): pick "
                               f"another --hf_dir or remove it")
     checkpoint = load_checkpoint(out_dir)
     model = build_model(checkpoint)
@@ -158,16 +155,16 @@ def export(out_dir, hf_dir):
 
 
 def main(argv):
+    cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
+    hf_dir = cfg["hf_dir"] or os.path.join(cfg["out_dir"], "hf")
     try:
-        cfg = parse_config(DEFAULTS, argv)
-        hf_dir = cfg["hf_dir"] or os.path.join(cfg["out_dir"], "hf")
         model, enc = export(cfg["out_dir"], hf_dir)
-    except (ConfigError, CheckpointError, ModuleNotFoundError) as e:
-        fail(str(e))
+    except (ValueError, ModuleNotFoundError) as e:  # what export() refuses, and a missing extra
+        raise UserError(str(e)) from None
     params = sum(p.numel() for p in model.parameters())
     print(f"exported {cfg['out_dir']} ({model.config.input_code}, {params:,} parameters, encoding "
           f"{enc.name}) to {hf_dir}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -23,7 +23,7 @@ import sys
 
 from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
 from model import INPUT_CODES
-from train import DEFAULTS as TRAIN_DEFAULTS
+from training import DEFAULTS as TRAIN_DEFAULTS
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 # Runs whose losses can be compared: trained and evaluated on the same tokens, with models of one shape.

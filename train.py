@@ -1,346 +1,188 @@
 """
 Train a GPT with a fixed, affine-recoded or learned input code, on one process or many (torchrun DDP).
 
-    python train.py config/quickstart.py                       # CPU, minutes
+    python train.py config/quickstart.py                       # CPU, about two minutes
     python train.py config/fixed_min.py                        # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/fixed_min.py
-    python train.py config/fixed_min.py --init_from=resume --max_iters=40000
+    python train.py --init_from=resume --out_dir=out-fixed_min --max_iters=40000
+    python train.py config/fixed_min.py --help                 # every key, its value and its meaning
 
 Data are data/DATASET/{train,val}.bin (uint16 token ids) and meta.json, written by prepare.py.
+This file is the run (checks, setup, the loop, evaluation, checkpoints, signals); training.py holds
+the settings and the one training step it repeats, which bench.py times.
 One optimizer step reads batch_size * gradient_accumulation_steps sequences of block_size tokens,
 whatever the number of processes: the step's G = gradient_accumulation_steps micro-batches are a pure
 function of (seed, step, g), and rank r takes g = r, r + W, ... So a 2-process run reads the same tokens
 as a 1-process run, and a resumed run reads exactly what an uninterrupted run would have read.
+
+Every setting is checked before anything is written. A run never replaces another by accident: a
+fresh run into an out_dir that holds one stops, unless overwrite=True. Ctrl-C or SIGTERM (what
+clusters send before a kill) checkpoints the current step and says how to resume; a second one
+stops at once. Checkpoints are written atomically, so a kill at any moment leaves the last one whole.
 """
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from configurator import ConfigError, parse_config
+from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
+from common import UserError, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from configurator import parse_config
 from model import GPT, GPTConfig, peak_flops
-
-MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from meta.json
-DEFAULTS = dict(
-    # I/O
-    out_dir="out", dataset="pydoc", init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-    eval_interval=250, eval_iters=20, log_interval=10,
-    wandb_log=False, wandb_project="fixed-code-lm", wandb_run_name="",
-    # data: tokens per optimizer step = batch_size * gradient_accumulation_steps * block_size
-    batch_size=8, gradient_accumulation_steps=8,
-    # model: the GPTConfig fields (the paper's model by default)
-    **{f.name: f.default for f in fields(GPTConfig) if f.name != "vocab_size"},
-    # AdamW, warmup then cosine decay to min_lr at lr_decay_iters
-    learning_rate=6e-4, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    decay_lr=True, warmup_iters=200, lr_decay_iters=5000, min_lr=6e-5,
-    # system
-    device="auto", dtype="auto", compile=True, seed=1337,  # device: auto|cpu|cuda|cuda:N|mps; dtype: auto|float32|bfloat16|float16
-)
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-def data_dir(dataset):
-    """A dataset is a name under data/ beside this file, or a path to a folder (it has a '/')."""
-    if "/" in dataset or os.sep in dataset:
-        return dataset
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-
-
-def load_meta(dataset, block_size):
-    folder = data_dir(dataset)
-    path = os.path.join(folder, "meta.json")
-    if not os.path.isfile(path):
-        fail(f"dataset '{dataset}' not found ({path} is missing): run prepare.py first, e.g. python prepare.py")
-    with open(path) as f:
-        meta = json.load(f)
-    for split in ("train", "val"):
-        n = os.path.getsize(os.path.join(folder, f"{split}.bin")) // 2
-        if n < block_size + 1:
-            fail(f"block_size {block_size} needs at least {block_size + 1} tokens, but the {split} split of "
-                 f"'{dataset}' has {n}: lower block_size or prepare more data")
-    return meta
-
-
-def read_batch(dataset, split, key, batch_size, block_size):
-    """(x, y) int64 CPU tensors of batch_size random windows, a pure function of key (a tuple of ints)."""
-    tokens = np.memmap(os.path.join(data_dir(dataset), f"{split}.bin"), dtype=np.uint16, mode="r")
-    starts = np.random.default_rng(list(key)).integers(0, len(tokens) - block_size, size=batch_size)
-    windows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1].astype(np.int32) for s in starts]))
-    return windows[:, :-1], windows[:, 1:]
-
-
-def to_device(tensor, device):
-    if device.type == "cuda":  # pinned memory lets the copy overlap compute; widen to int64 on the GPU
-        return tensor.pin_memory().to(device, non_blocking=True).long()
-    return tensor.to(device).long()
-
+from training import (DEFAULTS, MEANINGS, MODEL_KEYS, learning_rate, make_optimizer, read_batch, setup_precision,
+                      to_device, train_step)
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
 
 
-# ---------------------------------------------------------------------------------- optimization
-
-def learning_rate(cfg, it):
-    if not cfg["decay_lr"]:
-        return cfg["learning_rate"]
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it >= cfg["lr_decay_iters"]:
-        return cfg["min_lr"]
-    progress = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
-
-
-def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on matrices only (not on norms and biases); fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=device.type == "cuda")
-
-
 # ------------------------------------------------------------------------------------------- setup
 
-def parse_args(argv):
-    """(config, checkpoint or None): DEFAULTS, then config files and --key=value. On resume the
-    checkpoint's config is the base, so `--init_from=resume --out_dir=DIR --max_iters=N` is enough."""
+def configure(argv):
+    """(config, meta, checkpoint or None), every setting checked: nothing is written before this
+    returns. On resume the checkpoint's config is the base, so `--init_from=resume --out_dir=DIR
+    --max_iters=N` is enough."""
+    cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
     checkpoint = None
-    try:
-        cfg = parse_config(DEFAULTS, argv)
-        if cfg["init_from"] == "resume":
+    if cfg["init_from"] == "resume":
+        try:
             checkpoint = load_checkpoint(cfg["out_dir"], device="cpu")
-            saved = {k: v for k, v in checkpoint["config"].items() if k in DEFAULTS}
-            cfg = parse_config({**DEFAULTS, **saved}, argv)
-    except ConfigError as e:
-        fail(str(e))
-    except CheckpointError as e:
-        fail(f"cannot resume: {e}")
-    if cfg["init_from"] not in ("scratch", "resume"):
-        fail(f"init_from must be 'scratch' or 'resume', got '{cfg['init_from']}'")
-    return cfg, checkpoint
+        except UserError as e:
+            raise UserError(f"cannot resume: {e}") from None
+        saved = {k: v for k, v in checkpoint["config"].items() if k in DEFAULTS}
+        cfg = parse_config({**DEFAULTS, **saved}, argv, MEANINGS, __doc__)
+    check_settings(cfg)
+    meta = load_meta(cfg["dataset"])
+    check_data(cfg, meta)
+    model_config(cfg, meta)  # a model that cannot be built is refused here, not after setup
+    if checkpoint is not None:
+        check_resume(cfg, meta, checkpoint)
+    check_out_dir(cfg)
+    return cfg, meta, checkpoint
+
+
+def check_settings(cfg):
+    finite = all(math.isfinite(v) for v in cfg.values() if isinstance(v, float))
+    checks = [
+        (finite, "every number must be finite (no nan or inf)"),
+        (cfg["init_from"] in ("scratch", "resume"), f"init_from must be scratch or resume, got '{cfg['init_from']}'"),
+        (bool(cfg["out_dir"]), "out_dir must name a folder"),
+        (cfg["batch_size"] >= 1, f"batch_size must be at least 1, got {cfg['batch_size']}"),
+        (cfg["gradient_accumulation_steps"] >= 1,
+         f"gradient_accumulation_steps must be at least 1, got {cfg['gradient_accumulation_steps']}"),
+        (cfg["max_iters"] >= 0, f"max_iters must be 0 or more, got {cfg['max_iters']}"),
+        (cfg["eval_interval"] >= 1, f"eval_interval must be at least 1, got {cfg['eval_interval']}"),
+        (cfg["eval_iters"] >= 1, f"eval_iters must be at least 1, got {cfg['eval_iters']}"),
+        (cfg["log_interval"] >= 1, f"log_interval must be at least 1, got {cfg['log_interval']}"),
+        (cfg["learning_rate"] > 0, f"learning_rate must be above 0, got {cfg['learning_rate']}"),
+        (0 <= cfg["min_lr"] <= cfg["learning_rate"], f"min_lr must be between 0 and learning_rate, got {cfg['min_lr']}"),
+        (cfg["warmup_iters"] >= 0 and cfg["lr_decay_iters"] >= 0, "warmup_iters and lr_decay_iters must be 0 or more"),
+        (cfg["weight_decay"] >= 0, f"weight_decay must be 0 or more, got {cfg['weight_decay']}"),
+        (0 <= cfg["beta1"] < 1 and 0 <= cfg["beta2"] < 1, "beta1 and beta2 must be in [0, 1)"),
+        (cfg["grad_clip"] >= 0, f"grad_clip must be 0 (off) or more, got {cfg['grad_clip']}"),
+        (0 <= cfg["dropout"] < 1, f"dropout must be in [0, 1), got {cfg['dropout']}"),
+        (min(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]) >= 1,
+         "n_layer, n_head, n_embd and block_size must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    device = resolve_device(cfg["device"])
+    resolve_dtype(cfg["dtype"], device)
+
+
+def check_data(cfg, meta):
+    folder = data_dir(cfg["dataset"])
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        n = os.path.getsize(path) // 2 if os.path.isfile(path) else 0
+        if n < cfg["block_size"] + 1:
+            raise UserError(f"block_size {cfg['block_size']} needs at least {cfg['block_size'] + 1} tokens, but the "
+                            f"{split} split of '{cfg['dataset']}' has {n}: lower block_size or prepare more data")
+
+
+def model_config(cfg, meta):
+    try:
+        return GPTConfig(vocab_size=meta["vocab_size"], **{k: cfg[k] for k in MODEL_KEYS})
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+
+
+def check_resume(cfg, meta, checkpoint):
+    saved = checkpoint["model_args"]
+    if saved["vocab_size"] != meta["vocab_size"]:
+        raise UserError(f"cannot resume: the checkpoint's vocab_size is {saved['vocab_size']} but dataset "
+                        f"'{cfg['dataset']}' has {meta['vocab_size']} (meta.json): use the dataset it was trained on")
+    changed = [f"{k}={cfg[k]!r} (checkpoint: {saved[k]!r})" for k in MODEL_KEYS if k in saved and saved[k] != cfg[k]]
+    if changed:
+        raise UserError(f"cannot resume with another model: {', '.join(changed)}")
+
+
+def check_out_dir(cfg):
+    out_dir = cfg["out_dir"]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir '{out_dir}' exists and is not a folder: pick another --out_dir")
+    try:  # made now, empty, so that a folder that cannot be written fails before anything else runs
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise UserError(f"cannot write out_dir '{out_dir}' ({e.strerror}): pick another --out_dir") from None
+    held = [name for name in (CKPT_NAME, "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
+    if cfg["init_from"] == "scratch" and held and not cfg["overwrite"]:
+        raise UserError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}): continue it with "
+                        f"--init_from=resume, pick another --out_dir, or start over with --overwrite=True")
 
 
 def setup_distributed(cfg):
     """(rank, world_size, device); torchrun sets RANK, WORLD_SIZE and LOCAL_RANK."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    want = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"device '{want}' asked for but CUDA is not available: use --device=cpu")
+    device = resolve_device(cfg["device"])
     if world_size == 1:
-        return 0, 1, torch.device(want)
+        return 0, 1, device
     if cfg["gradient_accumulation_steps"] % world_size:
-        fail(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple of the "
-             f"number of processes ({world_size}): tokens per step stay the same whatever the world size")
+        raise UserError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple of "
+                        f"the number of processes ({world_size}): tokens per step stay the same whatever the world size")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if want.startswith("cuda"):
+    if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
-        device = torch.device(want)
         dist.init_process_group("gloo")
     return rank, world_size, device
 
 
-def setup_precision(cfg, device):
-    """(dtype, autocast context, GradScaler): bf16 autocast and TF32 on CUDA by default; the scaler
-    only does something for float16."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = autocast_dtype(cfg, device)
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def apply_gradients(optimizer, scaler, model, grad_clip):
-    """Clip the accumulated gradients (unscaled first), take the AdamW step, zero the gradients."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def autocast_dtype(cfg, device):
-    name = cfg["dtype"]
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        fail(f"dtype must be auto, float32, bfloat16 or float16, got '{name}'")
-    return getattr(torch, name)
-
-
 def build(cfg, meta, device, checkpoint):
-    """The model and its optimizer, fresh or restored from the checkpoint being resumed."""
-    model_args = {k: cfg[k] for k in MODEL_KEYS}
-    if checkpoint is not None:
-        saved = checkpoint["model_args"]
-        if saved["vocab_size"] != meta["vocab_size"]:
-            fail(f"cannot resume: the checkpoint's vocab_size is {saved['vocab_size']} but dataset "
-                 f"'{cfg['dataset']}' has {meta['vocab_size']} (meta.json): use the dataset it was trained on")
-        changed = [f"{k}={model_args[k]!r} (checkpoint: {saved[k]!r})" for k in MODEL_KEYS if saved.get(k) != model_args[k]]
-        if changed:
-            fail(f"cannot resume with another model: {', '.join(changed)}")
+    """The raw model and its optimizer, fresh or restored from the checkpoint being resumed."""
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **model_args))
+    raw_model = GPT(model_config(cfg, meta))
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
+        raw_model.load_state_dict(checkpoint["model"])
+    raw_model.to(device)
+    optimizer = make_optimizer(raw_model, cfg, device)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-    return model, optimizer
+    return raw_model, optimizer
 
 
-# -------------------------------------------------------------------------------------- training
-
-def main(argv):
-    cfg, checkpoint = parse_args(argv)
-    rank, world_size, device = setup_distributed(cfg)
-    master = rank == 0
-    meta = load_meta(cfg["dataset"], cfg["block_size"])
-    dtype, autocast, scaler = setup_precision(cfg, device)
-
-    gpt, optimizer = build(cfg, meta, device, checkpoint)
-    model = torch.compile(gpt) if cfg["compile"] else gpt
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
-
-    B, T, G = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
-    tokens_per_step = B * G * T
-    my_micro_steps = range(rank, G, world_size)
-    iter_num, best_val_loss = 0, float("inf")
-    if checkpoint is not None:
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in checkpoint["rng"]:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        del checkpoint
-    start_iter = iter_num
-
-    counts = gpt.param_counts()
-    flops_per_token = gpt.flops_per_token()
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        for name in os.listdir(cfg["out_dir"]):  # a write cut short by a kill; ckpt.pt itself is whole
-            if name.startswith("ckpt.pt.tmp."):
-                os.remove(os.path.join(cfg["out_dir"], name))
-        keep_metrics_until(metrics_path, iter_num)
-        print(f"{cfg['input_code']}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in "
-              f"the input), {world_size} process(es) on {device}, {dtype}, {tokens_per_step:,} tokens/step",
-              file=sys.stderr)
-    wandb = start_wandb(cfg) if master and cfg["wandb_log"] else None
-
-    def log(record):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb:
-                wandb.log(record, step=record["iter"])
-
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss on the same eval_iters batches of each split every time (curves are comparable)."""
-        model.eval()
-        out = {}
-        for split_id, split in enumerate(("train", "val")):
-            total = torch.zeros(2, device=device)
-            for k in range(rank, cfg["eval_iters"], world_size):
-                x, y = read_batch(cfg["dataset"], split, (cfg["seed"], EVAL_KEY, split_id, k), B, T)
-                with autocast:
-                    _, loss = model(to_device(x, device), to_device(y, device))
-                total += torch.stack((loss.float(), torch.ones((), device=device)))
-            if world_size > 1:
-                dist.all_reduce(total)
-            out[split] = (total[0] / total[1]).item()
-        model.train()
-        return out
-
-    def save(val_loss):
-        save_checkpoint({
-            "model_args": asdict(gpt.config), "model": gpt.state_dict(), "optimizer": optimizer.state_dict(),
-            "iter_num": iter_num, "tokens_seen": iter_num * tokens_per_step, "best_val_loss": best_val_loss,
-            "val_loss": val_loss, "config": cfg, "meta": meta,
-            # data state: the batches are a pure function of (seed, iter_num); dropout draws need the RNG
-            "rng": {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
-        }, cfg["out_dir"])
-
-    bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, file=sys.stderr)
-    window_start, window_steps = time.time(), 0
-    while True:
-        if (iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]) and not (iter_num == start_iter and iter_num > 0):
-            losses = estimate_loss()
-            if not all(math.isfinite(v) for v in losses.values()):
-                bar.close()
-                fail(f"eval loss is {losses} at iter {iter_num}: training diverged; the last good checkpoint in "
-                     f"{cfg['out_dir']} is kept (try a lower learning_rate)")
-            best_val_loss = min(best_val_loss, losses["val"])
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                 "tokens": iter_num * tokens_per_step})
-            if master:
-                bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if iter_num > start_iter:
-                    save(losses["val"])
-            window_start, window_steps = time.time(), 0
-        if iter_num >= cfg["max_iters"]:
-            break
-
-        lr = learning_rate(cfg, iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for i, g in enumerate(my_micro_steps):
-            x, y = read_batch(cfg["dataset"], "train", (cfg["seed"], iter_num, g), B, T)
-            last = i == len(my_micro_steps) - 1
-            with (train_model.no_sync() if world_size > 1 and not last else nullcontext()):  # all-reduce once per step
-                with autocast:
-                    _, loss = train_model(to_device(x, device), to_device(y, device))
-                scaler.scale(loss / len(my_micro_steps)).backward()
-            step_loss += loss.detach().float()
-        apply_gradients(optimizer, scaler, gpt, cfg["grad_clip"])
-        iter_num += 1
-        window_steps += 1
-        bar.update(1)
-
-        if iter_num % cfg["log_interval"] == 0:
-            if world_size > 1:
-                dist.all_reduce(step_loss)
-            loss_value = step_loss.item() / G  # the mean over all micro-batches of all ranks
-            if not math.isfinite(loss_value):
-                bar.close()
-                fail(f"loss is {loss_value} at iter {iter_num}: training diverged; the last good checkpoint in "
-                     f"{cfg['out_dir']} is kept (try a lower learning_rate)")
-            tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
-            mfu = flops_per_token * tokens_per_s / (world_size * peak) if peak else None
-            log({"iter": iter_num, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                 "tokens": iter_num * tokens_per_step})
-            bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else ""))
-            window_start, window_steps = time.time(), 0
-    bar.close()
-    if wandb:
-        wandb.finish()
-    if world_size > 1:
-        dist.destroy_process_group()
+def prepare_out_dir(cfg, iter_num):
+    """Make out_dir ready for this run, now that it is really starting: clear a write cut short by a
+    kill, the replaced run's files (overwrite=True), and on resume what was logged after the checkpoint."""
+    out_dir = cfg["out_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):
+        if name.startswith(f"{CKPT_NAME}.tmp.") or (cfg["init_from"] == "scratch" and
+                                                    name in (CKPT_NAME, "metrics.jsonl", "eval.json")):
+            os.remove(os.path.join(out_dir, name))
+    keep_metrics_until(os.path.join(out_dir, "metrics.jsonl"), iter_num)
 
 
 def keep_metrics_until(path, iter_num):
@@ -351,7 +193,7 @@ def keep_metrics_until(path, iter_num):
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line)["iter"] <= iter_num and iter_num > 0:
+                if json.loads(line)["iter"] <= iter_num:
                     records.append(line)
             except (ValueError, KeyError):  # a line cut short by a kill
                 continue
@@ -365,10 +207,181 @@ def start_wandb(cfg):
     try:
         import wandb
     except ImportError:
-        fail("wandb_log=True needs wandb: pip install wandb")
+        raise UserError("wandb_log=True needs wandb: pip install wandb") from None
     wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg)
     return wandb
 
 
+# ------------------------------------------------------------------------------------ training
+
+def main(argv):
+    # setup: every check first, then processes, model and out_dir
+    cfg, meta, checkpoint = configure(argv)
+    rank, world_size, device = setup_distributed(cfg)
+    master = rank == 0
+    dtype, amp, scaler = setup_precision(cfg, device)
+    raw_model, optimizer = build(cfg, meta, device, checkpoint)  # raw_model: weights, counts, checkpoints
+    model = torch.compile(raw_model) if cfg["compile"] else raw_model  # model: what evaluation runs
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+
+    B, T, G = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
+    tokens_per_step = B * G * T
+    my_micro_steps = range(rank, G, world_size)
+    iter_num, best_val_loss, val_loss = 0, float("inf"), None
+    if checkpoint is not None:
+        iter_num, best_val_loss, val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["val_loss"]
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in checkpoint["rng"]:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        del checkpoint
+    start_iter = iter_num
+
+    counts = raw_model.param_counts()
+    flops_per_token = raw_model.flops_per_token()
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    if master:
+        prepare_out_dir(cfg, iter_num)
+        print(f"{cfg['input_code']}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in "
+              f"the input), {world_size} process(es) on {device}, {str(dtype).removeprefix('torch.')}, "
+              f"{tokens_per_step:,} tokens/step", file=sys.stderr)
+    wandb = start_wandb(cfg) if master and cfg["wandb_log"] else None
+    stop = Stop()
+
+    def log(record):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb:
+                wandb.log(record, step=record["iter"])
+
+    def micro_batches(split, key):
+        for g in my_micro_steps:
+            x, y = read_batch(cfg["dataset"], split, (*key, g), B, T)
+            yield to_device(x, device), to_device(y, device)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss on the same eval_iters batches of each split every time (curves are comparable)."""
+        model.eval()
+        out = {}
+        for split_id, split in enumerate(("train", "val")):
+            total = torch.zeros(2, device=device)
+            for k in range(rank, cfg["eval_iters"], world_size):
+                x, y = read_batch(cfg["dataset"], split, (cfg["seed"], EVAL_KEY, split_id, k), B, T)
+                with amp:
+                    _, loss = model(to_device(x, device), to_device(y, device))
+                total += torch.stack((loss.float(), torch.ones((), device=device)))
+            if world_size > 1:
+                dist.all_reduce(total)
+            out[split] = (total[0] / total[1]).item()
+        model.train()
+        return out
+
+    def save():
+        if master:
+            save_checkpoint({
+                "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "iter_num": iter_num, "tokens_seen": iter_num * tokens_per_step,
+                "best_val_loss": best_val_loss, "val_loss": val_loss, "config": cfg, "meta": meta,
+                # data state: the batches are a pure function of (seed, iter_num); dropout draws need the RNG
+                "rng": {"cpu": torch.get_rng_state(),
+                        **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+            }, cfg["out_dir"])
+
+    def check_finite(value, what):
+        """The one divergence check: stop with the last good checkpoint kept."""
+        if not math.isfinite(value):
+            bar.close()
+            raise UserError(f"{what} is {value} at iter {iter_num}: training diverged; the last good checkpoint in "
+                            f"{cfg['out_dir']} is kept (try a lower learning_rate)")
+
+    # the loop: evaluate and checkpoint, one optimizer step, log
+    bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, file=sys.stderr)
+    window_start, window_steps = time.time(), 0
+    while True:
+        if (iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]) and not (iter_num == start_iter and iter_num > 0):
+            losses = estimate_loss()
+            check_finite(losses["train"], "the eval loss on train")
+            check_finite(losses["val"], "the eval loss on val")
+            val_loss, best_val_loss = losses["val"], min(best_val_loss, losses["val"])
+            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                 "tokens": iter_num * tokens_per_step})
+            if master:
+                bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if iter_num > start_iter:
+                save()
+            window_start, window_steps = time.time(), 0
+        if iter_num >= cfg["max_iters"]:
+            break
+        if stop.agreed(world_size, device):
+            save()
+            bar.close()
+            if master:
+                print(f"{stop.name} at iter {iter_num}: checkpoint saved in {cfg['out_dir']}; continue with "
+                      f"python train.py --init_from=resume --out_dir={cfg['out_dir']}", file=sys.stderr)
+            finish(wandb, world_size)
+            sys.exit(128 + stop.signum)
+
+        lr = learning_rate(cfg, iter_num)
+        loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp,
+                              micro_batches("train", (cfg["seed"], iter_num)), cfg["grad_clip"], lr)
+        iter_num += 1
+        window_steps += 1
+        bar.update(1)
+
+        if iter_num % cfg["log_interval"] == 0:
+            if world_size > 1:
+                dist.all_reduce(loss_sum)
+            loss_value = loss_sum.item() / G  # the mean over all micro-batches of all ranks
+            check_finite(loss_value, "the training loss")
+            tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
+            mfu = flops_per_token * tokens_per_s / (world_size * peak) if peak else None
+            log({"iter": iter_num, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                 "tokens": iter_num * tokens_per_step})
+            bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else ""))
+            window_start, window_steps = time.time(), 0
+    bar.close()
+    stop.restore()
+    finish(wandb, world_size)
+
+
+class Stop:
+    """SIGINT and SIGTERM ask the loop to checkpoint and stop at the next step boundary; a second
+    signal stops at once (checkpoint writes are atomic, so that is safe too)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.name = 0, ""
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+    def agreed(self, world_size, device):
+        """Whether to stop now; under DDP every rank takes the same decision (any rank's signal counts)."""
+        wanted = self.signum
+        if world_size > 1:
+            flag = torch.tensor([float(self.signum)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            wanted = int(flag.item())
+            if wanted and not self.signum:
+                self.signum, self.name = wanted, signal.Signals(wanted).name
+        return bool(wanted)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def finish(wandb, world_size):
+    if wandb:
+        wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

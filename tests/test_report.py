@@ -16,7 +16,7 @@ from conftest import REPO, SHAKESPEARE, run
 def evaluated_copy(run_dir, out_dir):
     """A copy of a session fixture's run (left as it is for the other tests), evaluated by eval.py."""
     shutil.copytree(run_dir, out_dir)
-    run("eval.py", f"--out_dir={out_dir}", "--max_tokens=4096", "--device=cpu")
+    run("eval.py", f"--out_dir={out_dir}", "--max_val_tokens=4096", "--device=cpu")
     return str(out_dir)
 
 
@@ -26,7 +26,7 @@ def train_like(run_dir, out_dir, *overrides):
     with open(config_file, "w") as f:
         f.writelines(f"{key} = {value!r}\n" for key, value in load_checkpoint(run_dir)["config"].items())
     run("train.py", config_file, f"--out_dir={out_dir}", *overrides)
-    run("eval.py", f"--out_dir={out_dir}", "--max_tokens=4096", "--device=cpu")
+    run("eval.py", f"--out_dir={out_dir}", "--max_val_tokens=4096", "--device=cpu")
     return str(out_dir)
 
 

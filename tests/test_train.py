@@ -170,7 +170,7 @@ def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, tmp_path)
 
 def test_paper_configs_differ_only_in_the_input_code():
     from configurator import parse_config
-    from train import DEFAULTS
+    from training import DEFAULTS
     paper = {name: parse_config(DEFAULTS, [os.path.join(REPO, "config", f"{name}.py")])
              for name in ("fixed_min", "affine_recoded", "learned_baseline")}
     assert [paper[name]["input_code"] for name in paper] == ["fixed_min", "affine", "learned"]
@@ -181,4 +181,69 @@ def test_paper_configs_differ_only_in_the_input_code():
         tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"] * cfg["max_iters"]
         assert 16.5e9 < tokens < 17.5e9  # the paper's ~17B tokens
     quickstart = parse_config(DEFAULTS, [os.path.join(REPO, "config", "quickstart.py")])
-    assert quickstart["dataset"] == "pydoc" and not quickstart["compile"]
+    assert quickstart["dataset"] == "shakespeare" and quickstart["input_code"] == "fixed_min" and not quickstart["compile"]
+
+
+def folder_bytes(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_fresh_run_never_replaces_another_by_accident(shakespeare_bytes, tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, shakespeare_bytes, "--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=2",
+          "--eval_interval=2", "--eval_iters=1")
+    before = folder_bytes(run_dir)
+    line = error_line(train(run_dir, shakespeare_bytes, "--input_code=learned", "--max_iters=2", check=False))
+    assert "already holds a run" in line and "--init_from=resume" in line and "--overwrite=True" in line
+    assert folder_bytes(run_dir) == before  # nothing in the folder changed
+    train(run_dir, shakespeare_bytes, "--input_code=learned", "--batch_size=2", "--gradient_accumulation_steps=1",
+          "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--overwrite=True")
+    assert load_checkpoint(str(run_dir))["model_args"]["input_code"] == "learned"
+    assert [i for i, _ in metrics(run_dir, "val_loss")] == [0, 2]  # the old run's log is gone, not appended to
+
+
+def logged_steps(out_dir):
+    try:
+        return len(metrics(out_dir, "loss"))
+    except (OSError, ValueError):  # not there yet, or a line being written
+        return 0
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_to_the_same_losses(shakespeare_bytes, tmp_path):
+    args = ["--batch_size=4", "--gradient_accumulation_steps=2", "--eval_interval=10", "--eval_iters=2",
+            "--log_interval=1", "--learning_rate=3e-3", "--warmup_iters=3", "--lr_decay_iters=60",
+            "--max_iters=60", "--dropout=0.1", "--n_embd=128"]
+    train(tmp_path / "full", shakespeare_bytes, *args)
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "train.py", f"--dataset={shakespeare_bytes}", f"--out_dir={out}", *TINY,
+                             *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while logged_steps(out) < 13:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    stopped_at = load_checkpoint(str(out))["iter_num"]
+    assert 13 <= stopped_at < 60 and stopped_at % 10  # the current step, not the last evaluation's
+    assert f"SIGTERM at iter {stopped_at}" in stderr and "--init_from=resume" in stderr and "Traceback" not in stderr
+    result = subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--init_from=resume"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert metrics(out, "loss") == metrics(tmp_path / "full", "loss")
+    assert metrics(out, "val_loss") == metrics(tmp_path / "full", "val_loss")
+
+
+def test_a_second_signal_stops_at_once_and_leaves_the_checkpoint_whole(shakespeare_bytes, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", f"--dataset={shakespeare_bytes}", f"--out_dir={out}", *TINY,
+                             "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=100000",
+                             "--eval_interval=5", "--eval_iters=1", "--log_interval=1"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "ckpt.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr
+    load_checkpoint(str(out))  # whole, whichever write the second signal cut
