@@ -377,15 +377,15 @@ def hf_documents(spec, field):
         dataset = datasets.load_dataset(repo, config or None, split="train", streaming=True)
     except Exception as e:  # network, authentication, a wrong name: all end the same way
         raise PrepareError(f"cannot stream {spec} from the Hugging Face Hub: {first_line(e)}") from None
-    return (record_text(record, field, f"{spec} record {number}")
-            for number, record in enumerate(hf_records(spec, dataset), 1))
+    return (record_text(record, field, f"{spec} record {number}") for number, record in hf_records(spec, dataset))
 
 
 def hf_records(spec, dataset):
+    """(number, record), numbered from 1."""
     number = 0
     try:
         for number, record in enumerate(dataset, 1):
-            yield record
+            yield number, record
     except Exception as e:  # the network can fail hours into a stream
         raise PrepareError(f"streaming {spec} failed after {number:,} records: {first_line(e)}") from None
 
@@ -583,7 +583,8 @@ def write_splits(docs, out_dir, val_fraction, max_tokens, n_streams, progress, s
 @contextmanager
 def signals_deferred():
     """Ctrl-C and SIGTERM wait until the block is done: between the two renames of a swap there is no
-    data/DATASET at all. By then the run is complete, so it ends normally, with a note."""
+    data/DATASET at all, and after them it is the new one. By then the run is complete, so it ends
+    normally, with a note."""
     caught = []
     handlers = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -592,13 +593,14 @@ def signals_deferred():
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if caught:
-        note(f"{signal.Signals(caught[0]).name} came during the final rename, which was let finish")
+        note(f"{signal.Signals(caught[0]).name} came while the new data was swapped in; that was let finish")
 
 
 def swap_in(tmp_dir, out_dir):
-    """Replace out_dir by tmp_dir: two renames, the old data deleted only after the new is in place."""
-    old_dir = None
+    """Replace out_dir by tmp_dir: two renames, the old data deleted (three files: quick) only after the
+    new is in place."""
     with signals_deferred():
+        old_dir = None
         if os.path.exists(out_dir):
             old_dir = tmp_dir.replace(".tmp-", ".old-")  # unique, as tmp_dir is
             os.rename(out_dir, old_dir)
@@ -608,8 +610,8 @@ def swap_in(tmp_dir, out_dir):
             if old_dir:
                 os.rename(old_dir, out_dir)
             raise
-    if old_dir:
-        shutil.rmtree(old_dir)
+        if old_dir:
+            shutil.rmtree(old_dir)
 
 
 def make_meta(args, enc, streams, counts, per_stream):

@@ -463,3 +463,12 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous
     assert stderr.strip().splitlines() == ["error: a tokenizer process died (killed, or out of memory?); try fewer "
                                            "--workers than 2"]
     assert_untouched(previous)
+
+
+def test_a_signal_during_the_swap_waits_until_it_is_done(capsys):
+    import prepare
+    with prepare.signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # would be a KeyboardInterrupt between the swap's two renames
+        time.sleep(0.1)
+    assert "SIGINT came while the new data was swapped in" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
