@@ -1,4 +1,6 @@
-"""prepare.py, run as a subprocess on real text: round trips, meta vs files, determinism, mixing, errors, Ctrl-C."""
+"""prepare.py, run as a subprocess on real text: round trips, meta vs files, determinism, mixing, config files
+and --help; every bad setting or input refused with one line, leaving earlier data as it was; Ctrl-C, SIGTERM and a
+killed tokenizer process."""
 import glob
 import gzip
 import importlib.util
@@ -423,7 +425,8 @@ def wait_for(condition, what):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
-@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_or_sigterm_mid_run_leaves_previous_data_intact(tmp_path, previous, signum, code, word):
     process, pipe = start_on_a_pipe(tmp_path, previous[0])
     with pipe:
