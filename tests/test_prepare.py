@@ -16,6 +16,7 @@ from collections import deque
 import numpy as np
 import pytest
 
+import prepare
 import tokenizer
 from conftest import shakespeare_text
 
@@ -389,6 +390,19 @@ def test_hf_without_datasets_says_how_to_install_it(tmp_path):
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "fineweb_edu_cosmopedia")
 
 
+def test_a_hub_stream_that_fails_midway_is_one_line_naming_where():
+    def dropped_connection():
+        yield {"text": "one"}
+        yield {"text": "two"}
+        raise ConnectionError("Connection reset by peer\nand more lines")
+
+    records = prepare.hf_records("org/corpus:cfg", dropped_connection())
+    assert [next(records), next(records)] == [(1, {"text": "one"}), (2, {"text": "two"})]
+    with pytest.raises(prepare.PrepareError, match="^streaming org/corpus:cfg failed after 2 records: "
+                                                   "Connection reset by peer$"):
+        next(records)
+
+
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     paragraphs = shakespeare_text()[:60_000].split("\n\n")
     paragraphs[3] += " caf\xe9 na\xefve"
@@ -469,7 +483,6 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous
 
 
 def test_a_signal_during_the_swap_waits_until_it_is_done(capsys):
-    import prepare
     with prepare.signals_deferred():
         os.kill(os.getpid(), signal.SIGINT)  # would be a KeyboardInterrupt between the swap's two renames
         time.sleep(0.1)
