@@ -1,11 +1,22 @@
 """
-Text -> data/NAME/train.bin, val.bin (raw little-endian uint16 token ids) and meta.json.
+Text -> data/DATASET/train.bin, val.bin (raw little-endian uint16 token ids) and meta.json.
 
     python prepare.py                                        # offline quickstart: CPython's docs -> data/pydoc
-    python prepare.py --input assets/tinyshakespeare.txt.gz --name shakespeare
-    python prepare.py --input shards/ more/*.jsonl.gz --name mine --encoding bytes
-    python prepare.py --input web/ --input books.parquet --mix 0.7 --name mine   # two local streams, mixed
-    python prepare.py --hf fineweb-edu+cosmopedia            # needs `pip install datasets` and a network
+    python prepare.py --input=assets/tinyshakespeare.txt.gz --dataset=shakespeare
+    python prepare.py --input=assets/tinyshakespeare.txt.gz --dataset=shakespeare_4096 --encoding=cl100k_4096
+    python prepare.py --input='shards/,more/*.jsonl.gz' --dataset=mine --encoding=bytes
+    python prepare.py --input=web/ --input2=books.parquet --mix=0.7 --dataset=mine   # two local streams, mixed
+    python prepare.py --hf=fineweb-edu+cosmopedia            # needs `pip install datasets` and a network
+    python prepare.py my_data.py --workers=8                 # a config file: the same keys, as plain assignments
+    python prepare.py --help                                 # every key, its value here, its meaning
+
+Settings are config files of plain assignments, then --key=value, as for every script here
+(configurator.py): an unknown key or a value of the wrong type is an error; --help lists the keys.
+
+Inputs. --input is a comma-separated list of files (.txt, .txt.gz, .jsonl, .jsonl.gz, .parquet),
+folders (their input files, recursively, in sorted order) and globs (quote them: --input='web/*.jsonl.gz');
+to name a path that holds a comma, write ? for the comma. --input2, in the same form, is a second
+stream mixed with the first (see Mixing). With neither, the input is CPython's documentation topics.
 
 Documents. A .jsonl / .jsonl.gz line or a .parquet row is one document (its --text_field). Plain
 text, and each pydoc topic of the quickstart, is cut into documents at the first blank line after
@@ -17,17 +28,22 @@ Split. A document goes to val when a hash of (seed, its text) is below --val_fra
 gives byte-identical files whatever --workers is, and a duplicated document lands in one split only.
 With two or more documents neither split is empty: the last document goes to an empty split.
 
-Mixing. With two streams (two --input groups, or --hf fineweb-edu+cosmopedia) the next document comes
-from the stream furthest below its share of tokens (--mix for the first; default 0.5, equal shares),
-until --max_tokens or until a stream runs out (then it stops, so the shares hold). --hf defaults to the
-paper's 17B-token budget; fineweb-edu's sample-10BT holds about 10B tokens, so a --mix above ~0.55
-needs a bigger sample (--hf_fineweb_edu HuggingFaceFW/fineweb-edu:sample-100BT).
+Mixing. With two streams (--input and --input2, or --hf=fineweb-edu+cosmopedia) the next document
+comes from the stream furthest below its share of tokens (--mix for the first; None: 0.5, equal
+shares), until --max_tokens or until a stream runs out (then it stops, so the shares hold). --hf
+defaults to the paper's 17B-token budget; fineweb-edu's sample-10BT holds about 10B tokens, so a --mix
+above ~0.55 needs a bigger sample (--hf_fineweb_edu=HuggingFaceFW/fineweb-edu:sample-100BT).
+
+Checks. Every setting and every input file is checked before anything is written: a bad value, a
+missing or unreadable file, a parquet file without the text column, an unknown encoding or an
+out_root that cannot be made is one line `error: ...` and exit status 1. A fault inside the text (a
+line that is not JSON) is found when it is reached; that run stops with one line too.
 
 Streaming and atomicity. Documents are read lazily, tokenized in worker processes (a bounded window of
-batches, collected in order) and appended to files in a temp dir beside data/NAME; only a complete
-run swaps it in. A crash or Ctrl-C leaves any previous data/NAME as it was.
+batches, collected in order) and appended to files in a temp dir beside data/DATASET; only a complete
+run swaps it in. An error, a crash, Ctrl-C (exit 130) or SIGTERM (exit 143) leaves any previous
+data/DATASET as it was.
 """
-import argparse
 import functools
 import glob
 import gzip
@@ -35,20 +51,28 @@ import hashlib
 import io
 import itertools
 import json
-import multiprocessing
 import os
 import platform
+import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
+import zlib
 from collections import deque, namedtuple
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
 
 import tokenizer
+from common import UserError, run_main
+from configurator import parse_config
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 HF_STREAMS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu:sample-10BT",
@@ -58,16 +82,117 @@ HF_VAL_FRACTION = 0.0005  # 8.5M val tokens of 17B
 VAL_FRACTION = 0.1
 BATCH_CHARS = 1 << 18     # text per worker task: big enough to amortize the inter-process transfer
 LONG_DOC_FACTOR = 8       # text with no blank line for this many doc_chars is cut at a line end
+DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a folder name every filesystem and shell takes
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+SETTINGS = {  # key: (default, meaning)
+    "input": ("", "comma-separated files (.txt, .txt.gz, .jsonl, .jsonl.gz, .parquet), folders and globs; "
+                  "'': CPython's documentation topics (offline quickstart)"),
+    "input2": ("", "a second stream, in the same form, mixed with --input by tokens (see --mix); '': none"),
+    "hf": ("", "stream from the Hugging Face Hub instead: fineweb-edu+cosmopedia (the paper's mixture), "
+               "fineweb-edu or cosmopedia; needs `pip install datasets` and a network"),
+    "hf_fineweb_edu": (HF_STREAMS["fineweb-edu"], "the fineweb-edu stream of --hf, as repo:config"),
+    "hf_cosmopedia": (HF_STREAMS["cosmopedia"], "the cosmopedia stream of --hf, as repo:config"),
+    "dataset": ("", "writes OUT_ROOT/DATASET, a folder name of letters, digits, _ - and . (not first); "
+                    "'': pydoc, or with --hf its streams (fineweb_edu_cosmopedia); needed with --input"),
+    "encoding": (tokenizer.DEFAULT_ENCODING, f"{', '.join(tokenizer.BUNDLED)} (bundled, offline: V = 2^K), "
+                                             f"bytes (V = 257) or another tiktoken name with at most 65,536 ids"),
+    "text_field": ("text", "the text field of .jsonl / .parquet / hub records"),
+    "val_fraction": (None, f"share of documents in val, between 0 and 1; None: {VAL_FRACTION}, "
+                           f"{HF_VAL_FRACTION} with --hf"),
+    "seed": (0, "picks which documents go to val (an integer of 64 bits)"),
+    "doc_chars": (4000, "plain text is cut at the first blank line after this many characters (at least 1)"),
+    "mix": (None, "with two streams, the first one's share of tokens, between 0 and 1 (fineweb-edu's with --hf); "
+                  "None: 0.5"),
+    "max_tokens": (None, f"stop before this many tokens in all, eot included (a whole number; 1e9 works); "
+                         f"None: all the input, {HF_MAX_TOKENS:,.0f} with --hf"),
+    "workers": (CPUS, "tokenizer processes, at least 1 (1: no pool); default: the CPUs this process may use"),
+    "out_root": (os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"),
+                 "writes OUT_ROOT/DATASET (default: data/ beside prepare.py)"),
+}
+DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
+MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 
 Document = namedtuple("Document", "tokens n_bytes split_key")  # tokens: uint16, eot first
 
 
-class PrepareError(Exception):
-    """A problem with the input or the options, reported as one line."""
+class PrepareError(UserError):
+    """A problem with the input or the settings, reported as one line."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main process so that the run unwinds as it does on Ctrl-C. Not an Exception:
+    no `except Exception` on the way may turn it into an error message."""
 
 
 def note(message):
     print(f"note: {message}", file=sys.stderr)
+
+
+# ---- settings: every value checked before anything is read or written ----
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def resolved(config):
+    """The settings with the defaults that depend on others filled in (those of --hf); PrepareError for
+    any value that is not allowed."""
+    args = SimpleNamespace(**config)
+    if args.input2 and not args.input:
+        raise PrepareError("--input2 is the second stream: give the first one with --input")
+    if args.input and args.hf:
+        raise PrepareError("--input and --hf exclude each other")
+    hf_parts = args.hf.split("+") if args.hf else []
+    if any(part not in HF_STREAMS for part in hf_parts) or len(set(hf_parts)) < len(hf_parts):
+        raise PrepareError(f"--hf takes fineweb-edu+cosmopedia, fineweb-edu or cosmopedia, not {args.hf!r}")
+    n_streams = 2 if args.input2 else 1 if args.input else len(hf_parts) or 1
+    if args.input and not args.dataset:
+        raise PrepareError("--input needs --dataset=NAME (the data goes to OUT_ROOT/NAME)")
+    args.dataset = args.dataset or (args.hf.replace("+", "_").replace("-", "_") if args.hf else "pydoc")
+    if not DATASET_NAME.fullmatch(args.dataset):
+        raise PrepareError(f"--dataset must be a folder name of letters, digits, '_', '-' and '.' (not first), at "
+                           f"most 200 of them, not {args.dataset!r}; choose where it goes with --out_root")
+
+    if args.val_fraction is None:
+        args.val_fraction = HF_VAL_FRACTION if args.hf else VAL_FRACTION
+    if not (is_number(args.val_fraction) and 0 < args.val_fraction < 1):
+        raise PrepareError(f"--val_fraction must be a number between 0 and 1 (both excluded), "
+                           f"not {args.val_fraction!r}")
+    if args.mix is not None and n_streams != 2:
+        raise PrepareError("--mix needs two streams: --input=A --input2=B, or --hf=fineweb-edu+cosmopedia")
+    args.mix = 0.5 if args.mix is None else args.mix
+    if not (is_number(args.mix) and 0 < args.mix < 1):
+        raise PrepareError(f"--mix must be a number between 0 and 1 (both excluded), not {args.mix!r}")
+    if args.max_tokens is None and args.hf:
+        args.max_tokens = int(HF_MAX_TOKENS)
+    if args.max_tokens is not None:
+        whole = isinstance(args.max_tokens, int) or isinstance(args.max_tokens, float) and args.max_tokens.is_integer()
+        if not (is_number(args.max_tokens) and whole and args.max_tokens >= 1):
+            raise PrepareError(f"--max_tokens must be a whole number of at least 1 (or None: all the input), "
+                               f"not {args.max_tokens!r}")
+        args.max_tokens = int(args.max_tokens)
+    for key in ("doc_chars", "workers"):
+        if getattr(args, key) < 1:
+            raise PrepareError(f"--{key} must be at least 1, not {getattr(args, key)}")
+    if not -2 ** 63 <= args.seed < 2 ** 63:
+        raise PrepareError(f"--seed must be an integer of 64 bits (-2^63 to 2^63 - 1), not {args.seed}")
+    if not args.text_field:
+        raise PrepareError("--text_field must name the records' text field, e.g. --text_field=text")
+    for key in ("hf_fineweb_edu", "hf_cosmopedia"):
+        if not getattr(args, key).partition(":")[0]:
+            raise PrepareError(f"--{key} must be a Hugging Face dataset as repo or repo:config, "
+                               f"not {getattr(args, key)!r}")
+    if not args.out_root:
+        raise PrepareError("--out_root must name a folder")
+    return args
+
+
+def load_encoding(name):
+    try:
+        return tokenizer.get_encoding(name)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
 
 
 # ---- reading: every reader yields document texts lazily ----
@@ -84,7 +209,7 @@ def utf8_lines(path):
                     line = raw.decode("utf-8", errors="replace")
                     replaced += len(line) - len(raw.decode("utf-8", errors="ignore"))
                 yield line
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip reports a corrupt stream as any of the three
         raise PrepareError(f"cannot read {path}: {e}") from None
     if replaced:
         note(f"{path} is not valid UTF-8: replaced {replaced:,} invalid byte sequences with U+FFFD")
@@ -132,7 +257,8 @@ def jsonl_documents(path, field):
         yield record_text(record, field, f"{path}:{number}")
 
 
-def parquet_documents(path, field):
+def parquet_file(path, field):
+    """The opened parquet file, after checking that it has the text column (done up front for every file)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -144,11 +270,20 @@ def parquet_documents(path, field):
     if field not in table.schema_arrow.names:
         raise PrepareError(f"{path}: no '{field}' column (it has {', '.join(table.schema_arrow.names)}); "
                            f"choose one with --text_field")
-    row = 0
-    for batch in table.iter_batches(columns=[field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            yield record_text({field: text}, field, f"{path}: row {row}")
+    return table
+
+
+def parquet_column(path, table, field):
+    try:
+        for batch in table.iter_batches(columns=[field], batch_size=1024):
+            yield from batch.column(0).to_pylist()
+    except Exception as e:  # a corrupt row group, found only when it is read
+        raise PrepareError(f"{path}: cannot read its '{field}' column ({e})") from None
+
+
+def parquet_documents(path, field):
+    for row, text in enumerate(parquet_column(path, parquet_file(path, field), field), 1):
+        yield record_text({field: text}, field, f"{path}: row {row}")
 
 
 def file_documents(path, args):
@@ -159,21 +294,28 @@ def file_documents(path, args):
     return jsonl_documents(path, args.text_field)
 
 
+def walk_error(error):
+    raise PrepareError(f"cannot list {error.filename}: {error.strerror}")
+
+
 def usable_files(path):
     """path itself if it is an input file, or the input files under a directory, in sorted order."""
     if not os.path.isdir(path):
         return [path] if path.endswith(SUFFIXES) else []
     found = []
-    for folder, subfolders, names in os.walk(path):
+    for folder, subfolders, names in os.walk(path, onerror=walk_error):  # os.walk skips unreadable folders unless told
         subfolders.sort()
         found += [os.path.join(folder, name) for name in sorted(names) if name.endswith(SUFFIXES)]
     return found
 
 
-def expand_inputs(patterns):
+def expand_inputs(key, value):
+    """The input files that --key=value names, in order."""
     kinds = "/".join(SUFFIXES)
     files = []
-    for pattern in patterns:
+    for pattern in value.split(","):
+        if not pattern:
+            raise PrepareError(f"--{key}={value!r} has an empty path: separate paths with single commas")
         if any(c in pattern for c in "*?["):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
@@ -185,14 +327,37 @@ def expand_inputs(patterns):
             found = usable_files(pattern)
             if not found:
                 raise PrepareError(f"directory {pattern} holds no {kinds} files")
-        elif os.path.exists(pattern):
+        elif os.path.lexists(pattern):
             found = usable_files(pattern)
             if not found:
                 raise PrepareError(f"{pattern}: unsupported file type; use {kinds}")
+        elif "," in value and os.path.lexists(value):
+            raise PrepareError(f"input not found: {pattern} (--{key} separates paths by commas; to name "
+                               f"{value}, write ? for each comma)")
         else:
             raise PrepareError(f"input not found: {pattern}")
         files += found
     return files
+
+
+def check_readable(path, text_field):
+    """Open an input file once before anything is written, so that a missing or mistyped one is refused
+    up front rather than after hours of tokenizing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:  # e.g. a link to a file that is gone
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        return  # a named pipe or a device: opening it here would block or consume its data
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+    if path.endswith(".gz") and head and head != b"\x1f\x8b":
+        raise PrepareError(f"{path} is not gzip-compressed, though its name ends in .gz")
+    if path.endswith(".parquet"):
+        parquet_file(path, text_field)
 
 
 def pydoc_documents(doc_chars):
@@ -211,9 +376,67 @@ def hf_documents(spec, field):
     try:
         dataset = datasets.load_dataset(repo, config or None, split="train", streaming=True)
     except Exception as e:  # network, authentication, a wrong name: all end the same way
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PrepareError(f"cannot stream {spec} from the Hugging Face Hub: {reason}") from None
-    return (record_text(record, field, f"{spec} record {number}") for number, record in enumerate(dataset, 1))
+        raise PrepareError(f"cannot stream {spec} from the Hugging Face Hub: {first_line(e)}") from None
+    return (record_text(record, field, f"{spec} record {number}") for number, record in hf_records(spec, dataset))
+
+
+def hf_records(spec, dataset):
+    """(number, record), numbered from 1."""
+    number = 0
+    try:
+        for number, record in enumerate(dataset, 1):
+            yield number, record
+    except Exception as e:  # the network can fail hours into a stream
+        raise PrepareError(f"streaming {spec} failed after {number:,} records: {first_line(e)}") from None
+
+
+def first_line(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def open_streams(args):
+    """[(stream name, its sources, its document texts)]; every file is found and opened here, before
+    anything is written."""
+    if args.input:
+        streams, seen = [], {}
+        for key in ("input", "input2"):
+            if not getattr(args, key):
+                continue
+            files = expand_inputs(key, getattr(args, key))
+            for path in files:
+                real = os.path.realpath(path)
+                if real in seen:  # its documents would be read twice, perhaps into both streams
+                    raise PrepareError(f"{path} is named twice (by --{seen[real]} and --{key})")
+                seen[real] = key
+                check_readable(path, args.text_field)
+            texts = itertools.chain.from_iterable(file_documents(path, args) for path in files)
+            streams.append((key, files, texts))
+        return streams
+    if args.hf:
+        specs = {"fineweb-edu": args.hf_fineweb_edu, "cosmopedia": args.hf_cosmopedia}
+        return [(part, [f"hf:{specs[part]}"], hf_documents(specs[part], args.text_field))
+                for part in args.hf.split("+")]
+    return [("pydoc", [f"pydoc_data.topics (Python {platform.python_version()})"], pydoc_documents(args.doc_chars))]
+
+
+def output_dir(args):
+    """OUT_ROOT/DATASET, after making OUT_ROOT; refuses what the final swap could not replace."""
+    out_dir = os.path.join(args.out_root, args.dataset)
+    if os.path.lexists(args.out_root) and not os.path.isdir(args.out_root):
+        raise PrepareError(f"--out_root {args.out_root} is a file, not a folder")
+    try:
+        os.makedirs(args.out_root, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create --out_root {args.out_root}: {e.strerror}") from None
+    if not os.access(args.out_root, os.W_OK | os.X_OK):
+        raise PrepareError(f"cannot write in --out_root {args.out_root}: permission denied")
+    if os.path.islink(out_dir):
+        target = os.path.realpath(out_dir)
+        raise PrepareError(f"{out_dir} is a symbolic link; prepare.py replaces folders, not links: write to its "
+                           f"target with --out_root={os.path.dirname(target)} --dataset={os.path.basename(target)}")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise PrepareError(f"{out_dir} exists and is not a folder")
+    return out_dir
 
 
 # ---- tokenizing in worker processes ----
@@ -253,19 +476,19 @@ def batches(texts):
         yield batch
 
 
-def ordered_imap(pool, function, items, window):
-    """pool.imap with at most `window` tasks in flight (imap itself would read the whole input ahead)."""
+def ordered_map(pool, function, items, window):
+    """pool.map with at most `window` tasks in flight (map itself would read the whole input ahead)."""
     pending = deque()
     for item in items:
-        pending.append(pool.apply_async(function, (item,)))
-        while pending and (len(pending) >= window or pending[0].ready()):
-            yield pending.popleft().get()
+        pending.append(pool.submit(function, item))
+        while pending and (len(pending) >= window or pending[0].done()):
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def encoded_documents(texts, encode, pool, window):
-    results = map(encode, batches(texts)) if pool is None else ordered_imap(pool, encode, batches(texts), window)
+    results = map(encode, batches(texts)) if pool is None else ordered_map(pool, encode, batches(texts), window)
     for tokens, lengths, sizes, keys in results:
         ends = np.cumsum(lengths)
         for end, length, size, key in zip(ends, lengths, sizes, keys):
@@ -284,6 +507,34 @@ def mixed(streams, shares, names):
             return
         tokens[i] += len(doc.tokens)
         yield i, doc
+
+
+def worker_signals():
+    # Ctrl-C reaches the whole process group; only the main process handles it and ends the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def tokenize_into(tmp_dir, streams, enc, args):
+    """Write train.bin and val.bin into tmp_dir; returns their counts and the seconds it took."""
+    encode = functools.partial(encode_batch, enc.name, args.seed)
+    pool = ProcessPoolExecutor(args.workers, initializer=worker_signals) if args.workers > 1 else None
+    start = time.time()
+    try:
+        encoded = [encoded_documents(texts, encode, pool, window=4 * args.workers) for _, _, texts in streams]
+        docs = mixed(encoded, [args.mix, 1 - args.mix] if len(streams) == 2 else [1.0], [n for n, _, _ in streams])
+        sources = [source for _, stream_sources, _ in streams for source in stream_sources]
+        described = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+        with tqdm(total=args.max_tokens, unit="tok", unit_scale=True, desc=args.dataset, delay=2, mininterval=1) as bar:
+            counts, per_stream = write_splits(docs, tmp_dir, args.val_fraction, args.max_tokens, len(streams),
+                                              bar, described)
+        return counts, per_stream, time.time() - start
+    except BrokenProcessPool:
+        raise PrepareError(f"a tokenizer process died (killed, or out of memory?); try fewer --workers "
+                           f"than {args.workers}") from None
+    finally:
+        if pool is not None:  # waits for the batches being tokenized, a fraction of a second; wait=False
+            pool.shutdown(cancel_futures=True)  # races the interpreter's exit (Python 3.11: "Exception ignored")
 
 
 # ---- writing ----
@@ -329,147 +580,38 @@ def write_splits(docs, out_dir, val_fraction, max_tokens, n_streams, progress, s
     return counts, per_stream
 
 
+@contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done: between the two renames of a swap there is no
+    data/DATASET at all, and after them it is the new one. By then the run is complete, so it ends
+    normally, with a note."""
+    caught = []
+    handlers = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if caught:
+        note(f"{signal.Signals(caught[0]).name} came while the new data was swapped in; that was let finish")
+
+
 def swap_in(tmp_dir, out_dir):
-    """Replace out_dir by tmp_dir: two renames, the old data deleted only after the new is in place."""
-    old_dir = None
-    if os.path.exists(out_dir):
-        old_dir = tmp_dir.replace(".tmp-", ".old-")  # unique, as tmp_dir is
-        os.rename(out_dir, old_dir)
-    os.rename(tmp_dir, out_dir)
-    if old_dir:
-        shutil.rmtree(old_dir)
-
-
-def worker_signals():
-    # Ctrl-C reaches the whole process group; only the main process handles it and ends the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-# ---- the command ----
-
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error here, instead of usage + error
-        self.exit(2, f"error: {message} (see python prepare.py --help)\n")
-
-
-def parse_args(argv):
-    p = OneLineErrors(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", action="append", metavar="PATH",
-                   help=f"files ({', '.join(SUFFIXES)}), directories or globs; give --input twice for two mixed "
-                        f"streams (default: the offline pydoc quickstart corpus)")
-    p.add_argument("--hf", help="stream from the Hugging Face Hub: fineweb-edu+cosmopedia (the paper's mixture), "
-                                "fineweb-edu or cosmopedia; needs `pip install datasets` and a network")
-    p.add_argument("--hf_fineweb_edu", default=HF_STREAMS["fineweb-edu"], help="its dataset, as repo:config")
-    p.add_argument("--hf_cosmopedia", default=HF_STREAMS["cosmopedia"], help="its dataset, as repo:config")
-    p.add_argument("--name", help="writes data/NAME (default: pydoc; with --hf its sources)")
-    p.add_argument("--encoding", default=tokenizer.DEFAULT_ENCODING,
-                   help="cl100k_65536 (bundled, V=65,536), bytes (V=257) or another tiktoken name")
-    p.add_argument("--text_field", default="text", help="the text field of .jsonl / .parquet / hub records")
-    p.add_argument("--val_fraction", type=float,
-                   help=f"share of documents in val (default {VAL_FRACTION}; {HF_VAL_FRACTION} with --hf)")
-    p.add_argument("--seed", type=int, default=0, help="picks which documents go to val")
-    p.add_argument("--doc_chars", type=int, default=4000, help="plain text is cut at the first blank line after this")
-    p.add_argument("--mix", type=float,
-                   help="with two streams, the first one's share of tokens (default 0.5; fineweb-edu's with --hf)")
-    p.add_argument("--max_tokens", type=lambda s: int(float(s)),
-                   help=f"stop before this many tokens in all (default: all the input; {HF_MAX_TOKENS:.0e} with --hf)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (1: no pool)")
-    p.add_argument("--out_root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"),
-                   help="writes OUT_ROOT/NAME (default: data/ beside prepare.py)")
-    args = p.parse_args(argv)
-    if args.input and args.hf:
-        p.error("--input and --hf exclude each other")
-    if args.input and not args.name:
-        p.error("--input needs --name (the data goes to data/NAME)")
-    if args.hf and any(part not in HF_STREAMS for part in args.hf.split("+")):
-        p.error(f"--hf takes fineweb-edu+cosmopedia, fineweb-edu or cosmopedia, not {args.hf!r}")
-    hf = bool(args.hf)
-    if args.name is None:
-        args.name = args.hf.replace("+", "_").replace("-", "_") if hf else "pydoc"
-    if args.val_fraction is None:
-        args.val_fraction = HF_VAL_FRACTION if hf else VAL_FRACTION
-    if args.max_tokens is None and hf:
-        args.max_tokens = int(HF_MAX_TOKENS)
-    n_streams = len(args.input) if args.input else len(args.hf.split("+")) if hf else 1
-    if n_streams > 2:
-        p.error("at most two streams (two --input groups) can be mixed")
-    if not 0 < args.val_fraction < 1:
-        p.error("--val_fraction must be between 0 and 1")
-    if args.mix is not None and n_streams != 2:
-        p.error("--mix needs two streams: --input A --input B, or --hf fineweb-edu+cosmopedia")
-    args.mix = 0.5 if args.mix is None else args.mix
-    if not 0 < args.mix < 1:
-        p.error("--mix must be between 0 and 1")
-    if args.doc_chars < 1 or args.workers < 1 or (args.max_tokens is not None and args.max_tokens < 1):
-        p.error("--doc_chars, --workers and --max_tokens must be positive")
-    if args.name.startswith(".") or any(sep in args.name for sep in "/\\"):
-        p.error(f"--name must be a plain folder name, not {args.name!r}")
-    return args
-
-
-def open_streams(args):
-    """[(stream name, its sources, its document texts)]; fails here, before anything is written."""
-    if args.input:
-        streams = []
-        for i, patterns in enumerate(args.input):
-            files = expand_inputs(patterns)
-            texts = itertools.chain.from_iterable(file_documents(path, args) for path in files)
-            streams.append((f"input {i + 1}", files, texts))
-        return streams
-    if args.hf:
-        specs = {"fineweb-edu": args.hf_fineweb_edu, "cosmopedia": args.hf_cosmopedia}
-        return [(part, [f"hf:{specs[part]}"], hf_documents(specs[part], args.text_field))
-                for part in args.hf.split("+")]
-    return [("pydoc", [f"pydoc_data.topics (Python {platform.python_version()})"], pydoc_documents(args.doc_chars))]
-
-
-def prepare(args):
-    try:
-        enc = tokenizer.get_encoding(args.encoding)
-    except ValueError as e:
-        raise PrepareError(str(e)) from None
-    streams = open_streams(args)
-    out_dir = os.path.join(args.out_root, args.name)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise PrepareError(f"{out_dir} exists and is not a directory")
-    os.makedirs(args.out_root, exist_ok=True)
-    for leftover in glob.glob(os.path.join(glob.escape(args.out_root), f".{glob.escape(args.name)}.*-*")):
-        note(f"{leftover} is left from an interrupted run; delete it when no other prepare.py is running")
-    tmp_dir = tempfile.mkdtemp(dir=args.out_root, prefix=f".{args.name}.tmp-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private; data/NAME should be an ordinary folder
-    try:
-        counts, per_stream, seconds = tokenize_into(tmp_dir, streams, enc, args)
-        meta = make_meta(args, enc, streams, counts, per_stream)
-        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        swap_in(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # already gone after a successful swap
-    report(out_dir, meta, seconds, args.workers)
-
-
-def tokenize_into(tmp_dir, streams, enc, args):
-    """Write train.bin and val.bin into tmp_dir; returns their counts and the seconds it took."""
-    encode = functools.partial(encode_batch, enc.name, args.seed)
-    pool = multiprocessing.Pool(args.workers, initializer=worker_signals) if args.workers > 1 else None
-    start = time.time()
-    try:
-        encoded = [encoded_documents(texts, encode, pool, window=4 * args.workers) for _, _, texts in streams]
-        docs = mixed(encoded, [args.mix, 1 - args.mix] if len(streams) == 2 else [1.0], [n for n, _, _ in streams])
-        sources = [source for _, stream_sources, _ in streams for source in stream_sources]
-        described = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
-        with tqdm(total=args.max_tokens, unit="tok", unit_scale=True, desc=args.name, delay=2, mininterval=1) as bar:
-            counts, per_stream = write_splits(docs, tmp_dir, args.val_fraction, args.max_tokens, len(streams),
-                                              bar, described)
-        return counts, per_stream, time.time() - start
-    finally:
-        if pool is not None:
-            pool.terminate()
+    """Replace out_dir by tmp_dir: two renames, the old data deleted (three files: quick) only after the
+    new is in place."""
+    with signals_deferred():
+        old_dir = None
+        if os.path.exists(out_dir):
+            old_dir = tmp_dir.replace(".tmp-", ".old-")  # unique, as tmp_dir is
+            os.rename(out_dir, old_dir)
+        try:
+            os.rename(tmp_dir, out_dir)
+        except OSError:
+            if old_dir:
+                os.rename(old_dir, out_dir)
+            raise
+        if old_dir:
+            shutil.rmtree(old_dir)
 
 
 def make_meta(args, enc, streams, counts, per_stream):
@@ -503,6 +645,31 @@ def make_meta(args, enc, streams, counts, per_stream):
     return meta
 
 
+def prepare(args, enc, streams, out_dir):
+    """Tokenize into a temp dir beside out_dir and swap it in; returns (meta, seconds)."""
+    for leftover in glob.glob(os.path.join(glob.escape(args.out_root), f".{glob.escape(args.dataset)}.*-*")):
+        note(f"{leftover} is left from an interrupted run; delete it when no other prepare.py is running")
+    tmp_dir = None
+    try:
+        tmp_dir = tempfile.mkdtemp(dir=args.out_root, prefix=f".{args.dataset}.tmp-")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private; data/DATASET should be an ordinary folder
+        counts, per_stream, seconds = tokenize_into(tmp_dir, streams, enc, args)
+        meta = make_meta(args, enc, streams, counts, per_stream)
+        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        swap_in(tmp_dir, out_dir)
+    except OSError as e:  # a full disk, a folder gone: reading errors are PrepareErrors already
+        raise PrepareError(f"cannot write {out_dir}: {e}") from None
+    finally:
+        if tmp_dir:
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # already gone after a successful swap
+    return meta, seconds
+
+
 def report(out_dir, meta, seconds, workers):
     tokens = meta["train_tokens"] + meta["val_tokens"]
     print(f"wrote {out_dir}: train {meta['train_tokens']:,} tokens in {meta['train_documents']:,} documents, "
@@ -511,17 +678,24 @@ def report(out_dir, meta, seconds, workers):
           f"bytes/token; {tokens / seconds:,.0f} tokens/s in {seconds:.2f} s with {workers} worker(s)")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill cleans up its temp dir too
+def terminate(signum, frame):
+    raise Terminated
+
+
+def main(argv):
+    args = resolved(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
+    enc = load_encoding(args.encoding)
+    streams = open_streams(args)
+    out_dir = output_dir(args)
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        prepare(args)
-    except PrepareError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print(f"interrupted: {os.path.join(args.out_root, args.name)} is left as it was", file=sys.stderr)
-        sys.exit(130)
+        meta, seconds = prepare(args, enc, streams, out_dir)
+    except (KeyboardInterrupt, Terminated) as e:
+        what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{what}: {out_dir} is left as it was", file=sys.stderr)
+        raise SystemExit(code) from None
+    report(out_dir, meta, seconds, args.workers)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,8 +30,8 @@ run() {  # run PART NAME SEED [train.py overrides]: train, then evaluate on all 
 
 echo "$(lscpu | sed -n 's/^Model name: *//p'), $CORES cores, OMP_NUM_THREADS=$OMP_NUM_THREADS," \
      "$(python -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"
-python prepare.py --input assets/tinyshakespeare.txt.gz --encoding bytes --name study_shakespeare_bytes
-python prepare.py --name study_pydoc
+python prepare.py --input=assets/tinyshakespeare.txt.gz --encoding=bytes --dataset=study_shakespeare_bytes
+python prepare.py --dataset=study_pydoc
 
 for seed in $SEEDS; do
     for code in fixed_min affine learned; do

@@ -2,10 +2,17 @@
 
 - 'cl100k_65536' (the default): the first 65,535 merge ranks of cl100k_base plus <|endoftext|> = 65535,
   read from assets/cl100k_base_65536.tiktoken. V = 65,536 = 2^16, the paper's vocabulary: K = 16.
+- 'cl100k_V' for V = 512, 1024, ..., 32768: the first V - 1 merge ranks of that same file plus
+  <|endoftext|> = V - 1, so V = 2^K and every K-bit code is a token (e.g. cl100k_4096: K = 12). BPE
+  merges in rank order and every cl100k token of rank r is two tokens of lower rank, so keeping ranks
+  0..V-2 is exactly cl100k_base's BPE stopped after its first V - 257 merges. Ranks 0..255 are the
+  256 single bytes, so any text encodes; 512 is the smallest power of two above them.
 - 'bytes': the 256 byte values plus <|endoftext|> = 256. V = 257, K = 9; the fast path on a CPU.
 - any other tiktoken name (e.g. 'gpt2'), when this machine can load it (tiktoken downloads those
   files on first use and caches them).
 Token files are uint16, so an encoding with more than 65,536 ids is refused.
+
+    python -c "import tokenizer; e = tokenizer.get_encoding('cl100k_4096'); print(e.n_vocab, e.encode('Hello'))"
 """
 import functools
 import os
@@ -15,15 +22,22 @@ from tiktoken.load import load_tiktoken_bpe
 
 DEFAULT_ENCODING = "cl100k_65536"
 MAX_VOCAB = 2 ** 16  # token ids are stored as uint16
+BUNDLED = {f"cl100k_{2 ** k}": 2 ** k for k in range(9, 17)}  # name: V, from cl100k_512 to cl100k_65536
 ENDOFTEXT = "<|endoftext|>"
 BUNDLED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "cl100k_base_65536.tiktoken")
 CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 
 
-def _bundled():
-    ranks = load_tiktoken_bpe(BUNDLED_FILE)
-    return tiktoken.Encoding("cl100k_65536", pat_str=CL100K_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: len(ranks)})
+@functools.lru_cache(maxsize=1)
+def _bundled_ranks():
+    return load_tiktoken_bpe(BUNDLED_FILE)
+
+
+def _bundled(name):
+    vocab_size = BUNDLED[name]
+    ranks = {token: rank for token, rank in _bundled_ranks().items() if rank < vocab_size - 1}
+    return tiktoken.Encoding(name, pat_str=CL100K_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: vocab_size - 1})
 
 
 def _bytes():
@@ -35,8 +49,8 @@ def _bytes():
 @functools.lru_cache(maxsize=None)
 def get_encoding(name=DEFAULT_ENCODING):
     """The tiktoken Encoding called `name`; ValueError with a one-line reason when it cannot be used."""
-    if name == "cl100k_65536":
-        enc = _bundled()
+    if name in BUNDLED:
+        enc = _bundled(name)
     elif name == "bytes":
         enc = _bytes()
     else:
@@ -44,17 +58,30 @@ def get_encoding(name=DEFAULT_ENCODING):
             enc = tiktoken.get_encoding(name)
         except Exception as e:  # unknown name, or no network to fetch its BPE file
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"cannot load tiktoken encoding '{name}' ({reason}); offline, use 'cl100k_65536' "
-                             f"(bundled) or 'bytes'") from None
+            raise ValueError(f"cannot load tiktoken encoding '{name}' ({reason}); offline, use one of "
+                             f"{', '.join(BUNDLED)} (bundled) or 'bytes'") from None
     check_encoding(enc)
     return enc
 
 
 def check_encoding(enc):
-    """Refuse an encoding that cannot be stored in uint16 token files or has no document separator."""
+    """Refuse an encoding that cannot be stored in uint16 token files, has no document separator, or
+    cannot encode every text (a byte value that is not a token of its own)."""
     name = enc.name
     if enc.n_vocab > MAX_VOCAB:
         raise ValueError(f"encoding '{name}' has {enc.n_vocab:,} tokens, more than the {MAX_VOCAB:,} that uint16 "
                          f"token files hold; use 'cl100k_65536' or 'bytes'")
     if ENDOFTEXT not in enc.special_tokens_set:
         raise ValueError(f"encoding '{name}' has no {ENDOFTEXT} token to separate documents")
+    missing = [b for b in range(256) if not _is_token(enc, bytes([b]))]
+    if missing:
+        raise ValueError(f"encoding '{name}' lacks {len(missing)} of the 256 single-byte tokens (e.g. byte "
+                         f"{missing[0]}), so some text cannot be encoded")
+
+
+def _is_token(enc, piece):
+    try:
+        enc.encode_single_token(piece)
+    except KeyError:
+        return False
+    return True

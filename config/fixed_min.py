@@ -1,7 +1,7 @@
 # The paper's fixed_min run: the input is each token's 16-bit binary code tiled to width 1024,
 # 0 trainable input parameters. Identical to learned_baseline.py and affine_recoded.py but for input_code.
 #   torchrun --standalone --nproc_per_node=8 train.py config/fixed_min.py
-# Data: python prepare.py --hf fineweb-edu+cosmopedia  (writes data/fineweb_edu_cosmopedia: V = 65,536, 17B tokens).
+# Data: python prepare.py --hf=fineweb-edu+cosmopedia  (writes data/fineweb_edu_cosmopedia: V = 65,536, 17B tokens).
 # Global batch: 16 sequences x 32 accumulation steps x 1024 tokens = 524,288 tokens per step (any
 # number of GPUs dividing 32). Budget: 32,500 steps = 17.04B tokens. LR: 1,000 warmup steps to 3e-4,
 # cosine decay to 3e-5 at the last step; AdamW (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0.

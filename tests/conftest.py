@@ -26,8 +26,8 @@ def run(*args):
 def shakespeare_bytes(tmp_path_factory):
     """A dataset folder (train.bin, val.bin, meta.json) of Shakespeare in the bytes encoding (V = 257)."""
     root = tmp_path_factory.mktemp("data")
-    run("prepare.py", "--input", SHAKESPEARE, "--name", "shakespeare_bytes", "--encoding", "bytes",
-        "--out_root", str(root), "--workers", "1")
+    run("prepare.py", f"--input={SHAKESPEARE}", "--dataset=shakespeare_bytes", "--encoding=bytes",
+        f"--out_root={root}", "--workers=1")
     return str(root / "shakespeare_bytes")
 
 

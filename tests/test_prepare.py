@@ -1,4 +1,6 @@
-"""prepare.py, run as a subprocess on real text: round trips, meta vs files, determinism, mixing, errors, Ctrl-C."""
+"""prepare.py, run as a subprocess on real text: round trips, meta vs files, determinism, mixing, config files
+and --help; every bad setting or input refused with one line, leaving earlier data as it was; Ctrl-C, SIGTERM and a
+killed tokenizer process."""
 import glob
 import gzip
 import importlib.util
@@ -14,6 +16,7 @@ from collections import deque
 import numpy as np
 import pytest
 
+import prepare
 import tokenizer
 from conftest import shakespeare_text
 
@@ -21,7 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_prepare(out_root, *args, env=None):
-    return subprocess.run([sys.executable, "prepare.py", *map(str, args), "--out_root", str(out_root)], cwd=REPO,
+    """prepare.py --out_root=OUT_ROOT ARGS...: a later --out_root among args overrides it."""
+    return subprocess.run([sys.executable, "prepare.py", f"--out_root={out_root}", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -99,9 +103,9 @@ def test_quickstart_with_no_arguments_uses_the_pydoc_topics(tmp_path):
     assert "bytes/token" in result.stdout and "tokens/s" in result.stdout
 
 
-@pytest.mark.parametrize("encoding", ["cl100k_65536", "bytes"])
+@pytest.mark.parametrize("encoding", ["cl100k_65536", "cl100k_4096", "bytes"])
 def test_shakespeare_round_trip(tmp_path, shakespeare_file, encoding):
-    prepared(tmp_path, "--input", shakespeare_file, "--name", "shakespeare", "--encoding", encoding)
+    prepared(tmp_path, f"--input={shakespeare_file}", "--dataset=shakespeare", f"--encoding={encoding}")
     meta, tokens = load(tmp_path / "shakespeare")
     assert meta["encoding"] == encoding and meta["source"] == [str(shakespeare_file)]
     train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
@@ -116,8 +120,8 @@ def test_shakespeare_round_trip(tmp_path, shakespeare_file, encoding):
 def test_reruns_are_byte_identical_whatever_the_workers(tmp_path, shakespeare_file):
     outputs = []
     for workers, root in [(1, "a"), (2, "b"), (2, "b")]:  # the third run replaces the second's data
-        prepared(tmp_path / root, "--input", shakespeare_file, "--name", "s", "--workers", workers,
-                 "--doc_chars", 1000)
+        prepared(tmp_path / root, f"--input={shakespeare_file}", "--dataset=s", f"--workers={workers}",
+                 "--doc_chars=1000")
         outputs.append({f: (tmp_path / root / "s" / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")})
     assert outputs[0] == outputs[1] == outputs[2]
     assert sorted(os.listdir(tmp_path / "b")) == ["s"]  # no temp or old folder left
@@ -173,14 +177,14 @@ def test_mixing_two_streams_of_hub_style_records(tmp_path):
         assert abs(stream_tokens[0] - mix * total) <= biggest
         return meta
 
-    prepared(tmp_path / "out", "--input", tmp_path / "web", "--input", str(tmp_path / "*.parquet"),
-             "--name", "mix", "--mix", 0.3, "--max_tokens", 60_000)
+    prepared(tmp_path / "out", f"--input={tmp_path / 'web'}", f"--input2={tmp_path / '*.parquet'}",
+             "--dataset=mix", "--mix=0.3", "--max_tokens=6e4")
     meta = check(tmp_path / "out" / "mix", 0.3, 60_000)
     assert meta["mix"] == 0.3 and meta["max_tokens"] == 60_000
     assert meta["streams"][0]["source"] == [str(tmp_path / "web" / f"shard_{i}.jsonl.gz") for i in range(2)]
     # With no budget, it stops when the smaller stream (the pydoc "books") runs out, keeping the mix.
-    result = prepared(tmp_path / "out", "--input", tmp_path / "web", "--input", tmp_path / "cosmo.parquet",
-                      "--name", "mix", "--mix", 0.7)
+    result = prepared(tmp_path / "out", f"--input={tmp_path / 'web'}", f"--input2={tmp_path / 'cosmo.parquet'}",
+                      "--dataset=mix", "--mix=0.7")
     assert "ran out" in result.stderr
     check(tmp_path / "out" / "mix", 0.7)
 
@@ -190,7 +194,7 @@ def test_both_splits_get_documents_and_duplicates_stay_in_one(tmp_path, val_frac
     paragraphs = shakespeare_text().split("\n\n")[:30]
     with open(tmp_path / "docs.jsonl", "w") as f:
         f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs + paragraphs)
-    prepared(tmp_path, "--input", tmp_path / "docs.jsonl", "--name", "d", "--val_fraction", val_fraction)
+    prepared(tmp_path, f"--input={tmp_path / 'docs.jsonl'}", "--dataset=d", f"--val_fraction={val_fraction}")
     meta, tokens = load(tmp_path / "d")
     assert meta[f"{empty_by_hash}_documents"] == 1  # the last document, which the hash sent to the other split
     train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
@@ -203,7 +207,7 @@ def test_both_splits_get_documents_and_duplicates_stay_in_one(tmp_path, val_frac
 def earlier_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("earlier")
     (root / "prev.jsonl").write_text("".join(json.dumps({"text": f"document {i}\n"}) + "\n" for i in range(20)))
-    prepared(root / "data", "--input", root / "prev.jsonl", "--name", "prev")
+    prepared(root / "data", f"--input={root / 'prev.jsonl'}", "--dataset=prev")
     return root / "data" / "prev"
 
 
@@ -234,66 +238,169 @@ def plugin_path(tmp_path):
     return str(tmp_path / "plugin")
 
 
+REFUSED_SETTINGS = {  # case: (arguments, words the error must hold); {good} and {other} are valid .jsonl files
+    "val_fraction 0": (["--input={good}", "--val_fraction=0"], "--val_fraction must be a number between 0 and 1"),
+    "val_fraction 1": (["--input={good}", "--val_fraction=1"], "--val_fraction must be a number between 0 and 1"),
+    "val_fraction 1.5": (["--input={good}", "--val_fraction=1.5"], "not 1.5"),
+    "val_fraction a word": (["--input={good}", "--val_fraction=half"], "not 'half'"),
+    "mix 0": (["--input={good}", "--input2={other}", "--mix=0"], "--mix must be a number between 0 and 1"),
+    "mix 1": (["--input={good}", "--input2={other}", "--mix=1"], "--mix must be a number between 0 and 1"),
+    "mix -0.5": (["--input={good}", "--input2={other}", "--mix=-0.5"], "not -0.5"),
+    "mix of one stream": (["--input={good}", "--mix=0.3"], "--mix needs two streams"),
+    "doc_chars 0": (["--input={good}", "--doc_chars=0"], "--doc_chars must be at least 1, not 0"),
+    "doc_chars a float": (["--input={good}", "--doc_chars=1e3"], "'doc_chars' on the command line must be int"),
+    "workers 0": (["--input={good}", "--workers=0"], "--workers must be at least 1, not 0"),
+    "workers -2": (["--input={good}", "--workers=-2"], "--workers must be at least 1, not -2"),
+    "max_tokens 0": (["--input={good}", "--max_tokens=0"], "--max_tokens must be a whole number of at least 1"),
+    "max_tokens -5": (["--input={good}", "--max_tokens=-5"], "not -5"),
+    "max_tokens 1.5": (["--input={good}", "--max_tokens=1.5"], "not 1.5"),
+    "max_tokens a word": (["--input={good}", "--max_tokens=lots"], "not 'lots'"),
+    "seed beyond 64 bits": (["--input={good}", f"--seed={2 ** 64}"], "--seed must be an integer of 64 bits"),
+    "no text field name": (["--input={good}", "--text_field="], "--text_field must name"),
+    "dataset that climbs out": (["--input={good}", "--dataset=../escape"], "--dataset must be a folder name"),
+    "dataset that is hidden": (["--input={good}", "--dataset=.hidden"], "not '.hidden'"),
+    "dataset with a slash": (["--input={good}", "--dataset=a/b"], "not 'a/b'"),
+    "dataset with a space": (["--input={good}", "--dataset=my data"], "not 'my data'"),
+    "dataset too long": (["--input={good}", f"--dataset={'x' * 201}"], "at most 200"),
+    "input with no dataset": (["--input={good}", "--dataset="], "--input needs --dataset=NAME"),
+    "unknown encoding": (["--input={good}", "--encoding=no_such_encoding"],
+                         "cannot load tiktoken encoding 'no_such_encoding'"),
+    "bundled size that is not a power of two": (["--input={good}", "--encoding=cl100k_5000"],
+                                                "cannot load tiktoken encoding 'cl100k_5000'"),
+    "oversized encoding": (["--input={good}", "--encoding=oversized"], "65,793 tokens, more than the 65,536"),
+    "unknown hf stream": (["--hf=fineweb"], "--hf takes fineweb-edu+cosmopedia, fineweb-edu or cosmopedia"),
+    "hf stream twice": (["--hf=cosmopedia+cosmopedia"], "not 'cosmopedia+cosmopedia'"),
+    "hf dataset with no repo": (["--hf=cosmopedia", "--hf_cosmopedia=:cosmopedia-v2"], "--hf_cosmopedia must be"),
+    "input and hf": (["--input={good}", "--hf=cosmopedia"], "--input and --hf exclude each other"),
+    "input2 alone": (["--input2={good}"], "--input2 is the second stream"),
+    "unknown key": (["--name=prev"], "unknown config key 'name'"),
+    "misspelt key": (["--input={good}", "--datset=prev"], "did you mean 'dataset'"),
+    "old-style flag": (["--input", "{good}"], "argument '--input' must be --key=value"),
+    "missing config file": (["no_such_config.py"], "config file 'no_such_config.py' not found"),
+    "empty path between commas": (["--input={good},,{other}"], "has an empty path"),
+    "a file named twice": (["--input={good},{good}"], "good.jsonl is named twice (by --input and --input)"),
+    "a file in both streams": (["--input={good}", "--input2={good}"], "named twice (by --input and --input2)"),
+    "out_root that is a file": (["--input={good}", "--out_root={good}"], "--out_root {good} is a file"),
+    "out_root inside a file": (["--input={good}", "--out_root={good}/data"], "cannot create --out_root"),
+}
+
+
 def bad_inputs(tmp_path, case):
     """(arguments, expected words in the error) for one kind of bad input."""
-    good = tmp_path / "good.jsonl"
+    good, other = tmp_path / "good.jsonl", tmp_path / "other.jsonl"
     good.write_text(json.dumps({"text": "fine\n"}) + "\n" + json.dumps({"text": "also fine\n"}) + "\n")
+    other.write_text(json.dumps({"text": "other\n"}) + "\n" + json.dumps({"text": "more\n"}) + "\n")
+    if case in REFUSED_SETTINGS:
+        args, expected = REFUSED_SETTINGS[case]
+        return [arg.format(good=good, other=other) for arg in args], expected.format(good=good)
     if case == "missing":
-        return ["--input", tmp_path / "nope.txt"], "input not found"
+        return [f"--input={tmp_path / 'nope.txt'}"], "input not found"
+    if case == "a path with a comma":
+        (tmp_path / "a,b.txt").write_text("text\n")
+        return [f"--input={tmp_path / 'a,b.txt'}"], "write ? for each comma"
     if case == "empty":
         (tmp_path / "empty.txt").write_text("")
-        return ["--input", tmp_path / "empty.txt"], "no text"
+        return [f"--input={tmp_path / 'empty.txt'}"], "no text"
     if case == "no usable files":
         (tmp_path / "dir").mkdir()
         (tmp_path / "dir" / "notes.csv").write_text("a,b\n")
-        return ["--input", tmp_path / "dir"], "holds no .txt"
+        return [f"--input={tmp_path / 'dir'}"], "holds no .txt"
     if case == "glob matches nothing":
-        return ["--input", str(tmp_path / "*.jsonl.gz")], "no file matches"
+        return [f"--input={tmp_path / '*.jsonl.gz'}"], "no file matches"
+    if case == "a broken link in a folder":
+        (tmp_path / "dir").mkdir()
+        (tmp_path / "dir" / "gone.txt").symlink_to(tmp_path / "deleted.txt")
+        return [f"--input={good},{tmp_path / 'dir'}"], f"cannot read {tmp_path / 'dir' / 'gone.txt'}"
+    if case == "not gzip":
+        (tmp_path / "plain.jsonl.gz").write_text(good.read_text())
+        return [f"--input={good},{tmp_path / 'plain.jsonl.gz'}"], "plain.jsonl.gz is not gzip-compressed"
+    if case == "truncated gzip":  # found when it is read
+        (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(shakespeare_text()[:100_000].encode())[:20_000])
+        return [f"--input={tmp_path / 'cut.txt.gz'}"], f"cannot read {tmp_path / 'cut.txt.gz'}"
+    if case == "parquet without the text column":
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "body.parquet")
+        return [f"--input={good},{tmp_path / 'body.parquet'}"], "body.parquet: no 'text' column (it has body)"
+    if case == "not parquet":
+        pytest.importorskip("pyarrow")
+        (tmp_path / "fake.parquet").write_text("not parquet")
+        return [f"--input={good},{tmp_path / 'fake.parquet'}"], "fake.parquet: not a readable parquet file"
     if case == "not json":  # fails mid-way: the first shard, longer than a worker batch, is already written
         (tmp_path / "shards").mkdir()
         text = shakespeare_text()
         (tmp_path / "shards" / "a.jsonl").write_text(
             "".join(json.dumps({"text": text[i:i + 5000]}) + "\n" for i in range(0, 600_000, 5000)))
         (tmp_path / "shards" / "b.jsonl").write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
-        return ["--input", tmp_path / "shards", "--workers", 1], f"{tmp_path / 'shards' / 'b.jsonl'}:2: not JSON"
+        return [f"--input={tmp_path / 'shards'}", "--workers=1"], f"{tmp_path / 'shards' / 'b.jsonl'}:2: not JSON"
     if case == "no text field":
-        (tmp_path / "other.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
-        return ["--input", good, tmp_path / "other.jsonl"], f"{tmp_path / 'other.jsonl'}:2: the record has no 'text'"
+        other.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+        return [f"--input={good},{other}"], f"{other}:2: the record has no 'text'"
     if case == "one document":
         (tmp_path / "short.txt").write_text("one paragraph\n\nand another, but short\n")
-        return ["--input", tmp_path / "short.txt"], "single document"
-    if case == "unknown encoding":
-        return ["--input", good, "--encoding", "no_such_encoding"], "cannot load tiktoken encoding 'no_such_encoding'"
-    if case == "oversized encoding":
-        return ["--input", good, "--encoding", "oversized"], "65,793 tokens, more than the 65,536"
-    if case == "mix of one stream":
-        return ["--input", good, "--mix", 0.3], "--mix needs two streams"
+        return [f"--input={tmp_path / 'short.txt'}"], "single document"
+    if case == "dataset folder that is a link":
+        (tmp_path / "target").mkdir()
+        (tmp_path / "linked").mkdir()
+        (tmp_path / "linked" / "ds").symlink_to(tmp_path / "target")
+        return [f"--input={good}", f"--out_root={tmp_path / 'linked'}", "--dataset=ds"], "is a symbolic link"
 
 
-ERRORS = ["missing", "empty", "no usable files", "glob matches nothing", "not json", "no text field", "one document",
-          "unknown encoding", "oversized encoding", "mix of one stream"]
+FILE_ERRORS = ["missing", "a path with a comma", "empty", "no usable files", "glob matches nothing",
+               "a broken link in a folder", "not gzip", "truncated gzip", "parquet without the text column",
+               "not parquet", "not json", "no text field", "one document", "dataset folder that is a link"]
 
 
-@pytest.mark.parametrize("case", ERRORS)
+@pytest.mark.parametrize("case", [*REFUSED_SETTINGS, *FILE_ERRORS])
 def test_bad_input_is_one_clear_error_and_leaves_data_intact(tmp_path, previous, case):
     args, expected = bad_inputs(tmp_path, case)
     env = None
     if case == "oversized encoding":
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([plugin_path(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    result = run_prepare(previous[0], *args, "--name", "prev", env=env)
-    assert result.returncode != 0
+    result = run_prepare(previous[0], "--dataset=prev", *args, env=env)
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert_untouched(previous)
 
 
+def test_help_shows_each_value_after_the_config_files_and_lists_the_encodings(tmp_path):
+    (tmp_path / "mine.py").write_text("dataset = 'mine'\ninput = 'web/,books.parquet'\n")
+    result = run_prepare(tmp_path, tmp_path / "mine.py", "--workers=3", "--help")
+    assert result.returncode == 0 and not os.path.exists(tmp_path / "mine")
+    assert "--dataset='mine'" in result.stdout and "--input='web/,books.parquet'" in result.stdout
+    assert "--workers=3" in result.stdout and "tokenizer processes" in result.stdout
+    assert all(name in result.stdout for name in tokenizer.BUNDLED)
+
+
+def test_a_config_file_sets_what_the_flags_would(tmp_path, shakespeare_file):
+    (tmp_path / "shakespeare.py").write_text(f"input = {str(shakespeare_file)!r}\ndataset = 'from_file'\n"
+                                             f"encoding = 'bytes'\nval_fraction = 0.2\n")
+    prepared(tmp_path, tmp_path / "shakespeare.py", "--workers=1")
+    meta, _ = load(tmp_path / "from_file")
+    assert (meta["encoding"], meta["val_fraction"], meta["source"]) == ("bytes", 0.2, [str(shakespeare_file)])
+
+
 def test_hf_without_datasets_says_how_to_install_it(tmp_path):
     if importlib.util.find_spec("datasets"):
         pytest.skip("datasets is installed: --hf would go to the network")
-    result = run_prepare(tmp_path, "--hf", "fineweb-edu+cosmopedia")
+    result = run_prepare(tmp_path, "--hf=fineweb-edu+cosmopedia")
     assert result.returncode != 0 and "pip install datasets" in result.stderr
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "fineweb_edu_cosmopedia")
+
+
+def test_a_hub_stream_that_fails_midway_is_one_line_naming_where():
+    def dropped_connection():
+        yield {"text": "one"}
+        yield {"text": "two"}
+        raise ConnectionError("Connection reset by peer\nand more lines")
+
+    records = prepare.hf_records("org/corpus:cfg", dropped_connection())
+    assert [next(records), next(records)] == [(1, {"text": "one"}), (2, {"text": "two"})]
+    with pytest.raises(prepare.PrepareError, match="^streaming org/corpus:cfg failed after 2 records: "
+                                                   "Connection reset by peer$"):
+        next(records)
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
@@ -302,7 +409,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     paragraphs[40] += " \xa9 1623"
     raw = "\n\n".join(paragraphs).encode("latin-1")  # three bytes that are not UTF-8
     (tmp_path / "latin1.txt").write_bytes(raw)
-    result = prepared(tmp_path, "--input", tmp_path / "latin1.txt", "--name", "l", "--doc_chars", 2000)
+    result = prepared(tmp_path, f"--input={tmp_path / 'latin1.txt'}", "--dataset=l", "--doc_chars=2000")
     assert "not valid UTF-8: replaced 3 invalid byte sequences" in result.stderr
     meta, tokens = load(tmp_path / "l")
     train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
@@ -310,22 +417,74 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert "".join(train_docs + val_docs).count("\ufffd") == 3
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
-def test_ctrl_c_mid_run_leaves_previous_data_intact(tmp_path, previous):
-    fifo = tmp_path / "slow.txt"  # a pipe as the input file: the run waits mid-way for text that never comes
+def start_on_a_pipe(tmp_path, out_root, *args):
+    """prepare.py reading a named pipe, and the pipe's open writing end after 300K characters: the run
+    then waits mid-way, its temp dir in place, for text that comes only when the test says."""
+    fifo = tmp_path / "slow.txt"
     os.mkfifo(fifo)
-    process = subprocess.Popen([sys.executable, "prepare.py", "--input", str(fifo), "--name", "prev",
-                                "--out_root", str(previous[0])], cwd=REPO, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "prepare.py", f"--input={fifo}", "--dataset=prev",
+                                f"--out_root={out_root}", *args], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    with open(fifo, "w") as f:
-        f.write(shakespeare_text()[:300_000])
-        f.flush()
-        deadline = time.time() + 60
-        while not glob.glob(str(previous[0] / ".prev.tmp-*" / "train.bin")) and time.time() < deadline:
-            time.sleep(0.05)
+    pipe = open(fifo, "w")
+    pipe.write(shakespeare_text()[:300_000])
+    pipe.flush()
+    return process, pipe
+
+
+def wait_for(condition, what):
+    deadline = time.time() + 60
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_mid_run_leaves_previous_data_intact(tmp_path, previous, signum, code, word):
+    process, pipe = start_on_a_pipe(tmp_path, previous[0])
+    with pipe:
+        wait_for(lambda: glob.glob(str(previous[0] / ".prev.tmp-*" / "train.bin")), "the temp dir")
         time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert process.returncode == code, stderr
+    assert stderr.strip() == f"{word}: {previous[0] / 'prev'} is left as it was"
     assert_untouched(previous)
+
+
+def worker_processes(pid):
+    """The processes forked by pid that run prepare.py (its tokenizer pool), from /proc."""
+    found = []
+    for stat_file in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat_file) as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(stat_file.replace("stat", "cmdline"), "rb") as f:
+                command = f.read()
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        if parent == pid and b"prepare.py" in command:
+            found.append(int(stat_file.split("/")[2]))
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.isdir("/proc/self"), reason="needs a named pipe and /proc")
+def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous):
+    process, pipe = start_on_a_pipe(tmp_path, previous[0], "--workers=2")
+    with pipe:
+        wait_for(lambda: worker_processes(process.pid), "a tokenizer process")
+        os.kill(worker_processes(process.pid)[0], signal.SIGKILL)  # as the out-of-memory killer would
+    _, stderr = process.communicate(timeout=60)  # the pipe is closed: the run reads to its end
+    assert process.returncode == 1, stderr
+    assert stderr.strip().splitlines() == ["error: a tokenizer process died (killed, or out of memory?); try fewer "
+                                           "--workers than 2"]
+    assert_untouched(previous)
+
+
+def test_a_signal_during_the_swap_waits_until_it_is_done(capsys):
+    with prepare.signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # would be a KeyboardInterrupt between the swap's two renames
+        time.sleep(0.1)
+    assert "SIGINT came while the new data was swapped in" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -61,8 +61,8 @@ def runs(trained_checkpoint, tmp_path_factory):
             "fixed_min-2": train_like(fixed_min, root / "fixed_min-2", "--seed=2"),
             "binary-1337": train_like(fixed_min, root / "binary-1337", "--code_values=binary")}
     # the same text split by another seed: a different dataset
-    run("prepare.py", "--input", SHAKESPEARE, "--name", "other_split", "--encoding", "bytes", "--seed", "1",
-        "--out_root", str(root), "--workers", "1")
+    run("prepare.py", f"--input={SHAKESPEARE}", "--dataset=other_split", "--encoding=bytes", "--seed=1",
+        f"--out_root={root}", "--workers=1")
     made["other-split"] = train_like(fixed_min, root / "other-split", f"--dataset={root / 'other_split'}")
     return made
 
