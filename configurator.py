@@ -53,6 +53,11 @@ def _parse_value(text, default):
         return text  # --start=123 is the text "123"
     if isinstance(default, bool) and text.lower() in BOOLEAN_WORDS:
         return BOOLEAN_WORDS[text.lower()]
+    if isinstance(default, float) and not isinstance(default, bool):
+        try:
+            return float(text)  # also nan and inf, for the script's own range checks to refuse by name
+        except ValueError:
+            pass
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):

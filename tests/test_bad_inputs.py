@@ -1,0 +1,158 @@
+"""Bad inputs to every command-line tool: each gets one `error:` line naming the problem, a non-zero exit,
+no traceback, and every file that existed before is byte-identical afterwards.
+
+The tools run in this process through common.run_main, exactly as their `__main__` blocks call them,
+so that dozens of cases cost seconds; test_every_tool_speaks_the_same_way_as_a_subprocess checks that
+the same holds for real processes. The server's HTTP errors are in test_serve.py."""
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from common import run_main
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, shakespeare_bytes, trained_checkpoint):
+    """A folder holding a dataset, a trained run, a foreign export folder and a few odd files."""
+    root = tmp_path_factory.mktemp("workspace")
+    shutil.copytree(shakespeare_bytes, root / "data")
+    shutil.copytree(trained_checkpoint("fixed_min"), root / "run")
+    (root / "corrupt").mkdir()
+    shutil.copy(root / "data" / "train.bin", root / "corrupt" / "train.bin")
+    shutil.copy(root / "data" / "val.bin", root / "corrupt" / "val.bin")
+    (root / "corrupt" / "meta.json").write_text("{not json")
+    (root / "partial").mkdir()
+    (root / "partial" / "meta.json").write_text(json.dumps({"encoding": "bytes"}))
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("a folder of the user's, not an export")
+    (root / "a_file").write_text("not a folder")
+    (root / "syntax.py").write_text("batch_size = = 3\n")
+    (root / "raises.py").write_text("batch_size = 1 // 0\n")
+    (root / "typo.py").write_text("learning_rat = 1e-3\n")
+    return root
+
+
+def snapshot(root):
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
+    return files
+
+
+T = "{root}"  # stands for the workspace folder in the cases below
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--compile=False", "--device=cpu"]
+TRAIN = ["--dataset={root}/data", "--out_dir={root}/new", *TINY]
+CASES = [  # (tool, arguments, a word the error line must contain)
+    ("train", [*TRAIN, "--dropout=2"], "dropout"),
+    ("train", [*TRAIN, "--dropout=-0.1"], "dropout"),
+    ("train", [*TRAIN, "--input_code=foo"], "input_code"),
+    ("train", [*TRAIN, "--n_embd=128", "--n_head=3"], "n_head"),
+    ("train", [*TRAIN, "--batch_size=0"], "batch_size"),
+    ("train", [*TRAIN, "--batch_size=-1"], "batch_size"),
+    ("train", [*TRAIN, "--eval_interval=0"], "eval_interval"),
+    ("train", [*TRAIN, "--eval_iters=0"], "eval_iters"),
+    ("train", [*TRAIN, "--log_interval=0"], "log_interval"),
+    ("train", [*TRAIN, "--learning_rate=-1"], "learning_rate"),
+    ("train", [*TRAIN, "--learning_rate=nan"], "finite"),
+    ("train", [*TRAIN, "--min_lr=1.0"], "min_lr"),
+    ("train", [*TRAIN, "--gradient_accumulation_steps=0"], "gradient_accumulation_steps"),
+    ("train", [*TRAIN, "--max_iters=-1"], "max_iters"),
+    ("train", [*TRAIN, "--max_iters=ten"], "max_iters"),
+    ("train", [*TRAIN, "--beta1=1.5"], "beta1"),
+    ("train", [*TRAIN, "--grad_clip=-1"], "grad_clip"),
+    ("train", [*TRAIN, "--weight_decay=-0.1"], "weight_decay"),
+    ("train", [*TRAIN, "--block_size=0"], "block_size"),
+    ("train", [*TRAIN, "--block_size=100000000"], "block_size"),
+    ("train", [*TRAIN, "--n_layer=0"], "n_layer"),
+    ("train", [*TRAIN, "--device=tpu"], "device"),
+    ("train", [*TRAIN, "--device=cuda"], "CUDA"),
+    ("train", [*TRAIN, "--dtype=float64"], "dtype"),
+    ("train", [*TRAIN, "--init_from=gpt2"], "init_from"),
+    ("train", [*TRAIN, "--n_layr=2"], "n_layer"),
+    ("train", [*TRAIN, "--batch_size"], "--key=value"),
+    ("train", [*TRAIN, "--compile=maybe"], "compile"),
+    ("train", [*TRAIN, "--out_dir={root}/a_file"], "not a folder"),
+    ("train", [*TRAIN, "--out_dir=/proc/no/such/place"], "out_dir"),
+    ("train", [*TRAIN, "--out_dir={root}/run"], "already holds a run"),
+    ("train", [*TRAIN, "--dataset={root}/corrupt"], "not valid JSON"),
+    ("train", [*TRAIN, "--dataset={root}/partial"], "lacks"),
+    ("train", [*TRAIN, "--dataset={root}/nowhere"], "prepare.py"),
+    ("train", [*TRAIN, "{root}/syntax.py"], "not valid Python"),
+    ("train", [*TRAIN, "{root}/raises.py"], "ZeroDivisionError"),
+    ("train", [*TRAIN, "{root}/typo.py"], "learning_rate"),
+    ("train", [*TRAIN, "{root}/missing.py"], "not found"),
+    ("train", ["--init_from=resume", "--out_dir={root}/nowhere"], "resume"),
+    ("train", ["--init_from=resume", "--out_dir={root}/run", "--n_layer=3"], "another model"),
+    ("eval", ["--out_dir={root}/run", "--batch_size=-1"], "batch_size"),
+    ("eval", ["--out_dir={root}/run", "--max_val_tokens=-5"], "max_val_tokens"),
+    ("eval", ["--out_dir={root}/nowhere"], "does not exist"),
+    ("eval", ["--out_dir={root}/run", "--dataset={root}/corrupt"], "not valid JSON"),
+    ("eval", ["--out_dir={root}/run", "--device=tpu"], "device"),
+    ("eval", ["--out_dir={root}/run", "--dtype=half"], "dtype"),
+    ("eval", ["--out_dir={root}/run", "--max_tokens=5"], "max_val_tokens"),
+    ("sample", ["--out_dir={root}/run", "--num_samples=0"], "num_samples"),
+    ("sample", ["--out_dir={root}/run", "--temperature=-1"], "temperature"),
+    ("sample", ["--out_dir={root}/run", "--top_p=0"], "top_p"),
+    ("sample", ["--out_dir={root}/run", "--top_p=2"], "top_p"),
+    ("sample", ["--out_dir={root}/run", "--top_k=-3"], "top_k"),
+    ("sample", ["--out_dir={root}/run", "--max_new_tokens=-1"], "max_new_tokens"),
+    ("sample", ["--out_dir={root}/run", "--start=FILE:{root}/no_prompt.txt"], "prompt file"),
+    ("sample", ["--out_dir={root}/nowhere"], "does not exist"),
+    ("sample", ["--out_dir={root}/a_file"], "a_file"),
+    ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--codes=foo"], "foo"),
+    ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--steps=0"], "steps"),
+    ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--decode_batch_sizes=0"], "decode_batch_sizes"),
+    ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--decode_batch_sizes=a,b"], "decode_batch_sizes"),
+    ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--sdpa=bogus"], "sdpa"),
+    ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--prompt_tokens=0"], "prompt_tokens"),
+    ("export_hf", ["--out_dir={root}/nowhere"], "does not exist"),
+    ("export_hf", ["--out_dir={root}/run", "--hf_dir={root}/mine"], "earlier export"),
+    ("export_hf", ["--out_dir={root}/run", "--hf_dri=x"], "hf_dir"),
+    ("prepare", ["--input={root}/no_such.txt", "--dataset=x", "--out_root={root}/prepared"], "not found"),
+    ("prepare", ["--dataset=x", "--val_fraction=2", "--out_root={root}/prepared"], "val_fraction"),
+    ("prepare", ["--dataset=x", "--mix=0.5", "--out_root={root}/prepared"], "mix"),
+    ("prepare", ["--dataset=x", "--workers=0", "--out_root={root}/prepared"], "workers"),
+    ("prepare", ["--dataset=../x", "--out_root={root}/prepared"], "dataset"),
+    ("prepare", ["--dataset=x", "--encoding=nope", "--out_root={root}/prepared"], "nope"),
+    ("prepare", ["--dataset=x", "--out_root={root}/a_file"], "out_root"),
+]
+
+
+@pytest.mark.parametrize("tool, args, mentions", CASES, ids=[f"{t}:{' '.join(a[-1:])}" for t, a, _ in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(workspace, capsys, tool, args, mentions):
+    argv = [arg.format(root=workspace) for arg in args]
+    before = snapshot(workspace)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(importlib.import_module(tool).main, argv)
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert exit_info.value.code not in (0, None), stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert mentions in lines[0], lines[0]
+    assert snapshot(workspace) == before
+
+
+def test_every_tool_speaks_the_same_way_as_a_subprocess(workspace):
+    """One bad setting per tool, as a real process: exit code 1, one line on stderr, nothing on stdout."""
+    procs = {tool: subprocess.Popen([sys.executable, f"{tool}.py", "--no_such_key=1"], cwd=REPO, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for tool in ("train", "eval", "sample", "bench", "export_hf", "prepare")}
+    for tool, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (tool, stderr)
+        assert stderr.strip().splitlines() == [stderr.strip()] and "no_such_key" in stderr, (tool, stderr)
+        assert stdout == ""
