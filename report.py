@@ -1,7 +1,7 @@
 """
 The paper's comparison from run directories: a markdown table and, optionally, a figure.
 
-    python report.py out-study/shakespeare/*/ --plot assets/study_shakespeare.png
+    python report.py --runs='out-study/shakespeare/*' --plot=assets/study_shakespeare.png
 
 A run directory is what train.py and eval.py leave in out_dir: ckpt.pt, metrics.jsonl and eval.json.
 Runs are grouped into variants: the input code plus every setting that differs between the runs
@@ -13,15 +13,17 @@ perplexity of eval.json as mean ± sample standard deviation (n - 1) over the ru
 those means to the `learned` variant with the same other settings, and the tokens seen in training.
 
 Runs trained or evaluated on different data, or of different model shapes, are refused unless
---allow_mixed is given (then what differs becomes part of the variants).
+--allow_mixed=True is given (then what differs becomes part of the variants).
 """
-import argparse
+import glob
 import json
 import os
 import statistics
 import sys
 
 from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
+from common import UserError, run_main
+from configurator import parse_config
 from model import INPUT_CODES
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -34,9 +36,17 @@ REPEAT_KEYS = {"seed", "code_seed", "out_dir", "init_from", "eval_interval", "ev
 CODE_KEYS = {"input_code", "code_values", "code_scale"}  # what a row may differ in from its learned baseline
 
 
+SETTINGS = {  # key: (default, meaning)
+    "runs": ("", "run folders (out_dir of train.py and eval.py), comma-separated; globs are expanded"),
+    "plot": ("", "also write the validation loss against tokens of every run to this .png ('': no figure)"),
+    "allow_mixed": (False, "True: report runs of different data or model shapes (what differs makes separate rows)"),
+}
+DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
+MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+
+
 def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    raise UserError(message)
 
 
 def load_run(run_dir):
@@ -205,24 +215,33 @@ def plot(variants, title, path):
     plt.close(fig)
 
 
+def run_folders(runs):
+    """The run folders of --runs, in the order given, each once; globs expanded (sorted)."""
+    folders = []
+    for pattern in filter(None, (item.strip() for item in runs.split(","))):
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            fail(f"no run folder matches '{pattern}'")
+        folders += [os.path.normpath(m) for m in matches]
+    if not folders:
+        fail("no runs given: pass --runs=DIR[,DIR...] (globs work: --runs='out-study/*')")
+    return list(dict.fromkeys(folders))
+
+
 def main(argv):
-    parser = argparse.ArgumentParser(description="Markdown table (and figure) of runs, grouped by input code.")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="out_dir of train.py and eval.py")
-    parser.add_argument("--plot", metavar="PATH.png", help="also write val loss against tokens, every run")
-    parser.add_argument("--allow_mixed", action="store_true",
-                        help="report runs of different data or model shapes (what differs makes separate rows)")
-    args = parser.parse_args(argv)
-    run_dirs = list(dict.fromkeys(os.path.normpath(d) for d in args.run_dirs))
-    runs = [load_run(d) for d in run_dirs]
-    check_comparable(runs, args.allow_mixed)
+    cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
+    if cfg["plot"] and not cfg["plot"].endswith(".png"):
+        fail(f"plot must name a .png file, got '{cfg['plot']}'")
+    runs = [load_run(d) for d in run_folders(cfg["runs"])]
+    check_comparable(runs, cfg["allow_mixed"])
     variants = group_variants(runs)
     print(f"{summary(runs)}. Mean ± sample std (n - 1) over the runs of a variant (one run: no ±); "
           f"vs learned: mean / mean of `learned` - 1.\n")
     print(table(variants))
-    if args.plot:
-        plot(variants, summary(runs), args.plot)
-        print(f"\nwrote {args.plot}", file=sys.stderr)
+    if cfg["plot"]:
+        plot(variants, summary(runs), cfg["plot"])
+        print(f"\nwrote {cfg['plot']}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -118,6 +118,11 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("export_hf", ["--out_dir={root}/nowhere"], "does not exist"),
     ("export_hf", ["--out_dir={root}/run", "--hf_dir={root}/mine"], "earlier export"),
     ("export_hf", ["--out_dir={root}/run", "--hf_dri=x"], "hf_dir"),
+    ("report", [], "no runs given"),
+    ("report", ["--runs={root}/nowhere*"], "no run folder matches"),
+    ("report", ["--runs={root}/run", "--plot={root}/figure.txt"], ".png"),
+    ("report", ["--runs={root}/run"], "eval.py"),
+    ("report", ["--runs={root}/data"], "no checkpoint"),
     ("prepare", ["--input={root}/no_such.txt", "--dataset=x", "--out_root={root}/prepared"], "not found"),
     ("prepare", ["--dataset=x", "--val_fraction=2", "--out_root={root}/prepared"], "val_fraction"),
     ("prepare", ["--dataset=x", "--mix=0.5", "--out_root={root}/prepared"], "mix"),
@@ -150,7 +155,7 @@ def test_every_tool_speaks_the_same_way_as_a_subprocess(workspace):
     """One bad setting per tool, as a real process: exit code 1, one line on stderr, nothing on stdout."""
     procs = {tool: subprocess.Popen([sys.executable, f"{tool}.py", "--no_such_key=1"], cwd=REPO, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for tool in ("train", "eval", "sample", "bench", "export_hf", "prepare")}
+             for tool in ("train", "eval", "sample", "bench", "export_hf", "prepare", "report")}
     for tool, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 1, (tool, stderr)

@@ -30,8 +30,10 @@ def train_like(run_dir, out_dir, *overrides):
     return str(out_dir)
 
 
-def report(*args):
-    return subprocess.run([sys.executable, "report.py", *map(str, args)], cwd=REPO, capture_output=True, text=True)
+def report(*run_dirs, plot=None, allow_mixed=False):
+    args = [f"--runs={','.join(map(str, run_dirs))}", *([f"--plot={plot}"] if plot else []),
+            *(["--allow_mixed=True"] if allow_mixed else [])]
+    return subprocess.run([sys.executable, "report.py", *args], cwd=REPO, capture_output=True, text=True)
 
 
 def read(run_dir):
@@ -72,7 +74,7 @@ def plotted(runs, tmp_path_factory):
     """(stdout, figure path) of report.py on the four runs of one dataset, with --plot."""
     figure = tmp_path_factory.mktemp("figure") / "curves.png"
     result = report(runs["fixed_min-1337"], runs["fixed_min-2"], runs["learned-1337"], runs["binary-1337"],
-                    "--plot", figure)
+                    plot=figure)
     assert result.returncode == 0, result.stderr
     return result.stdout, figure
 
@@ -124,7 +126,7 @@ def test_runs_of_different_datasets_are_refused_unless_allow_mixed(runs):
     assert len(mixed.stderr.strip().splitlines()) == 1
     assert "differ in dataset" in mixed.stderr and "--allow_mixed" in mixed.stderr
 
-    allowed = report(runs["fixed_min-1337"], runs["other-split"], "--allow_mixed")
+    allowed = report(runs["fixed_min-1337"], runs["other-split"], allow_mixed=True)
     assert allowed.returncode == 0, allowed.stderr
     table = rows(allowed.stdout)
     assert len(table) == 2 and all(name.startswith("fixed_min dataset=") for name in table)
