@@ -90,17 +90,31 @@ def draw_wide_codes(V, width, seed):
     return codes
 
 
-# code_layout: which code bit each of the n_embd channels carries. Both give every bit at least one
-# channel when n_embd >= width (GPTConfig checks it), so the lift keeps distinct codes distinct.
-LAYOUTS = {
-    "tile": lambda n_embd, width: torch.arange(n_embd) % width,  # bits 0..W-1 again and again; the last tile may be partial
-    "repeat": lambda n_embd, width: torch.arange(n_embd) * width // n_embd,  # W contiguous runs of n/W channels
-}
+# code_layout: how (..., W) code values fill n_embd channels. Both put every bit on at least one channel
+# when n_embd >= W (GPTConfig checks it), so distinct codes stay distinct. Both are copies, no arithmetic.
+
+def tile(values, n_embd):
+    """Channel j carries bit j mod W: the code again and again, the last copy partial if W does not divide n_embd."""
+    return values.tile((-(-n_embd // values.size(-1)),))[..., :n_embd]
+
+
+def repeat(values, n_embd):
+    """Channel j carries bit floor(j W / n_embd): W contiguous runs in bit order, repeat_interleave(n_embd / W)
+    when W divides n_embd (the author's checkpoints); otherwise runs of floor(n_embd / W) and ceil(n_embd / W)
+    channels, the longer ones spread evenly over the bits."""
+    width = values.size(-1)
+    if n_embd % width == 0:
+        return values.repeat_interleave(n_embd // width, dim=-1)
+    channel_bit = torch.arange(n_embd, device=values.device) * width // n_embd
+    return values.index_select(-1, channel_bit)  # a gather, several times slower: only for uneven runs
+
+
+LAYOUTS = {"tile": tile, "repeat": repeat}
 
 
 class InputCode:
     """What CODES needs of an entry, besides being an nn.Module built as cls(config) into GPT.embed."""
-    reads = ()  # the code fields of GPTConfig it uses; code_layout or code_width given to a code that does not use them is an error
+    reads = ()  # the GPTConfig code fields it uses: a code_layout or code_width it does not use is refused
 
     @staticmethod
     def trainable_params(config):
@@ -113,15 +127,17 @@ class InputCode:
 
 
 class ChannelLayout(nn.Module):
-    """The shared lift's last step: (..., width) values -> (..., n_embd) channels, channel j carrying
-    bit channel_bit[j] (see LAYOUTS). A copy, not arithmetic: tile and repeat hold the same numbers."""
+    """The shared lift's last step: (..., W) code values -> (..., n_embd) channels, by code_layout."""
 
-    def __init__(self, config, width):
+    def __init__(self, config):
         super().__init__()
-        self.register_buffer("channel_bit", LAYOUTS[config.code_layout](config.n_embd, width), persistent=False)
+        self.layout, self.n_embd = config.code_layout, config.n_embd
 
     def forward(self, values):
-        return values.index_select(-1, self.channel_bit)
+        return LAYOUTS[self.layout](values, self.n_embd)
+
+    def extra_repr(self):
+        return f"{self.layout}, n_embd={self.n_embd}"
 
 
 class BinaryCode(InputCode, nn.Module):
@@ -152,7 +168,7 @@ class BinaryCode(InputCode, nn.Module):
         self.lift = self.make_lift(config)
 
     def make_lift(self, config):
-        return ChannelLayout(config, self.width(config))
+        return ChannelLayout(config)
 
     def recode(self, idx):
         return idx
@@ -328,6 +344,11 @@ def readers(name):
     return [code for code, cls in CODES.items() if name in cls.reads]
 
 
+def require(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
 def code_field(default, help):
     return field(default=default, metadata={"help": help, "code": True})
 
@@ -353,24 +374,22 @@ class GPTConfig:
     rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base"})
 
     def __post_init__(self):
-        checks = [
-            (self.input_code in CODES, f"input_code must be one of {choices(CODES)}, got {self.input_code!r}"
-                                       f"{''.join(f' (did you mean {m!r}?)' for m in difflib.get_close_matches(self.input_code, CODES, 1))}"),
-            (self.code_values in ("bipolar", "binary"), f"code_values must be 'bipolar' or 'binary', got {self.code_values!r}"),
-            (self.code_layout in LAYOUTS, f"code_layout must be one of {choices(LAYOUTS)}, got {self.code_layout!r}"),
-            (math.isfinite(self.code_scale) and self.code_scale != 0, f"code_scale must be finite and nonzero, got {self.code_scale}"),
-            (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"),
-            (self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}"),
-            (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"),
-            ((self.n_embd // self.n_head) % 2 == 0, f"the head size n_embd/n_head must be even for rotary embeddings"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        closest = difflib.get_close_matches(self.input_code, CODES, 1)
+        require(self.input_code in CODES, f"input_code must be one of {choices(CODES)}, got {self.input_code!r}"
+                                          + (f" (did you mean {closest[0]!r}?)" if closest else ""))
+        require(self.code_values in ("bipolar", "binary"), f"code_values must be 'bipolar' or 'binary', got {self.code_values!r}")
+        require(self.code_layout in LAYOUTS, f"code_layout must be one of {choices(LAYOUTS)}, got {self.code_layout!r}")
+        require(math.isfinite(self.code_scale) and self.code_scale != 0, f"code_scale must be finite and nonzero, got {self.code_scale}")
+        require(self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        require(self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}")
+        require(min(self.block_size, self.n_head, self.n_embd) >= 1 and self.n_layer >= 0,
+                "block_size, n_head and n_embd must be positive and n_layer not negative")
+        require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        require((self.n_embd // self.n_head) % 2 == 0, f"the head size n_embd/n_head must be even for rotary embeddings")
         code = CODES[self.input_code]
         for name in ("code_layout", "code_width"):  # newer than any checkpoint that could set them in vain
-            if getattr(self, name) != GPTConfig.__dataclass_fields__[name].default and name not in code.reads:
-                raise ValueError(f"{name} applies to input_code {choices(readers(name))} only, not {self.input_code!r}")
+            require(getattr(self, name) == GPTConfig.__dataclass_fields__[name].default or name in code.reads,
+                    f"{name} applies to input_code {choices(readers(name))} only, not {self.input_code!r}")
         code.check(self)
 
 

@@ -72,9 +72,9 @@ class FixedCodeGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         """from_pretrained builds the model on the meta device, loads model.safetensors, and then calls
         this on every module holding a tensor it did not load. Those are only model.py's non-persistent
-        buffers (rotary tables, the input code's bit indices and channel layout), which follow from the
-        config alone: copy them from a model of the same config without blocks, built on the CPU. Loaded
-        weights and the code's persistent buffers (A and b, perm, codebook, ...) are never touched."""
+        buffers (rotary tables, the input code's bit indices), which follow from the config alone: copy
+        them from a model of the same config without blocks, built on the CPU. Loaded weights and the
+        code's persistent buffers (A and b, perm, codebook, ...) are never touched."""
         if not module._non_persistent_buffers_set:
             return
         prefix = next((name for name, m in self.gpt.named_modules() if m is module), None)

@@ -69,18 +69,21 @@ def test_first_block_reads_an_injective_code_of_all_ids_at_paper_width(name):
     assert seen.shape == (65536, 1024) and distinct_rows(seen)
 
 
+def decoder_params(c):
+    """Trainable parameters outside the input, the same for every code: per block attention (4 n^2),
+    MLP (8 n^2) and two norms (2 n), then the final norm and the V x n lm_head (bias=False)."""
+    return c.n_layer * (12 * c.n_embd ** 2 + 2 * c.n_embd) + c.n_embd + c.vocab_size * c.n_embd
+
+
 @pytest.mark.parametrize("name", CODES)
 def test_trainable_input_parameters_are_as_documented(name):
-    """trainable_params(config) of each code is what its module holds, at a tiny and the paper config;
-    nothing else of the model depends on the code."""
-    cls = CODES[name]
+    """trainable_params(config) of each code is what its module holds, at a tiny and the paper config,
+    and the code changes nothing else of the model."""
     with torch.device("meta"):
         for config in (tiny(name), GPTConfig(**code_settings(name, 65536))):
             counts = GPT(config).param_counts()
-            defaults = {name: GPTConfig.__dataclass_fields__[name].default for name in code_fields()}
-            baseline = GPT(GPTConfig(**{**asdict(config), **defaults}))  # the default code: zero input parameters
-            assert counts["input_trainable"] == cls.trainable_params(config)
-            assert counts["trainable"] == baseline.param_counts()["trainable"] + cls.trainable_params(config)
+            assert counts["input_trainable"] == CODES[name].trainable_params(config)
+            assert counts["trainable"] == decoder_params(config) + CODES[name].trainable_params(config)
     assert all(not b.requires_grad for b in GPT(tiny(name)).embed.buffers())
 
 
@@ -94,11 +97,11 @@ print(json.dumps(code_digests()))
 
 
 def code_digests(code_seed=3):
-    """{variant: sha256 of the input vectors of all 257 ids}, models built after torch.manual_seed(0)."""
+    """{variant: sha256 of the input vectors of all 257 ids}, inputs built after torch.manual_seed(0)."""
     digests = {}
     for (name, layout), label in zip(VARIANTS, IDS):
         torch.manual_seed(0)  # the trainable codes' init comes from torch's seed, the fixed ones' from code_seed
-        embed = GPT(tiny(name, layout, code_seed=code_seed)).embed
+        embed = CODES[name](tiny(name, layout, code_seed=code_seed))
         with torch.no_grad():
             digests[label] = hashlib.sha256(embed(torch.arange(257)).numpy().tobytes()).hexdigest()
     return digests
@@ -203,10 +206,11 @@ def test_hf_export_round_trips_and_matches_sample_py(name, layout, transformers,
 
 @pytest.mark.parametrize("n_embd,width", [(1024, 16), (64, 9), (1024, 48), (64, 64), (48, 17)])
 def test_layouts_put_every_bit_on_its_channels(n_embd, width):
-    tile, repeat = LAYOUTS["tile"](n_embd, width), LAYOUTS["repeat"](n_embd, width)
+    tile, repeat = (LAYOUTS[name](torch.arange(width), n_embd) for name in ("tile", "repeat"))  # channel -> bit
     assert torch.equal(tile, torch.arange(n_embd) % width)
     # repeat: contiguous runs in bit order, each bit present, run lengths floor or ceil of n_embd / width
     assert torch.equal(repeat, torch.sort(repeat).values) and set(repeat.tolist()) == set(range(width))
+    assert torch.equal(repeat, torch.arange(n_embd) * width // n_embd)
     runs = torch.bincount(repeat, minlength=width)
     assert set(runs.tolist()) <= {n_embd // width, -(-n_embd // width)}
     if n_embd % width == 0:  # the author's checkpoints: bits.repeat_interleave(n_embd / K)
@@ -217,7 +221,7 @@ def test_layouts_put_every_bit_on_its_channels(n_embd, width):
 def test_repeat_layout_is_repeat_interleave_of_the_code(code_values):
     """The author's released frozen-code models: {0, 1} values, bit k on channels 64k .. 64k+63."""
     ids = torch.arange(0, 65536, 7)
-    embed = GPT(GPTConfig(n_layer=1, code_layout="repeat", code_values=code_values)).embed
+    embed = paper_vocab_input(1024, code_layout="repeat", code_values=code_values)
     bits = ((ids[:, None] >> torch.arange(16)) & 1).float()
     assert torch.equal(embed(ids), ((2 * bits - 1) if code_values == "bipolar" else bits).repeat_interleave(64, dim=-1))
 
@@ -256,6 +260,12 @@ def bits_of(ids, K):
     return (ids[:, None] >> torch.arange(K)) & 1
 
 
+def paper_vocab_input(n_embd=64, **settings):
+    """GPT.embed alone, for V = 65,536 (K = 16), without the V x n_embd lm_head a whole GPT would build."""
+    config = GPTConfig(n_layer=0, n_head=1, n_embd=n_embd, **settings)
+    return CODES[config.input_code](config)
+
+
 def code_of(embed, ids, width):
     """The 0/1 bits a lifted code puts on its first channels in tile layout (bit 1 is the larger value)."""
     return (embed(ids)[:, :width] > 0).long()
@@ -263,7 +273,7 @@ def code_of(embed, ids, width):
 
 def test_gray_code_is_t_xor_t_shifted_and_neighbours_differ_in_one_bit():
     ids = torch.arange(65536)
-    embed = GPT(GPTConfig(n_layer=1, input_code="gray")).embed
+    embed = paper_vocab_input(input_code="gray")
     gray = code_of(embed, ids, 16)
     assert torch.equal(gray, bits_of(ids ^ (ids >> 1), 16))
     assert torch.equal((gray[1:] != gray[:-1]).sum(1), torch.ones(65535, dtype=torch.long))
@@ -271,25 +281,24 @@ def test_gray_code_is_t_xor_t_shifted_and_neighbours_differ_in_one_bit():
 
 def test_permuted_code_is_a_stored_bijection_with_no_xor_structure():
     ids = torch.arange(65536)
-    embed = GPT(GPTConfig(n_layer=1, input_code="permuted", code_seed=1)).embed
+    embed = paper_vocab_input(input_code="permuted", code_seed=1)
     assert embed.perm.dtype == torch.int64 and torch.equal(torch.sort(embed.perm).values, ids)
     assert torch.equal(code_of(embed, ids, 16), bits_of(embed.perm, 16))
     # an affine map f has f(x ^ y ^ z) = f(x) ^ f(y) ^ f(z) for all x, y, z; a random permutation does not
     x, y, z = torch.randint(0, 65536, (3, 1000), generator=torch.Generator().manual_seed(0))
     for code, expect in (("affine", True), ("permuted", False)):
-        f = GPT(GPTConfig(n_layer=1, input_code=code)).embed
+        f = paper_vocab_input(input_code=code)
         u = lambda t: (code_of(f, t, 16) << torch.arange(16)).sum(1)
         assert bool((u(x ^ y ^ z) == u(x) ^ u(y) ^ u(z)).all()) == expect, code
 
 
 @pytest.mark.parametrize("width", [64, 256])
 def test_random_wide_codes_are_distinct_stored_bits_spread_like_the_minimal_code(width):
-    config = GPTConfig(n_layer=1, input_code="random_wide", code_width=width, code_layout="repeat")
-    embed = GPT(config).embed
+    embed = paper_vocab_input(512, input_code="random_wide", code_width=width, code_layout="repeat")
     ids = torch.arange(0, 65536, 5)
     assert embed.codebook.shape == (65536, width) and embed.codebook.dtype == torch.uint8
     assert torch.unique(embed.codebook, dim=0).size(0) == 65536
-    assert torch.equal(embed(ids), (2 * embed.codebook[ids].float() - 1).repeat_interleave(1024 // width, dim=-1))
+    assert torch.equal(embed(ids), (2 * embed.codebook[ids].float() - 1).repeat_interleave(512 // width, dim=-1))
 
 
 def test_random_wide_redraws_collisions_even_when_barely_wider_than_K():
