@@ -193,7 +193,7 @@ def build(cfg, meta, device, checkpoint):
     """The model and its optimizer, fresh or restored from the checkpoint being resumed."""
     model_args = {k: cfg[k] for k in MODEL_KEYS}
     if checkpoint is not None:
-        saved = checkpoint["model_args"]
+        saved = {**{f.name: f.default for f in fields(GPTConfig)}, **checkpoint["model_args"]}  # newer fields: defaults
         if saved["vocab_size"] != meta["vocab_size"]:
             fail(f"cannot resume: the checkpoint's vocab_size is {saved['vocab_size']} but dataset "
                  f"'{cfg['dataset']}' has {meta['vocab_size']} (meta.json): use the dataset it was trained on")

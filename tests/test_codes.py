@@ -363,6 +363,24 @@ def test_checkpoints_without_the_new_fields_load_and_give_the_same_logits(name, 
         assert torch.equal(loaded.embed(ids), old_lift(u, config))
 
 
+TINY_TRAINING = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+                 "--gradient_accumulation_steps=1", "--eval_iters=1", "--warmup_iters=1", "--log_interval=3",
+                 "--compile=False", "--device=cpu"]
+
+
+def test_training_resumes_from_a_checkpoint_without_the_new_fields(shakespeare_bytes, tmp_path):
+    import train
+    out_dir = tmp_path / "run"
+    common = [f"--dataset={shakespeare_bytes}", f"--out_dir={out_dir}", *TINY_TRAINING, "--lr_decay_iters=6"]
+    train.main([*common, "--max_iters=3", "--eval_interval=3"])
+    checkpoint = load_checkpoint(str(out_dir))
+    for key in ("code_layout", "code_width"):
+        del checkpoint["model_args"][key], checkpoint["config"][key]
+    save_checkpoint(checkpoint, str(out_dir))
+    train.main([*common, "--init_from=resume", "--max_iters=6", "--eval_interval=3"])
+    assert load_checkpoint(str(out_dir))["iter_num"] == 6
+
+
 def corrupt(state, key, change):
     return {**state, key: change(state[key].clone())}
 
@@ -470,10 +488,7 @@ def test_a_code_registered_from_outside_trains_evaluates_samples_and_exports(
     monkeypatch.setitem(CODES, "shifted", ShiftedCode)
     out_dir = tmp_path / "run"
     train.main([f"--dataset={shakespeare_bytes}", f"--out_dir={out_dir}", "--input_code=shifted",
-                "--code_layout=repeat", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
-                "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=6", "--eval_interval=6",
-                "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=6", "--log_interval=3",
-                "--compile=False", "--device=cpu"])
+                "--code_layout=repeat", *TINY_TRAINING, "--max_iters=6", "--eval_interval=6", "--lr_decay_iters=6"])
     eval_py.main([f"--out_dir={out_dir}", "--max_tokens=2048", "--device=cpu"])
     assert json.load(open(out_dir / "eval.json"))["input_code"] == "shifted"
     ours = build_model(load_checkpoint(str(out_dir)))
