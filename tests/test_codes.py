@@ -206,7 +206,7 @@ def test_hf_export_round_trips_and_matches_sample_py(name, layout, transformers,
 
 @pytest.mark.parametrize("n_embd,width", [(1024, 16), (64, 9), (1024, 48), (64, 64), (48, 17)])
 def test_layouts_put_every_bit_on_its_channels(n_embd, width):
-    tile, repeat = (LAYOUTS[name](torch.arange(width), n_embd) for name in ("tile", "repeat"))  # channel -> bit
+    tile, repeat = channel_bits("tile", n_embd, width), channel_bits("repeat", n_embd, width)
     assert torch.equal(tile, torch.arange(n_embd) % width)
     # repeat: contiguous runs in bit order, each bit present, run lengths floor or ceil of n_embd / width
     assert torch.equal(repeat, torch.sort(repeat).values) and set(repeat.tolist()) == set(range(width))
@@ -226,21 +226,23 @@ def test_repeat_layout_is_repeat_interleave_of_the_code(code_values):
     assert torch.equal(embed(ids), ((2 * bits - 1) if code_values == "bipolar" else bits).repeat_interleave(64, dim=-1))
 
 
-def residual_permutation(n_embd, width):
-    """P with repeat(x) = tile(x)[..., P] when width divides n_embd: copy r of bit k is tile's channel k + r W."""
-    j = torch.arange(n_embd)
-    per_bit = n_embd // width
-    return j // per_bit + width * (j % per_bit)
+def channel_bits(layout, n_embd, width):
+    return LAYOUTS[layout](torch.arange(width), n_embd)
 
 
-def test_tile_and_repeat_are_one_network_up_to_a_permutation_of_residual_channels():
+@pytest.mark.parametrize("vocab_size", [256, 257])  # K = 8 divides 64; K = 9 does not, but both give bit 0 the spare channel
+def test_tile_and_repeat_are_one_network_up_to_a_permutation_of_residual_channels(vocab_size):
     """A repeat model equals the tile model whose residual channels are permuted by P: the same logits
     (float64, up to the rounding of reordered sums). Initial weights are i.i.d., so the permuted weights
     are as likely as the originals, and AdamW is elementwise: the layouts train identically in distribution."""
-    tile_model = GPT(tiny("fixed_min", "tile", vocab_size=256)).double()  # K = 8 divides 64
-    repeat_model = GPT(tiny("fixed_min", "repeat", vocab_size=256)).double()
-    P = residual_permutation(64, 8)
-    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    K = code_bits(vocab_size)
+    tile_bits, repeat_bits = channel_bits("tile", 64, K), channel_bits("repeat", 64, K)
+    assert torch.equal(torch.bincount(tile_bits), torch.bincount(repeat_bits))  # else no P exists
+    P = torch.argsort(tile_bits, stable=True)  # repeat's channels are in bit order: the r-th copy of bit k to the r-th
+    assert torch.equal(tile_bits[P], repeat_bits)
+    tile_model = GPT(tiny("fixed_min", "tile", vocab_size=vocab_size)).double()
+    repeat_model = GPT(tiny("fixed_min", "repeat", vocab_size=vocab_size)).double()
+    ids = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     assert torch.equal(repeat_model.embed(ids), tile_model.embed(ids)[..., P])
     with torch.no_grad():
         for (name, p), q in zip(tile_model.named_parameters(), repeat_model.parameters()):
@@ -252,6 +254,12 @@ def test_tile_and_repeat_are_one_network_up_to_a_permutation_of_residual_channel
                 q.copy_(p[:, P])
         diff = (repeat_model(ids, all_logits=True)[0] - tile_model(ids, all_logits=True)[0]).abs().max().item()
     assert diff < 1e-12
+
+
+def test_uneven_layouts_can_differ_in_which_bits_get_the_spare_channels():
+    tile_runs, repeat_runs = (torch.bincount(channel_bits(layout, 1024, 48)) for layout in ("tile", "repeat"))
+    assert tile_runs[:16].tolist() == [22] * 16 and tile_runs[16:].tolist() == [21] * 32  # the first 1024 mod 48 bits
+    assert repeat_runs[::3].tolist() == [22] * 16 and repeat_runs.sum() == 1024  # every third bit
 
 
 # ------------------------------------------------------------------------------ the new codes
