@@ -9,7 +9,7 @@ Export a checkpoint as a Hugging Face model folder that transformers loads with 
 
 The folder (written beside its final place, then renamed into it) holds:
   config.json, generation_config.json  the GPTConfig fields, auto_map, <|endoftext|> ids; greedy by default
-  model.safetensors                    the checkpoint's state_dict under 'gpt.' (A and b stay uint8)
+  model.safetensors                    the checkpoint's state_dict under 'gpt.' (code buffers keep their dtype)
   model.py                             this repository's model.py, copied verbatim: the model itself (an input
                                        code registered from outside model.py is appended to it, see code_source)
   modeling_fixed_code_gpt.py           transformers classes around model.GPT  (from hf_remote_code/)
@@ -33,7 +33,7 @@ from dataclasses import asdict
 import torch
 
 import model as model_py
-from checkpoint import CheckpointError, build_model, clean_state_dict, load_checkpoint
+from checkpoint import CheckpointError, build_model, load_checkpoint
 from configurator import ConfigError, parse_config
 from tokenizer import ENDOFTEXT, get_encoding
 
@@ -77,33 +77,40 @@ def exportable_encoding(name, vocab_size):
     return enc
 
 
-def code_source(name):
-    """What the exported model.py needs beyond this repository's: nothing for a code model.py defines; for
-    one registered in CODES from another module, the source of its class (and of its bases from that
-    module) and its CODES entry, to append. Such a class may use only what model.py defines or imports."""
+def run_source(source):
+    """model.py's source run as a module of its own, as the exported folder will run it."""
+    module = types.ModuleType("exported_model")
+    exec(compile(source, "model.py", "exec"), module.__dict__)
+    return module
+
+
+def code_source(name, source):
+    """What source (model.py) must gain to hold input code `name`: nothing when its own CODES has it; for
+    a code registered from elsewhere, the source of its class (and of its bases from the same module),
+    if model.py does not define it, and its CODES entry. Such a class may use only what model.py
+    defines or imports."""
     cls = model_py.CODES[name]
-    if cls.__module__ == model_py.__name__:
+    ours = cls.__module__ == model_py.__name__
+    if ours and getattr(run_source(source).CODES.get(name), "__qualname__", None) == cls.__qualname__:
         return ""
-    classes = [c for c in reversed(cls.__mro__) if c.__module__ == cls.__module__]
+    classes = [] if ours else [c for c in reversed(cls.__mro__) if c.__module__ == cls.__module__]
     try:
-        sources = [textwrap.dedent(inspect.getsource(c)) for c in classes]
-        where = inspect.getsourcefile(cls)
+        sources = [textwrap.dedent(inspect.getsource(c)) + "\n\n" for c in classes]
+        where = os.path.basename(inspect.getsourcefile(cls))
     except (OSError, TypeError):
         raise CheckpointError(f"input code '{name}' ({cls.__module__}.{cls.__qualname__}) is not in model.py and "
                               f"its source cannot be read: define its class in a file, or in model.py") from None
-    return (f"\n\n# Appended by export_hf.py: input code '{name}', registered from {cls.__module__} "
-            f"({os.path.basename(where)}), not part of the repository's model.py.\n\n"
-            + "\n\n".join(sources) + f"\n\nCODES[{name!r}] = {cls.__name__}\n")
+    return (f"\n\n# Appended by export_hf.py: input code '{name}', registered from {cls.__module__} ({where}), "
+            f"not in the repository's model.py.\n\n" + "".join(sources) + f"CODES[{name!r}] = {cls.__name__}\n")
 
 
 def check_model_source(source, model):
     """The exported model.py, run on its own, must rebuild model number for number: an appended code
     class that leans on a name of its own module fails here, not in the user's from_pretrained."""
-    module = types.ModuleType("exported_model")
     try:
-        exec(compile(source, "model.py", "exec"), module.__dict__)
-        copy = module.GPT(module.GPTConfig(**asdict(model.config)))
-        copy.load_state_dict(clean_state_dict(model.state_dict()))
+        exported = run_source(source)
+        copy = exported.GPT(exported.GPTConfig(**asdict(model.config)))
+        copy.load_state_dict(model.state_dict())
         ids = torch.arange(min(model.config.block_size, model.config.vocab_size))[None]
         with torch.no_grad():
             same = torch.equal(copy.eval()(ids, all_logits=True)[0], model(ids, all_logits=True)[0])
@@ -129,7 +136,7 @@ def write_folder(folder, checkpoint, model, enc, save_safetensors):
     save_safetensors(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(HERE, "model.py"), encoding="utf-8", newline="") as f:
         source = f.read()
-    appended = code_source(config.input_code)
+    appended = code_source(config.input_code, source)
     if appended:
         source += appended
         check_model_source(source, model)

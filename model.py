@@ -387,6 +387,8 @@ class GPTConfig:
         require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         require((self.n_embd // self.n_head) % 2 == 0, f"the head size n_embd/n_head must be even for rotary embeddings")
         code = CODES[self.input_code]
+        require(isinstance(code, type) and issubclass(code, InputCode) and issubclass(code, nn.Module),
+                f"CODES[{self.input_code!r}] must be an nn.Module subclass of model.InputCode, got {code!r}")
         for name in ("code_layout", "code_width"):  # newer than any checkpoint that could set them in vain
             require(getattr(self, name) == GPTConfig.__dataclass_fields__[name].default or name in code.reads,
                     f"{name} applies to input_code {choices(readers(name))} only, not {self.input_code!r}")

@@ -450,6 +450,12 @@ def test_config_errors_are_one_line_naming_the_choices(bad, match):
     assert "\n" not in str(error.value)
 
 
+def test_a_table_entry_that_is_not_an_input_code_is_named(monkeypatch):
+    monkeypatch.setitem(CODES, "plain", torch.nn.Identity)
+    with pytest.raises(ValueError, match=r"CODES\['plain'\] must be an nn.Module subclass of model.InputCode"):
+        tiny("plain")
+
+
 def test_code_fields_say_so_in_their_metadata():
     assert code_fields() == ["input_code", "code_values", "code_scale", "code_seed", "code_layout", "code_width"]
     assert all(f.metadata.get("help") for f in fields(GPTConfig))
@@ -508,6 +514,13 @@ def test_a_code_registered_from_outside_trains_evaluates_samples_and_exports(
         transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf_shifted"), trust_remote_code=True)
     assert type(theirs.gpt.embed).__name__ == "ShiftedCode"
     check_export(ours, theirs, tokenizer, sampled, prompt, new)
+
+    monkeypatch.setitem(CODES, "gray_again", model.GrayCode)  # model.py's class under a name model.py lacks
+    config = GPTConfig(**{**asdict(ours.config), "input_code": "gray_again"})
+    save_untrained(config, tmp_path / "gray_again")
+    export_hf.export(str(tmp_path / "gray_again"), str(tmp_path / "hf_gray_again"))
+    with open(tmp_path / "hf_gray_again" / "model.py") as f:
+        assert f.read().endswith("CODES['gray_again'] = GrayCode\n")
 
     monkeypatch.setitem(CODES, "offset", OffsetCode)
     config = GPTConfig(**{**asdict(ours.config), "input_code": "offset"})
