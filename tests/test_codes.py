@@ -88,7 +88,7 @@ def test_trainable_input_parameters_are_as_documented(name):
 
 
 FRESH_PROCESS = """
-import hashlib, json, sys, torch
+import json, sys
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
 from test_codes import code_digests
@@ -172,9 +172,7 @@ def sample_greedy(capsys, out_dir, prompt, new):
     return capsys.readouterr().out
 
 
-def export_and_load(transformers, out_dir, hf_dir):
-    import export_hf
-    export_hf.export(str(out_dir), str(hf_dir))
+def load_export(transformers, hf_dir):
     return (transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True).eval(),
             transformers.AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True))
 
@@ -197,7 +195,9 @@ def test_hf_export_round_trips_and_matches_sample_py(name, layout, transformers,
     ours = save_untrained(config, tmp_path / "run")
     prompt, new = "ROMEO:", 12
     sampled = sample_greedy(capsys, tmp_path / "run", prompt, new)
-    theirs, tokenizer = export_and_load(transformers, tmp_path / "run", tmp_path / f"hf_{name}")  # one module name per code
+    import export_hf
+    export_hf.export(str(tmp_path / "run"), str(tmp_path / f"hf_{name}"))  # transformers caches remote code by folder name
+    theirs, tokenizer = load_export(transformers, tmp_path / f"hf_{name}")
     assert asdict(theirs.gpt.config) == asdict(config)
     check_export(ours, theirs, tokenizer, sampled, prompt, new)
 
@@ -246,11 +246,9 @@ def test_tile_and_repeat_are_one_network_up_to_a_permutation_of_residual_channel
     assert torch.equal(repeat_model.embed(ids), tile_model.embed(ids)[..., P])
     with torch.no_grad():
         for (name, p), q in zip(tile_model.named_parameters(), repeat_model.parameters()):
-            if name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
-                q.copy_(p[P])  # a per-channel weight of the residual stream
-            elif name.endswith("c_proj.weight"):  # writes the residual stream
-                q.copy_(p[P])
-            else:  # c_attn, c_fc, lm_head read it
+            if name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight", "c_proj.weight")):
+                q.copy_(p[P])  # the norms' per-channel weights, and the projections that write the residual stream
+            else:  # c_attn, c_fc and lm_head read it
                 q.copy_(p[:, P])
         diff = (repeat_model(ids, all_logits=True)[0] - tile_model(ids, all_logits=True)[0]).abs().max().item()
     assert diff < 1e-12
@@ -408,16 +406,16 @@ def with_row(codebook, row, value):
     ("affine", "embed.A", lambda A: torch.zeros_like(A), "not an invertible"),
 ])
 def test_a_checkpoint_with_an_inconsistent_code_is_refused(name, key, change, match, tmp_path):
-    gpt = save_untrained(tiny(name), tmp_path / "run")
+    save_untrained(tiny(name), tmp_path / "run")
     checkpoint = load_checkpoint(str(tmp_path / "run"))
     checkpoint["model"] = corrupt(checkpoint["model"], key, change)
     save_checkpoint(checkpoint, str(tmp_path / "broken"))
     with pytest.raises(CheckpointError, match=match):
         build_model(load_checkpoint(str(tmp_path / "broken")))
-    fresh = GPT(tiny(name))
+    fresh, buffer = GPT(tiny(name)), key.removeprefix("embed.")
     with pytest.raises(ValueError, match=match):
         fresh.load_state_dict(checkpoint["model"])
-    assert torch.equal(fresh.embed.state_dict()[key[len("embed."):]], GPT(tiny(name)).embed.state_dict()[key[len("embed."):]])
+    assert torch.equal(fresh.embed.state_dict()[buffer], GPT(tiny(name)).embed.state_dict()[buffer])  # not copied in
 
 
 def test_a_checkpoint_missing_its_code_is_refused(tmp_path):
@@ -504,27 +502,27 @@ def test_a_code_registered_from_outside_trains_evaluates_samples_and_exports(
     train.main([f"--dataset={shakespeare_bytes}", f"--out_dir={out_dir}", "--input_code=shifted",
                 "--code_layout=repeat", *TINY_TRAINING, "--max_iters=6", "--eval_interval=6", "--lr_decay_iters=6"])
     eval_py.main([f"--out_dir={out_dir}", "--max_tokens=2048", "--device=cpu"])
-    assert json.load(open(out_dir / "eval.json"))["input_code"] == "shifted"
+    assert json.loads((out_dir / "eval.json").read_text())["input_code"] == "shifted"
     ours = build_model(load_checkpoint(str(out_dir)))
     assert isinstance(ours.embed, ShiftedCode) and ours.config.code_layout == "repeat"
     prompt, new = "ROMEO:", 12
     sampled = sample_greedy(capsys, out_dir, prompt, new)
     export_hf.main([f"--out_dir={out_dir}", f"--hf_dir={tmp_path / 'hf_shifted'}"])
-    theirs, tokenizer = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_shifted"), trust_remote_code=True).eval(), \
-        transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf_shifted"), trust_remote_code=True)
+    theirs, tokenizer = load_export(transformers, tmp_path / "hf_shifted")
     assert type(theirs.gpt.embed).__name__ == "ShiftedCode"
     check_export(ours, theirs, tokenizer, sampled, prompt, new)
 
+
+def test_export_appends_what_model_py_lacks_and_refuses_a_code_that_cannot_run_there(monkeypatch, tmp_path):
+    import export_hf
     monkeypatch.setitem(CODES, "gray_again", model.GrayCode)  # model.py's class under a name model.py lacks
-    config = GPTConfig(**{**asdict(ours.config), "input_code": "gray_again"})
-    save_untrained(config, tmp_path / "gray_again")
+    save_untrained(tiny("gray_again"), tmp_path / "gray_again")
     export_hf.export(str(tmp_path / "gray_again"), str(tmp_path / "hf_gray_again"))
     with open(tmp_path / "hf_gray_again" / "model.py") as f:
         assert f.read().endswith("CODES['gray_again'] = GrayCode\n")
 
     monkeypatch.setitem(CODES, "offset", OffsetCode)
-    config = GPTConfig(**{**asdict(ours.config), "input_code": "offset"})
-    save_untrained(config, tmp_path / "offset")
+    save_untrained(tiny("offset"), tmp_path / "offset")
     with pytest.raises(CheckpointError, match="input code 'offset' does not run from the exported model.py .*NameError"):
         export_hf.export(str(tmp_path / "offset"), str(tmp_path / "hf_offset"))
     assert not (tmp_path / "hf_offset").exists()
