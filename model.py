@@ -568,8 +568,9 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per
-        weight of every matmul (the input lift or table lookup does none, so all codes cost the same)
-        plus 12 * n_layer * n_embd * block_size for attention scores and values."""
+        weight of every matmul (the input lift or table lookup does none, so all codes cost the same;
+        learned_lift's K x n_embd map is left out too, 0.003% at the paper config) plus
+        12 * n_layer * n_embd * block_size for attention scores and values."""
         counts = self.param_counts()
         cfg = self.config
         return 6 * (counts["trainable"] - counts["input_trainable"]) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
