@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, code_bits, gf2_inverse, sample_next
+from model import CODES, GPT, GPTConfig, code_bits, gf2_inverse, make_norm, sample_next
 
 V = 65536
 ALL_IDS = torch.arange(V)
@@ -24,9 +24,15 @@ def ids_of(bits):  # (N, K) 0/1 -> (N,)
     return (bits.long() << torch.arange(bits.size(1))).sum(1)
 
 
-def lift_bits(model, ids):
+def paper_input(**settings):
+    """GPT.embed of the paper's vocabulary and width, without the 65,536 x 1024 lm_head of a whole GPT."""
+    config = GPTConfig(n_layer=0, **settings)
+    return CODES[config.input_code](config)
+
+
+def lift_bits(embed, ids):
     """The 0/1 code bits the lift puts on each channel, read back from its output values."""
-    return (model.embed(ids) > 0).long()  # bit 1 is the larger value for both code_values (code_scale > 0)
+    return (embed(ids) > 0).long()  # bit 1 is the larger value for both code_values (code_scale > 0)
 
 
 @pytest.mark.parametrize("vocab_size,K", [(2, 1), (3, 2), (256, 8), (257, 9), (50257, 16), (65536, 16), (65537, 17)])
@@ -37,11 +43,11 @@ def test_code_bits(vocab_size, K):
 
 @pytest.mark.parametrize("code_values", ["bipolar", "binary"])
 def test_fixed_code_is_the_tiled_binary_code_of_every_id(code_values):
-    model = GPT(GPTConfig(n_layer=1, input_code="fixed_min", code_values=code_values, code_scale=0.5))
-    out = model.embed(ALL_IDS)
+    embed = paper_input(input_code="fixed_min", code_values=code_values, code_scale=0.5)
+    out = embed(ALL_IDS)
     assert out.shape == (V, 1024) and out.dtype == torch.float32
     assert set(out.unique().tolist()) == ({-0.5, 0.5} if code_values == "bipolar" else {0.0, 0.5})
-    bits = lift_bits(model, ALL_IDS)
+    bits = lift_bits(embed, ALL_IDS)
     assert torch.equal(bits.view(V, 64, 16), bits[:, None, :16].expand(V, 64, 16))  # channel j carries bit j mod 16
     assert torch.equal(ids_of(bits[:, :16]), ALL_IDS)  # the code decodes back: injective
 
@@ -49,7 +55,7 @@ def test_fixed_code_is_the_tiled_binary_code_of_every_id(code_values):
 def test_partial_last_tile_for_a_vocabulary_that_is_not_a_power_of_two():
     model = GPT(small(vocab_size=257, n_embd=64))
     ids = torch.arange(257)
-    bits = lift_bits(model, ids)
+    bits = lift_bits(model.embed, ids)
     for j in range(64):
         assert torch.equal(bits[:, j], bits[:, j % 9])
     assert torch.equal(ids_of(bits[:, :9]), ids)
@@ -57,14 +63,14 @@ def test_partial_last_tile_for_a_vocabulary_that_is_not_a_power_of_two():
 
 
 def test_affine_code_is_A_c_xor_b_and_decodes_through_the_inverse():
-    model = GPT(GPTConfig(n_layer=1, input_code="affine", code_seed=7))
-    A, b = model.embed.A, model.embed.b
+    embed = paper_input(input_code="affine", code_seed=7)
+    A, b = embed.A, embed.b
     assert A.dtype == b.dtype == torch.uint8 and A.shape == (16, 16) and b.shape == (16,)
     assert set(A.unique().tolist()) <= {0, 1}
     A_inv = gf2_inverse(A)
     assert A_inv is not None
     assert torch.equal((A.long() @ A_inv.long()) % 2, torch.eye(16, dtype=torch.long))
-    code = lift_bits(model, ALL_IDS)
+    code = lift_bits(embed, ALL_IDS)
     c = bits_of(ALL_IDS, 16)
     assert torch.equal(code[:, :16], (c @ A.long().T + b.long()) % 2)
     assert torch.equal(code.view(V, 64, 16), code[:, None, :16].expand(V, 64, 16))
@@ -104,9 +110,9 @@ def test_state_dict_round_trip_restores_the_code_and_refuses_broken_ones():
 @pytest.mark.parametrize("code_values", ["bipolar", "binary"])
 def test_layernorm_pitfall_is_real(code_values):
     """Why the default is not LayerNorm: it maps id 0 and id 65535 (all bits equal) to the same input."""
-    model = GPT(GPTConfig(n_layer=1, norm="layernorm", code_values=code_values))
-    with torch.no_grad():
-        seen = model.blocks[0].norm_1(model.embed(torch.tensor([0, 65535, 1])))
+    config = GPTConfig(n_layer=1, norm="layernorm", code_values=code_values)
+    with torch.no_grad():  # what GPT builds as blocks[0].norm_1 and embed
+        seen = make_norm(config)(CODES[config.input_code](config)(torch.tensor([0, 65535, 1])))
     assert torch.allclose(seen[0], seen[1])
     assert not torch.allclose(seen[0], seen[2])
 
