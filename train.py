@@ -201,7 +201,11 @@ def build(cfg, meta, device, checkpoint):
         if changed:
             fail(f"cannot resume with another model: {', '.join(changed)}")
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **model_args))
+    try:
+        config = GPTConfig(vocab_size=meta["vocab_size"], **model_args)
+    except ValueError as e:  # a misspelled input_code, a code_width not above K, ...: one line
+        fail(str(e))
+    model = GPT(config)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     model.to(device)

@@ -17,6 +17,9 @@ from test_export_hf import hf_env, transformers  # noqa: F401 (fixtures: offline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTES_META = {"encoding": "bytes", "vocab_size": 257, "eot_token": 256}
+TINY_TRAINING = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",  # for train.main
+                 "--gradient_accumulation_steps=1", "--eval_iters=1", "--warmup_iters=1", "--log_interval=3",
+                 "--compile=False", "--device=cpu"]
 
 
 def code_settings(name, vocab_size, layout=None):
@@ -369,11 +372,6 @@ def test_checkpoints_without_the_new_fields_load_and_give_the_same_logits(name, 
         assert torch.equal(loaded.embed(ids), old_lift(u, config))
 
 
-TINY_TRAINING = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-                 "--gradient_accumulation_steps=1", "--eval_iters=1", "--warmup_iters=1", "--log_interval=3",
-                 "--compile=False", "--device=cpu"]
-
-
 def test_training_resumes_from_a_checkpoint_without_the_new_fields(shakespeare_bytes, tmp_path):
     import train
     out_dir = tmp_path / "run"
@@ -446,6 +444,16 @@ def test_config_errors_are_one_line_naming_the_choices(bad, match):
     with pytest.raises(ValueError, match=match) as error:
         GPTConfig(**{**dict(vocab_size=257, n_layer=1, n_head=4, n_embd=64), **bad})
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("bad,match", [("--input_code=learnt", "did you mean 'learned'"),
+                                       ("--input_code=random_wide", "code_width must be above K = 9")])
+def test_train_py_says_a_bad_code_setting_in_one_line(bad, match, shakespeare_bytes, tmp_path, capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.main([f"--dataset={shakespeare_bytes}", f"--out_dir={tmp_path}", *TINY_TRAINING, bad])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
 
 
 def test_a_table_entry_that_is_not_an_input_code_is_named(monkeypatch):
