@@ -416,6 +416,17 @@ def test_a_checkpoint_with_an_inconsistent_code_is_refused(name, key, change, ma
     assert torch.equal(fresh.embed.state_dict()[buffer], GPT(tiny(name)).embed.state_dict()[buffer])  # not copied in
 
 
+def test_a_checkpoint_of_a_code_this_process_does_not_know_is_one_line(monkeypatch, tmp_path, capsys):
+    import eval as eval_py
+    monkeypatch.setitem(CODES, "shifted", ShiftedCode)
+    save_untrained(tiny("shifted"), tmp_path)
+    monkeypatch.delitem(CODES, "shifted")  # as in a process that never registered it
+    with pytest.raises(SystemExit):
+        eval_py.main([f"--out_dir={tmp_path}", "--device=cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "input_code must be one of" in lines[0] and "got 'shifted'" in lines[0]
+
+
 def test_a_checkpoint_missing_its_code_is_refused(tmp_path):
     save_untrained(tiny("permuted"), tmp_path / "run")
     checkpoint = load_checkpoint(str(tmp_path / "run"))
