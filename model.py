@@ -113,7 +113,8 @@ LAYOUTS = {"tile": tile, "repeat": repeat}
 
 
 class InputCode:
-    """What CODES needs of an entry, besides being an nn.Module built as cls(config) into GPT.embed."""
+    """What CODES needs of an entry, besides being an nn.Module that cls(config) builds into GPT.embed
+    and whose forward maps (B, T) int64 ids to (B, T, n_embd) float32 vectors."""
     reads = ()  # the GPTConfig code fields it uses: a code_layout or code_width it does not use is refused
 
     @staticmethod
