@@ -77,9 +77,7 @@ class FixedCodeGPTForCausalLM(PreTrainedModel, GenerationMixin):
         code's persistent buffers (A and b, perm, codebook, ...) are never touched."""
         if not module._non_persistent_buffers_set:
             return
-        prefix = next((name for name, m in self.gpt.named_modules() if m is module), None)
-        if prefix is None:
-            return
+        prefix = next(name for name, m in self.gpt.named_modules() if m is module)
         if not hasattr(self, "_fresh_buffers"):
             with torch.device("cpu"):
                 fresh = GPT(replace(self.config.gpt_config(), n_layer=0))
