@@ -115,7 +115,10 @@ def model_config(checkpoint):
     if unknown:
         raise CheckpointError(f"checkpoint has model settings this code does not know ({', '.join(unknown)}): "
                               f"it was written by a newer version of this repository")
-    return GPTConfig(**checkpoint["model_args"])
+    try:
+        return GPTConfig(**checkpoint["model_args"])
+    except ValueError as e:  # e.g. an input code registered by the process that trained it, not this one
+        raise CheckpointError(f"checkpoint's model settings are refused: {e}") from None
 
 
 def build_model(checkpoint, device="cpu"):

@@ -9,8 +9,9 @@ Export a checkpoint as a Hugging Face model folder that transformers loads with 
 
 The folder (written beside its final place, then renamed into it) holds:
   config.json, generation_config.json  the GPTConfig fields, auto_map, <|endoftext|> ids; greedy by default
-  model.safetensors                    the checkpoint's state_dict under 'gpt.' (A and b stay uint8)
-  model.py                             this repository's model.py, copied verbatim: the model itself
+  model.safetensors                    the checkpoint's state_dict under 'gpt.' (code buffers keep their dtype)
+  model.py                             this repository's model.py, copied verbatim: the model itself (an input
+                                       code registered from outside model.py is appended to it, see code_source)
   modeling_fixed_code_gpt.py           transformers classes around model.GPT  (from hf_remote_code/)
   tokenization_fixed_code_gpt.py       a tokenizer over tiktoken              (from hf_remote_code/)
   tokenizer.tiktoken, tokenizer_config.json   the encoding's merge ranks and split pattern
@@ -19,12 +20,18 @@ safetensors are optional extras, needed only here and to load the folder.
 """
 import base64
 import importlib.util
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import textwrap
+import types
 from dataclasses import asdict
 
+import torch
+
+import model as model_py
 from checkpoint import build_model, load_checkpoint
 from common import UserError, run_main
 from configurator import parse_config
@@ -67,6 +74,52 @@ def exportable_encoding(name, vocab_size):
     return enc
 
 
+def run_source(source):
+    """model.py's source run as a module of its own, as the exported folder will run it."""
+    module = types.ModuleType("exported_model")
+    exec(compile(source, "model.py", "exec"), module.__dict__)
+    return module
+
+
+def code_source(name, source):
+    """What source (model.py) must gain to hold input code `name`: nothing when its own CODES has it; for
+    a code registered from elsewhere, the source of its class (and of its bases from the same module),
+    if model.py does not define it, and its CODES entry. Such a class may use only what model.py
+    defines or imports."""
+    cls = model_py.CODES[name]
+    ours = cls.__module__ == model_py.__name__
+    if ours and getattr(run_source(source).CODES.get(name), "__qualname__", None) == cls.__qualname__:
+        return ""
+    classes = [] if ours else [c for c in reversed(cls.__mro__) if c.__module__ == cls.__module__]
+    try:
+        sources = [textwrap.dedent(inspect.getsource(c)) + "\n\n" for c in classes]
+        where = os.path.basename(inspect.getsourcefile(cls))
+    except (OSError, TypeError):
+        raise UserError(f"input code '{name}' ({cls.__module__}.{cls.__qualname__}) is not in model.py and "
+                              f"its source cannot be read: define its class in a file, or in model.py") from None
+    return (f"\n\n# Appended by export_hf.py: input code '{name}', registered from {cls.__module__} ({where}), "
+            f"not in the repository's model.py.\n\n" + "".join(sources) + f"CODES[{name!r}] = {cls.__name__}\n")
+
+
+def check_model_source(source, model):
+    """The exported model.py, run on its own, must rebuild model number for number: an appended code
+    class that leans on a name of its own module fails here, not in the user's from_pretrained."""
+    try:
+        exported = run_source(source)
+        copy = exported.GPT(exported.GPTConfig(**asdict(model.config)))
+        copy.load_state_dict(model.state_dict())
+        ids = torch.arange(min(model.config.block_size, model.config.vocab_size))[None]
+        with torch.no_grad():
+            same = torch.equal(copy.eval()(ids, all_logits=True)[0], model(ids, all_logits=True)[0])
+    except Exception as e:
+        raise UserError(f"input code '{model.config.input_code}' does not run from the exported model.py "
+                              f"({type(e).__name__}: {e}): its class may use only names model.py defines or "
+                              f"imports") from None
+    if not same:
+        raise UserError(f"input code '{model.config.input_code}' gives other logits from the exported "
+                              f"model.py than here")
+
+
 def write_json(path, value):
     with open(path, "w") as f:
         json.dump(value, f, indent=2)
@@ -78,7 +131,14 @@ def write_folder(folder, checkpoint, model, enc, save_safetensors):
     eot = enc.eot_token
     state = {f"gpt.{key}": value.contiguous() for key, value in model.state_dict().items()}
     save_safetensors(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(os.path.join(HERE, "model.py"), os.path.join(folder, "model.py"))
+    with open(os.path.join(HERE, "model.py"), encoding="utf-8", newline="") as f:
+        source = f.read()
+    appended = code_source(config.input_code, source)
+    if appended:
+        source += appended
+        check_model_source(source, model)
+    with open(os.path.join(folder, "model.py"), "w", encoding="utf-8", newline="") as f:
+        f.write(source)
     for name in REMOTE_CODE:
         shutil.copyfile(os.path.join(HERE, "hf_remote_code", name), os.path.join(folder, name))
     with open(os.path.join(folder, "tokenizer.tiktoken"), "wb") as f:  # tiktoken's format: base64 token, rank

@@ -24,7 +24,7 @@ import sys
 from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
 from common import UserError, run_main
 from configurator import parse_config
-from model import INPUT_CODES
+from model import BASELINE_CODE, INPUT_CODES, code_fields
 from training import DEFAULTS as TRAIN_DEFAULTS
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -33,7 +33,7 @@ COMPARABLE_KEYS = ("dataset", "evaluated_on", "encoding", "held_out_tokens", *SH
 # Not what a run is, only how it was seeded or run: runs differing in these are repeats of one variant.
 REPEAT_KEYS = {"seed", "code_seed", "out_dir", "init_from", "eval_interval", "eval_iters", "log_interval",
                "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile"}
-CODE_KEYS = {"input_code", "code_values", "code_scale"}  # what a row may differ in from its learned baseline
+CODE_KEYS = set(code_fields())  # what a row may differ in from its learned baseline (GPTConfig's code fields)
 
 
 SETTINGS = {  # key: (default, meaning)
@@ -114,7 +114,7 @@ def learned_baseline(variant, variants):
     code, settings = variant
     others = tuple((k, v) for k, v in settings if k not in CODE_KEYS)
     for (other_code, other_settings), runs in variants.items():
-        if other_code == "learned" and tuple((k, v) for k, v in other_settings if k not in CODE_KEYS) == others:
+        if other_code == BASELINE_CODE and tuple((k, v) for k, v in other_settings if k not in CODE_KEYS) == others:
             return runs
     return None
 

@@ -27,7 +27,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -117,11 +117,11 @@ def model_config(cfg, meta):
 
 
 def check_resume(cfg, meta, checkpoint):
-    saved = checkpoint["model_args"]
+    saved = {**{f.name: f.default for f in fields(GPTConfig)}, **checkpoint["model_args"]}  # newer fields: defaults
     if saved["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"cannot resume: the checkpoint's vocab_size is {saved['vocab_size']} but dataset "
                         f"'{cfg['dataset']}' has {meta['vocab_size']} (meta.json): use the dataset it was trained on")
-    changed = [f"{k}={cfg[k]!r} (checkpoint: {saved[k]!r})" for k in MODEL_KEYS if k in saved and saved[k] != cfg[k]]
+    changed = [f"{k}={cfg[k]!r} (checkpoint: {saved[k]!r})" for k in MODEL_KEYS if saved[k] != cfg[k]]
     if changed:
         raise UserError(f"cannot resume with another model: {', '.join(changed)}")
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .model import GPT, BinaryCode, GPTConfig
+from .model import GPT, GPTConfig
 
 
 class FixedCodeGPTConfig(PretrainedConfig):
@@ -72,17 +72,19 @@ class FixedCodeGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         """from_pretrained builds the model on the meta device, loads model.safetensors, and then calls
         this on every module holding a tensor it did not load. Those are only model.py's non-persistent
-        buffers (rotary tables, code bit indices): rebuild them as model.py computes them, on the CPU.
-        Loaded weights and the code buffers A and b are never touched."""
-        config = self.config.gpt_config()
-        if isinstance(module, GPT):  # the rotary tables depend only on block_size, head size and rope_theta
-            head_size = config.n_embd // config.n_head
-            with torch.device("cpu"):
-                fresh = GPT(replace(config, vocab_size=2, input_code="fixed_min", n_layer=0, n_head=1, n_embd=head_size))
-        elif isinstance(module, BinaryCode):
-            with torch.device("cpu"):
-                fresh = BinaryCode(config)
-        else:
+        buffers (rotary tables, the input code's bit indices), which follow from the config alone: copy
+        them from a model of the same config without blocks, built on the CPU. Loaded weights and the
+        code's persistent buffers (A and b, perm, codebook, ...) are never touched."""
+        if not module._non_persistent_buffers_set:
             return
+        prefix = next(name for name, m in self.gpt.named_modules() if m is module)
+        if not hasattr(self, "_fresh_buffers"):
+            with torch.device("cpu"):
+                fresh = GPT(replace(self.config.gpt_config(), n_layer=0))
+            self._fresh_buffers = {f"{name}.{b}".lstrip("."): getattr(m, b) for name, m in fresh.named_modules()
+                                   for b in m._non_persistent_buffers_set}
         for name in module._non_persistent_buffers_set:
-            getattr(module, name).copy_(getattr(fresh, name))
+            key = f"{prefix}.{name}".lstrip(".")
+            if key not in self._fresh_buffers:
+                raise RuntimeError(f"model.py's non-persistent buffer {key} is not rebuilt by the exported modeling code")
+            getattr(module, name).copy_(self._fresh_buffers[key])
