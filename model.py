@@ -482,6 +482,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        # Paired seeds: the weights are drawn from a copy of the caller's RNG state taken before any
+        # module is built, the shared ones first, so every input code gets the same decoder from the
+        # same seed (modules also draw when they are constructed, and a table draws far more).
+        init_rng = torch.Generator().set_state(torch.get_rng_state())
         self.config = config
         self.embed = CODES[config.input_code](config)
         self.drop = nn.Dropout(config.dropout)
@@ -493,14 +497,16 @@ class GPT(nn.Module):
         angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)  # (block_size, head_size / 2)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for part in (self.blocks, self.norm_f, self.lm_head, self.embed):
+            for name, module in part.named_modules():
+                self._init_weights(module, name, init_rng)
 
-    def _init_weights(self, module):
+    def _init_weights(self, module, name, generator):
+        """GPT-2's init: N(0, 0.02) for every matrix, the residual projections (c_proj) scaled by
+        1/sqrt(2 n_layer), zero biases; norms keep their ones."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
