@@ -260,7 +260,8 @@ class QueueFull(Exception):
 
 class Engine:
     """Continuous batching on token ids: it knows the model, not HTTP nor text. submit() queues
-    sequences; one thread steps all of them, each step a prefill of newcomers and one batched decode."""
+    sequences; start() runs the loop on a thread, each step one batched decode of the running
+    sequences and a prefill of newcomers (tests call admit() and step() themselves)."""
 
     def __init__(self, model, device, dtype, eot, rows, max_queue, prefill_tokens):
         self.model, self.device, self.dtype, self.eot = model, device, dtype, eot
@@ -270,7 +271,10 @@ class Engine:
         self.running = []  # running[r] is the sequence in row r of the cache
         self.waiting = collections.deque()
         self.wake = threading.Condition()
+
+    def start(self):
         threading.Thread(target=self.loop, daemon=True, name="engine").start()
+        return self
 
     def submit(self, sequences):
         with self.wake:
@@ -745,7 +749,8 @@ def main(argv):
     server.encoding, server.block_size = encoding, model.config.block_size
     server.max_tokens_cap = config["max_tokens_cap"] or server.block_size
     server.max_body_bytes = config["max_body_bytes"]
-    server.engine = Engine(model, device, dtype, encoding.eot_token, rows, config["max_queue"], config["prefill_tokens"])
+    server.engine = Engine(model, device, dtype, encoding.eot_token, rows, config["max_queue"],
+                           config["prefill_tokens"]).start()
     signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
     print(f"serving {server.name} ({model.config.input_code}, block_size {server.block_size}, {device} "
