@@ -24,8 +24,9 @@ What the answers mean:
   top-p), and the k most likely tokens at each position. With echo the prompt's tokens come first and
   the first has None. A generated <|endoftext|> ends the choice: it is not in the text, but it is in
   logprobs, last. echo + max_tokens=1 + logprobs is lm-evaluation-harness's loglikelihood: one
-  forward pass scores the prompt and picks the next token. A logprobs request must fit the context
-  (prompt + max_tokens <= block_size); text_offset counts characters into the choice's text.
+  forward pass scores the prompt and picks the next token. A logprobs request must fit the context:
+  prompt + max_tokens <= block_size + 1, as the last new token is picked but never read; text_offset
+  counts characters into the choice's text.
 - A prompt longer than block_size is cropped from the left for generation, as in sample.py (usage
   still counts all its tokens); with logprobs it is refused, since scores of cropped tokens would
   silently be missing.
@@ -223,10 +224,10 @@ def parse_completion(body, encoding, block_size, max_tokens_cap):
         require(0 <= request.logprobs <= MAX_LOGPROBS, "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
         require(not request.stream, "logprobs", "is not supported with stream=true")
         longest = max(len(p.ids) for p in request.prompts)
-        if longest + request.max_tokens > block_size:
+        if longest + max(request.max_tokens, 1) - 1 > block_size:  # the last new token is picked, never read
             raise RequestError(f"with logprobs, prompt ({longest} tokens) + max_tokens ({request.max_tokens}) "
-                               f"must fit the model's context of {block_size} tokens", param="prompt",
-                               code="context_length_exceeded")
+                               f"must fit the model's context of {block_size} tokens plus the one picked last",
+                               param="prompt", code="context_length_exceeded")
     return request
 
 
@@ -482,6 +483,12 @@ def tokenizer_info(encoding, block_size):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the openai client's connection pool expects
     timeout = 120  # seconds a client may stall mid-request before its connection is dropped
+
+    def setup(self):
+        super().setup()
+        # Headers and body go out in two writes; without this, Nagle's algorithm holds the second until
+        # the client's delayed ACK, 40 ms per small answer (what the harness's /tokenize calls are).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def route(self):
         return urlsplit(self.path).path.rstrip("/")

@@ -1,5 +1,6 @@
 """serve.py through the real `openai` client: greedy text as sample.py's, streaming, echo + logprobs as
 the model computes them, seeded sampling, stop strings, bad requests answered 4xx, concurrent requests."""
+import glob
 import http.client
 import json
 import os
@@ -470,3 +471,51 @@ def test_a_full_queue_refuses_and_nothing_grows(model):
     with pytest.raises(QueueFull):
         engine.submit([sequence(3, [1, 2, 3], events, max_tokens=2)])
     assert drive(engine) >= 3 and engine.cache.k.shape[1] == 1
+
+
+def test_logprobs_fit_block_size_plus_the_token_picked_last(server):
+    block_size = 64
+    answer = server.complete(prompt=[[65] * block_size], max_tokens=1, echo=True, logprobs=1, temperature=0)
+    assert len(answer.choices[0].logprobs.token_logprobs) == block_size + 1
+    with pytest.raises(openai.BadRequestError):
+        server.complete(prompt=[[65] * block_size], max_tokens=2, echo=True, logprobs=1, temperature=0)
+
+
+# ------------------------------------------------------------------------- lm-evaluation-harness
+
+def lm_eval_samples(output_path):
+    """{task: [per-request loglikelihoods of each document, in doc_id order]} from lm_eval --log_samples."""
+    samples = {}
+    for path in sorted(glob.glob(os.path.join(output_path, "**", "samples_*.jsonl"), recursive=True)):
+        task = re.match(r"samples_(.+)_\d{4}-", os.path.basename(path)).group(1)
+        docs = sorted((json.loads(line) for line in open(path)), key=lambda doc: doc["doc_id"])
+        samples[task] = [float(r[0] if isinstance(r, list) else r) for doc in docs for r in doc["filtered_resps"]]
+    return samples
+
+
+def test_lm_eval_through_the_server_matches_the_hf_export(server, tmp_path):
+    """README's two lm_eval commands on the bundled local tasks (multiple choice and rolling
+    perplexity): local-completions against serve.py, with no tokenizer given, and hf on the export."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    subprocess.run([sys.executable, "export_hf.py", f"--out_dir={server.out_dir}", f"--hf_dir={tmp_path / 'hf'}"],
+                   cwd=REPO, check=True, capture_output=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    tasks = ["--tasks", "shakespeare_lines,shakespeare_speeches", "--include_path", "assets/lm_eval", "--log_samples"]
+    routes = {
+        "serve": ["--model", "local-completions", "--model_args", f"base_url=http://127.0.0.1:{server.port}/v1/"
+                  f"completions,model={server.name},max_length=65,num_concurrent=4"],
+        "hf": ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32,"
+               f"max_length=63", "--device", "cpu"],
+    }
+    runs = {name: subprocess.Popen(["lm_eval", *args, *tasks, "--output_path", str(tmp_path / name)], cwd=REPO,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name, args in routes.items()}  # side by side: most of each run is importing the harness
+    for name, run in runs.items():
+        output = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, f"lm_eval --model {routes[name][1]} failed:\n{output[-3000:]}"
+    served, exported = lm_eval_samples(str(tmp_path / "serve")), lm_eval_samples(str(tmp_path / "hf"))
+    assert set(served) == set(exported) == {"shakespeare_lines", "shakespeare_speeches"}
+    for task in served:
+        assert len(served[task]) == len(exported[task]) > 0
+        assert served[task] == pytest.approx(exported[task], rel=1e-6, abs=2e-5)
