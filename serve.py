@@ -582,6 +582,9 @@ class Handler(BaseHTTPRequestHandler):
                 sequences.append(Sequence(index, prompt.ids, request.max_tokens, request.temperature, request.top_k,
                                           request.top_p, generator, request.logprobs,
                                           request.echo and request.logprobs is not None, events))
+        if len(sequences) > self.server.engine.max_queue:  # it could never be queued: a 503 would ask to retry
+            raise RequestError(f"this request makes {len(sequences)} sequences (prompts x n), more than the "
+                               f"server queues at once (--max_queue={self.server.engine.max_queue})", param="n")
         self.server.engine.submit(sequences)
         try:
             if request.stream:

@@ -380,11 +380,11 @@ def test_generated_end_of_text_is_in_logprobs(eot_server):
     assert answer.usage.completion_tokens == 0
 
 
-def test_a_request_beyond_the_queue_gets_503(eot_server):
+def test_a_request_larger_than_the_queue_gets_400(eot_server):
     server, _ = eot_server
-    with pytest.raises(openai.InternalServerError) as error:
+    with pytest.raises(openai.BadRequestError) as error:
         server.complete(prompt="x", max_tokens=1, n=3)
-    assert error.value.status_code == 503 and error.value.body["code"] == "queue_full"
+    assert "--max_queue=2" in error.value.body["message"]
     assert server.complete(prompt="x", max_tokens=1, n=2).choices[1].index == 1
 
 
