@@ -218,10 +218,15 @@ class KVCache:
             start = self.positions
             self.k[layer, :B, :, start:start + T] = k
             self.v[layer, :B, :, start:start + T] = v
-            mask = None
-            if T > 1 and start > 0:  # new queries after cached ones: query i sees keys up to start + i
-                mask = torch.arange(self.end, device=k.device) <= start + torch.arange(T, device=k.device)[:, None]
-            return self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end], mask, T > 1 and start == 0
+            keys, values = self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end]
+            # Python branches, not a bool expression: under torch.compile, with lengths and T symbolic, an
+            # `if` becomes a guard, while a bool passed as is_causal would be symbolic, which SDPA rejects.
+            if start == 0:  # the first tokens: keys are exactly the queries, plain causal attention
+                return keys, values, None, True
+            if T == 1:  # one new token sees every key
+                return keys, values, None, False
+            mask = torch.arange(self.end, device=k.device) <= start + torch.arange(T, device=k.device)[:, None]
+            return keys, values, mask, False  # new queries after cached ones: query i sees keys up to start + i
         rows = torch.arange(B, device=k.device)[:, None]
         self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # (B, T, nh, hs) at each row's own positions
         self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
@@ -247,7 +252,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        mask, causal = None, T > 1
+        mask, causal = None, True  # causal with T = 1 is one query seeing one key: no need to test T
         if kv_cache is not None:
             k, v, mask, causal = kv_cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
