@@ -361,14 +361,16 @@ class Engine:
 
     def advance(self, sequences, logits):
         """Each sequence's next token from its row of logits (B, V); sequences that are done leave."""
-        done = []
-        for s, row in zip(sequences, logits):
+        done, greedy = [], logits.argmax(dim=-1).tolist()  # one call for the whole batch: most rows are greedy
+        for s, row, best_id in zip(sequences, logits, greedy):
             if s.made == s.max_tokens:
                 s.events.put((s.index, ("end", "length")))
                 done.append(s)
                 continue
-            top_k = s.top_k if s.top_k > 0 else None
-            token = sample_next(row[None], s.temperature, top_k, s.top_p, s.generator).item()
+            token = best_id
+            if s.temperature > 0:
+                top_k = s.top_k if s.top_k > 0 else None
+                token = sample_next(row[None], s.temperature, top_k, s.top_p, s.generator).item()
             logprob = top = None
             if s.logprobs is not None:
                 scores = row.float().log_softmax(dim=-1)
@@ -717,6 +719,7 @@ def cache_rows(config, model, dtype):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a connection's thread never holds up the shutdown
+    request_queue_size = 1024  # connections waiting to be accepted: socketserver's 5 resets a burst of clients
 
     def __init__(self, host, port, family):
         self.address_family = family  # IPv4 or IPv6, as the host resolved
