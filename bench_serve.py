@@ -12,7 +12,8 @@ request is `prompt_tokens` random token ids (seeded, so every run sends the same
 max_tokens new ones, greedy; its tokens are usage.completion_tokens (fewer when <|endoftext|> comes
 first). A loglikelihood request is what the harness sends: prompt_tokens ids, echo, logprobs=1,
 max_tokens=1; its tokens are the prompt tokens scored. tokens/s is all clients' tokens over the wall
-time from the first request to the last answer.
+time from the first request to the last answer. The sweep runs `repeats` times, interleaved, and each
+row gives the median tokens/s of its repeats (the machine's load changes under a long run).
 """
 import http.client
 import json
@@ -33,6 +34,8 @@ SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder serve.py serves"),
     "clients": ("1,4,16,64", "numbers of concurrent clients, comma-separated"),
     "rounds": (4, "requests each client sends, one after another"),
+    "repeats": (3, "times the whole sweep runs, interleaved, so a load change hits every count alike; "
+                   "tokens/s is the median over repeats, latencies are pooled"),
     "kind": ("generate", "generate (greedy completions) or loglikelihood (echo + logprobs, max_tokens=1)"),
     "prompt_tokens": (16, "token ids per prompt"),
     "max_tokens": (64, "new tokens per generation request"),
@@ -93,10 +96,14 @@ def run_clients(config, port, clients, prompts):
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
-    wall = time.perf_counter() - start
-    latencies = sorted(seconds for seconds, _ in results)
-    return {"clients": clients, "requests": len(results), "tokens": sum(t for _, t in results), "seconds": wall,
-            "tokens_per_s": sum(t for _, t in results) / wall, "latency_median_s": statistics.median(latencies),
+    return sum(t for _, t in results) / (time.perf_counter() - start), [seconds for seconds, _ in results]
+
+
+def summary(clients, runs):
+    """One table row from the repeats of one count: [(tokens/s, latencies)]."""
+    latencies = sorted(seconds for _, run in runs for seconds in run)
+    return {"clients": clients, "requests": len(latencies), "tokens_per_s": statistics.median(r for r, _ in runs),
+            "latency_median_s": statistics.median(latencies),
             "latency_p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
 
 
@@ -106,8 +113,8 @@ def main(argv):
         counts = [int(c) for c in config["clients"].split(",")]
     except ValueError:
         raise UserError(f"clients must be comma-separated counts, e.g. 1,4,16, got '{config['clients']}'") from None
-    if min(counts) < 1 or config["rounds"] < 1 or config["prompt_tokens"] < 2 or config["max_tokens"] < 1:
-        raise UserError("clients and rounds must be positive, prompt_tokens at least 2, max_tokens at least 1")
+    if min(counts) < 1 or min(config["rounds"], config["repeats"], config["max_tokens"]) < 1 or config["prompt_tokens"] < 2:
+        raise UserError("clients, rounds, repeats and max_tokens must be positive, prompt_tokens at least 2")
     if config["kind"] not in ("generate", "loglikelihood"):
         raise UserError(f"kind must be generate or loglikelihood, got '{config['kind']}'")
     process, port, banner = start_server(config)
@@ -118,7 +125,11 @@ def main(argv):
         rng = random.Random(config["seed"])
         prompts = [[rng.randrange(vocab - 1) for _ in range(config["prompt_tokens"])] for _ in range(256)]
         post(port, request_body(config, prompts[0]))  # warm-up: first allocations, kernels
-        rows = [run_clients(config, port, clients, prompts) for clients in counts]
+        runs = {clients: [] for clients in counts}
+        for _ in range(config["repeats"]):
+            for clients in counts:
+                runs[clients].append(run_clients(config, port, clients, prompts))
+        rows = [summary(clients, runs[clients]) for clients in counts]
     finally:
         process.terminate()
         process.wait()

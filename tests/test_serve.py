@@ -519,3 +519,12 @@ def test_lm_eval_through_the_server_matches_the_hf_export(server, tmp_path):
     for task in served:
         assert len(served[task]) == len(exported[task]) > 0
         assert served[task] == pytest.approx(exported[task], rel=1e-6, abs=2e-5)
+
+
+def test_bench_serve_prints_its_table(server):
+    result = subprocess.run([sys.executable, "bench_serve.py", f"--out_dir={server.out_dir}", "--clients=1,2",
+                             "--rounds=1", "--repeats=1", "--max_tokens=4", "--prompt_tokens=4"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \| \d+ \| [\d,]+ \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
