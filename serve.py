@@ -592,9 +592,10 @@ class Handler(BaseHTTPRequestHandler):
             if request.stream:
                 self.stream(request, choices, sequences, events)
             else:
-                self.collect(choices, sequences, events)
-                head = self.head()
-                self.send_json(200, {**head, "choices": [c.body() for c in choices], "usage": usage(request, choices)})
+                for _ in self.events(choices, sequences, events):
+                    pass
+                self.send_json(200, {**self.head(), "choices": [c.body() for c in choices],
+                                     "usage": usage(request, choices)})
         finally:  # whatever happened (a stop string, a client gone, an error), no sequence keeps its row
             for s in sequences:
                 s.cancelled = True
@@ -619,10 +620,6 @@ class Handler(BaseHTTPRequestHandler):
                 sequences[index].cancelled = True
                 open_ -= 1
             yield choice, piece
-
-    def collect(self, choices, sequences, events):
-        for _ in self.events(choices, sequences, events):
-            pass
 
     def client_gone(self):
         """True if the client closed its connection (a readable socket with nothing to read)."""

@@ -1,7 +1,6 @@
 """Decoding contracts of model.py's KVCache: rows of different lengths in one cache decode as each
 alone (what serve.py's batches rely on), and compiled generation neither breaks its graph nor compiles
 again for each new prompt length or window refill."""
-import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache

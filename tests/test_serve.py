@@ -528,3 +528,15 @@ def test_bench_serve_prints_its_table(server):
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \| \d+ \| [\d,]+ \|", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+
+
+def test_the_prefill_budget_admits_in_order_and_at_least_one(model):
+    """A batch of prompts is padded to its longest: rows x longest must fit prefill_tokens, except that
+    the first waiting sequence always goes, so a long prompt waits for no one."""
+    model, _ = model
+    engine, events = engine_of(model, rows=8, prefill_tokens=10), queue.Queue()
+    waiting = [sequence(i, [65] * n, events, max_tokens=1) for i, n in enumerate((20, 5, 4, 4, 4, 4))]
+    engine.submit(waiting)
+    assert engine.admit() == waiting[:1]  # 20 tokens, over the budget alone
+    assert engine.admit() == waiting[1:3]  # 2 x 5
+    assert engine.admit() == waiting[3:5]  # 2 x 4; a third would make 12
