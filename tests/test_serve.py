@@ -388,6 +388,17 @@ def test_a_request_larger_than_the_queue_gets_400(eot_server):
     assert server.complete(prompt="x", max_tokens=1, n=2).choices[1].index == 1
 
 
+def test_a_flood_is_queued_or_refused_and_the_server_lives_on(eot_server):
+    """32 sequences at once against a queue of 2: each request is answered, 200 or a 503 queue_full."""
+    server, _ = eot_server
+    body = json.dumps({"prompt": "x", "max_tokens": 1, "n": 2}).encode()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda _: server.raw("POST", "/v1/completions", body), range(16)))
+    for status, answer in answers:
+        assert status == 200 or (status == 503 and answer["error"]["code"] == "queue_full")
+    assert server.complete(prompt="x", max_tokens=1).choices[0].finish_reason in ("stop", "length")
+
+
 # ------------------------------------------------------------------- the engine, driven step by step
 
 def engine_of(model, rows=8, max_queue=64, prefill_tokens=2048):
