@@ -175,7 +175,7 @@ class KVCache:
             self.k = torch.zeros(self.shape, dtype=dtype, device=device)
             self.v = torch.zeros(self.shape, dtype=dtype, device=device)
         self.lengths = [0] * batch_size
-        self.positions = 0
+        self.positions = self.end = 0  # set by begin(): where the next forward's tokens go, and the keys' end
 
     def rows(self, first, count):
         """A cache over rows first .. first + count - 1 of this one, sharing its memory, starting empty:
@@ -183,7 +183,7 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.shape, view.block_size = (self.shape[0], count, *self.shape[2:]), self.block_size
         view.k, view.v = self.k[:, first:first + count], self.v[:, first:first + count]
-        view.lengths, view.positions = [0] * count, 0
+        view.lengths, view.positions, view.end = [0] * count, 0, 0
         return view
 
     def move(self, dst, src):

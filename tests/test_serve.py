@@ -519,7 +519,7 @@ def test_lm_eval_through_the_server_matches_the_hf_export(server, tmp_path):
         "hf": ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32,"
                f"max_length=63", "--device", "cpu"],
     }
-    runs = {name: subprocess.Popen(["lm_eval", *args, *tasks, "--output_path", str(tmp_path / name)], cwd=REPO,
+    runs = {name: subprocess.Popen([sys.executable, "-m", "lm_eval", *args, *tasks, "--output_path", str(tmp_path / name)], cwd=REPO,
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for name, args in routes.items()}  # side by side: most of each run is importing the harness
     for name, run in runs.items():
