@@ -89,6 +89,7 @@ SETTINGS = {  # key: (default, meaning)
     "max_queue": (1024, "sequences that may wait for a row; a request that would exceed it gets a 503"),
     "prefill_tokens": (2048, "prompt tokens (padding included) prefilled per step, at most one prompt more: "
                              "bounds how long new prompts stall the running sequences"),
+    "log_requests": (False, "print a line per request on stderr (http.server's), as a busy server makes many"),
 }
 DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
 MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
@@ -681,8 +682,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":  # a HEAD answer has the headers of the body, not the body
             self.wfile.write(data)
 
-    def log_message(self, format, *args):  # one line per request on stderr, as http.server does, minus the noise
-        if os.environ.get("SERVE_LOG_REQUESTS"):
+    def log_message(self, format, *args):  # http.server's line per request, on stderr, when asked for
+        if self.server.log_requests:
             super().log_message(format, *args)
 
 
@@ -758,7 +759,7 @@ def main(argv):
     server.name = config["model_name"] or os.path.basename(os.path.normpath(os.path.abspath(config["out_dir"])))
     server.encoding, server.block_size = encoding, model.config.block_size
     server.max_tokens_cap = config["max_tokens_cap"] or server.block_size
-    server.max_body_bytes = config["max_body_bytes"]
+    server.max_body_bytes, server.log_requests = config["max_body_bytes"], config["log_requests"]
     server.engine = Engine(model, device, dtype, encoding.eot_token, rows, config["max_queue"],
                            config["prefill_tokens"]).start()
     signal.signal(signal.SIGTERM, stop)
