@@ -36,12 +36,13 @@ What the answers mean:
   of range, and features this server lacks (suffix, logit_bias, penalties, best_of), get a 400.
 
 Continuous batching. Every choice in flight is one sequence, one row of a KV cache of max_batch_size
-rows (fewer if kv_cache_mib cannot hold that many). One engine thread loops: new sequences are
-prefilled together (right-padded, up to prefill_tokens per step), then every running sequence
-decodes its next token in one batched forward pass; a finished or abandoned sequence frees its row at
-once. Sequences that find every row taken wait in a first-come queue of max_queue; past that a request
-gets a 503 "queue_full". Each sequence keeps its own sampling settings, seed, stop strings and
-logprobs. A request alone runs the same forward passes as sample.py; in a batch the padded and
+rows (fewer if kv_cache_mib cannot hold that many). One engine thread loops: every running sequence
+decodes its next token in one batched forward pass, then new sequences are prefilled together
+(right-padded, up to prefill_tokens per step) and decode from the next step on; a finished sequence
+frees its row at once, and so does one whose client went away (noticed at its next write, or within
+a second while it waits). Sequences that find every row taken wait in a first-come queue, so a stream
+of newcomers cannot starve them; past max_queue a request gets a 503 "queue_full" (and one that could
+never fit, a 400). Each sequence keeps its own sampling settings, seed, stop strings and logprobs. A request alone runs the same forward passes as sample.py; in a batch the padded and
 per-row attention can move a logit by float32 rounding (under 1e-5 nats here), which could only flip
 a greedy token at a near tie.
 
