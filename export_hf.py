@@ -158,6 +158,7 @@ def write_folder(folder, checkpoint, model, enc, save_safetensors):
         "auto_map": {"AutoConfig": "modeling_fixed_code_gpt.FixedCodeGPTConfig",
                      "AutoModelForCausalLM": "modeling_fixed_code_gpt.FixedCodeGPTForCausalLM"},
         **asdict(config),
+        "max_position_embeddings": config.block_size,  # the context length, where transformers and lm-eval look
         "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
         "tie_word_embeddings": False,
         "use_cache": False,

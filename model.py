@@ -412,21 +412,83 @@ def rotate(x, cos, sin):  # x: (B, n_head, T, head_size); rotate pairs (i, i + h
 
 
 class KVCache:
-    """Keys and values of every layer for up to block_size positions; `pos` is how many are filled."""
+    """Keys and values of every layer for batch_size rows of up to block_size positions each.
 
-    def __init__(self, config, batch_size):
+    lengths[b] is how many positions row b holds. A forward pass of T tokens on rows 0..B-1 puts row
+    b's at positions lengths[b] .. lengths[b] + T - 1, each attending to its own row up to itself. So
+    one cache can hold sequences of different lengths (serve.py batches them); generate_stream's rows
+    all have one length, and then attention is plain causal attention on slices, as without a cache.
+    """
+
+    def __init__(self, config, batch_size, dtype=None, device=None):
         self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.block_size = config.block_size
         self.k = self.v = None
-        self.pos = 0
+        if dtype is not None:  # allocated now (serve.py's fixed budget); else at the first write
+            self.k = torch.zeros(self.shape, dtype=dtype, device=device)
+            self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.lengths = [0] * batch_size
+        self.positions = self.end = 0  # set by begin(): where the next forward's tokens go, and the keys' end
 
-    def update(self, layer, k, v):  # writes (B, nh, T, hs) at pos, returns all keys and values so far
+    def rows(self, first, count):
+        """A cache over rows first .. first + count - 1 of this one, sharing its memory, starting empty:
+        what a batch of new prompts is prefilled into."""
+        view = KVCache.__new__(KVCache)
+        view.shape, view.block_size = (self.shape[0], count, *self.shape[2:]), self.block_size
+        view.k, view.v = self.k[:, first:first + count], self.v[:, first:first + count]
+        view.lengths, view.positions, view.end = [0] * count, 0, 0
+        return view
+
+    def move(self, dst, src):
+        """Row dst becomes a copy of row src (a finished sequence's row is refilled by the last one,
+        so the sequences in flight stay in rows 0..n-1)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def begin(self, B, T, device):
+        """Before a forward of T tokens on rows 0..B-1: their positions, as an int when all rows are at
+        the same one (then slices do), else a (B, T) tensor."""
+        starts = self.lengths[:B]
+        if max(starts) + T > self.block_size:
+            raise ValueError(f"sequence of {max(starts) + T} tokens is longer than block_size {self.block_size}")
+        if min(starts) == max(starts):
+            self.positions = starts[0]
+        else:
+            self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+        self.end = max(starts) + T
+        return self.positions
+
+    def update(self, layer, k, v):
+        """Writes (B, nh, T, hs) at the positions of begin(); returns all keys and values of those rows
+        so far, the attention mask (None: all visible) and whether attention is plain causal."""
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        B, T = k.size(0), k.size(2)
+        if isinstance(self.positions, int):
+            start = self.positions
+            self.k[layer, :B, :, start:start + T] = k
+            self.v[layer, :B, :, start:start + T] = v
+            keys, values = self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end]
+            # Python branches, not a bool expression: under torch.compile, with lengths and T symbolic, an
+            # `if` becomes a guard, while a bool passed as is_causal would be symbolic, which SDPA rejects.
+            if start == 0:  # the first tokens: keys are exactly the queries, plain causal attention
+                return keys, values, None, True
+            if T == 1:  # one new token sees every key
+                return keys, values, None, False
+            mask = torch.arange(self.end, device=k.device) <= start + torch.arange(T, device=k.device)[:, None]
+            return keys, values, mask, False  # new queries after cached ones: query i sees keys up to start + i
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # (B, T, nh, hs) at each row's own positions
+        self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
+        mask = torch.arange(self.end, device=k.device) <= self.positions[:, None, :, None]  # (B, 1, T, end)
+        return self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end], mask, False
+
+    def advance(self, B, T):
+        for b in range(B):
+            self.lengths[b] += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -443,14 +505,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        start = 0
+        mask, causal = None, True  # causal with T = 1 is one query seeing one key: no need to test T
         if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)
-        mask = None
-        if T > 1 and start > 0:  # new queries after cached ones: query i sees keys up to start + i
-            mask = torch.arange(k.size(2), device=x.device) <= start + torch.arange(T, device=x.device)[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T > 1 and start == 0),
+            k, v, mask, causal = kv_cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -510,21 +568,28 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, kv_cache=None, all_logits=False):
+    def forward(self, idx, targets=None, kv_cache=None, all_logits=False, lengths=None):
         """idx (B, T) ids -> (logits, loss). With targets: logits of every position and the mean
-        cross-entropy. Without: logits of the last position (B, 1, V), or of all if all_logits."""
+        cross-entropy. Without: logits of the last position (B, 1, V), or of all if all_logits; rows
+        padded on the right give lengths (B,), their real lengths, to get the logits of their last
+        real position instead."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if kv_cache is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        positions = kv_cache.begin(B, T, idx.device) if kv_cache is not None else 0
+        if isinstance(positions, int):
+            cos, sin = self.rope_cos[positions:positions + T], self.rope_sin[positions:positions + T]
+        else:  # each row at its own positions: (B, 1, T, hs/2), broadcast over the heads
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.drop(self.embed(idx).to(self.lm_head.weight.dtype))  # the codes are float32; weights may be bf16
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(B, T)
         x = self.norm_f(x)
         if targets is None:
+            if lengths is not None and not all_logits:
+                x = x[torch.arange(B, device=x.device), lengths - 1].unsqueeze(1)
             return self.lm_head(x if all_logits else x[:, -1:]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -544,7 +609,7 @@ class GPT(nn.Module):
         for step in range(max_new_tokens):
             if step > 0:
                 window = torch.cat((window, token), dim=1)
-                if kv_cache.pos == self.config.block_size:
+                if kv_cache.lengths[0] == self.config.block_size:
                     window = window[:, -self.config.block_size:]
                     kv_cache = KVCache(self.config, idx.size(0))
                     logits, _ = self(window, kv_cache=kv_cache)

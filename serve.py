@@ -1,63 +1,99 @@
 """
 Serve a checkpoint over the OpenAI-compatible completions API (what SGLang and vLLM offer), so the
-`openai` client and lm-evaluation-harness's `local-completions` model can talk to it:
+`openai` client and lm-evaluation-harness's `local-completions` model can talk to it, many at once:
 
-    python serve.py --out_dir=out-fixed_min [--host 127.0.0.1] [--port 8000]
-    lm_eval --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions,max_length=1023,...
+    python serve.py --out_dir=out-quickstart --port=8000
+    python serve.py --out_dir=out-quickstart --host=0.0.0.0 --max_batch_size=16 --help
 
-(lm-evaluation-harness scores prompts of up to max_length tokens and asks for one more token on top,
-so give it max_length = block_size - 1.)
+Flags are --key=value (or config files of assignments) over SETTINGS below; --help lists them.
 
-Routes: GET /v1/models, POST /v1/completions with prompt (a string, a list of strings, a list of
+Routes. GET /v1/models; POST /v1/completions with prompt (a string, a list of strings, a list of
 token ids or a list of such lists), max_tokens (default 16), temperature (default 1; 0 = greedy),
 top_p, top_k (vLLM's extension; None, 0 or -1 = off), stop (a string or a list), seed, n, stream
-(server-sent events ending in `data: [DONE]`), stream_options.include_usage, echo and logprobs.
+(server-sent events ending in `data: [DONE]`), stream_options.include_usage, echo and logprobs. At the
+server root, as vLLM has them: GET /tokenizer_info, POST /tokenize {"prompt"} -> {"tokens"} and POST
+/detokenize {"tokens"} -> {"prompt"}, which lm-evaluation-harness finds and uses as its tokenizer.
+Anything else, any method, gets OpenAI's error object {"error": {"message", "type", "param", "code"}}.
 
 What the answers mean:
-- Prompts are encoded like sample.py's (the literal <|endoftext|> is the document boundary), and a
-  greedy completion is exactly sample.py --temperature=0's continuation. The model field is accepted
-  and ignored: a server holds one model.
+- Prompts are encoded like sample.py's (the literal <|endoftext|> is the document boundary; '' is a
+  new document), and a greedy completion is exactly sample.py --temperature=0's continuation. The
+  model field is accepted and ignored: a server holds one model.
 - logprobs=k gives OpenAI's legacy object {tokens, token_logprobs, top_logprobs, text_offset}: the
   log-probability of each token under the model's own distribution (before temperature, top-k or
   top-p), and the k most likely tokens at each position. With echo the prompt's tokens come first and
-  the first has None. echo + max_tokens=0 (or 1) + logprobs is lm-evaluation-harness's loglikelihood.
-  text_offset counts characters into the choice's text. The scores come from one forward pass over
-  prompt + completion, so a logprobs request must fit the context: prompt + max_tokens <= block_size.
+  the first has None. A generated <|endoftext|> ends the choice: it is not in the text, but it is in
+  logprobs, last. echo + max_tokens=1 + logprobs is lm-evaluation-harness's loglikelihood: one
+  forward pass scores the prompt and picks the next token. A logprobs request must fit the context:
+  prompt + max_tokens <= block_size + 1, as the last new token is picked but never read; text_offset
+  counts characters into the choice's text.
 - A prompt longer than block_size is cropped from the left for generation, as in sample.py (usage
   still counts all its tokens); with logprobs it is refused, since scores of cropped tokens would
   silently be missing.
+- Choice i of a request with seed s samples with its own generator seeded s + i, so the same request
+  gives the same choices however many others share its batch.
 - Unknown fields are ignored, as OpenAI-compatible servers do; known fields of the wrong type or out
-  of range, and features this server lacks (suffix, logit_bias, penalties, best_of), get a 400 with
-  OpenAI's error object {"error": {"message", "type", "param", "code"}}.
+  of range, and features this server lacks (suffix, logit_bias, penalties, best_of), get a 400.
 
-Concurrency: connections are handled on threads (a slow client only holds its own thread), and every
-model call takes one lock, one forward pass at a time. Concurrent requests therefore interleave token
-by token, each with its own KV cache (memory grows with the number of requests in flight), and no
-request waits for another to finish, nor for a slowly read stream.
+Continuous batching. Every choice in flight is one sequence, one row of a KV cache of max_batch_size
+rows (fewer if kv_cache_mib cannot hold that many). One engine thread loops: every running sequence
+decodes its next token in one batched forward pass, then new sequences are prefilled together
+(right-padded, up to prefill_tokens per step) and decode from the next step on; a finished sequence
+frees its row at once, and so does one whose client went away (noticed at its next write, or within
+a second while it waits). Sequences that find every row taken wait in a first-come queue, so a stream
+of newcomers cannot starve them; past max_queue a request gets a 503 "queue_full" (and one that could
+never fit, a 400). Each sequence keeps its own sampling settings, seed, stop strings and logprobs. A request alone runs the same forward passes as sample.py; in a batch the padded and
+per-row attention can move a logit by float32 rounding (under 1e-5 nats here), which could only flip
+a greedy token at a near tie.
 
-Why the standard library's http.server: the API is two routes of JSON and server-sent events, which
-it handles in a few lines, and it keeps the repository free of a web framework and its version churn.
+Why the standard library's http.server: the API is a few routes of JSON and server-sent events; each
+connection has its own thread, which waits on its sequences' events while the engine computes.
 """
-import argparse
-import codecs
+import collections
+import errno
 import json
 import math
 import os
+import queue
+import select
+import signal
+import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import torch
 
-from checkpoint import CheckpointError
-from configurator import ConfigError
-from common import autocast, load_for_inference, resolve_device, resolve_dtype
+from common import TextStream, UserError, autocast, encode_prompt, load_for_inference, resolve_device, resolve_dtype, run_main
+from configurator import parse_config
+from model import KVCache, sample_next
 from tokenizer import ENDOFTEXT
+
+SETTINGS = {  # key: (default, meaning)
+    "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt)"),
+    "host": ("127.0.0.1", "address to listen on; 0.0.0.0 opens the server to the network"),
+    "port": (8000, "port to listen on, 0..65535; 0 picks a free one (printed on stderr)"),
+    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
+                      "bfloat16 or float16"),
+    "model_name": ("", "the model id in answers; '': the out_dir's folder name"),
+    "max_tokens_cap": (None, "the largest max_tokens a request may ask for; None: block_size"),
+    "max_body_bytes": (4_000_000, "larger request bodies get a 413"),
+    "max_batch_size": (64, "sequences decoded together in one forward pass, at most"),
+    "kv_cache_mib": (1024, "memory for the KV cache rows, allocated at start; fewer rows than max_batch_size "
+                           "when it cannot hold them"),
+    "max_queue": (1024, "sequences that may wait for a row; a request that would exceed it gets a 503"),
+    "prefill_tokens": (2048, "prompt tokens (padding included) prefilled per step, at most one prompt more: "
+                             "bounds how long new prompts stall the running sequences"),
+    "log_requests": (False, "print a line per request on stderr (http.server's), as a busy server makes many"),
+}
+DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
+MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 
 MAX_N = 16            # choices per prompt
 MAX_LOGPROBS = 20     # top tokens per position (vLLM's default; OpenAI allows 5)
@@ -66,7 +102,10 @@ UNSUPPORTED = {  # fields this server does not implement -> the values that mean
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "best_of": (None, 1),
 }
+ROUTES = "GET /v1/models, POST /v1/completions, GET /tokenizer_info, POST /tokenize and POST /detokenize"
 
+
+# -------------------------------------------------------------------------------- request validation
 
 class RequestError(Exception):
     def __init__(self, message, param=None, status=400, code=None):
@@ -100,7 +139,7 @@ class Completion:
     logprobs: int
 
 
-def field(body, name, kinds, default, describe):
+def get(body, name, kinds, default, describe):
     """body[name] if it has one of the JSON types kinds (null or missing: default), else a 400."""
     value = body.get(name)
     if value is None:
@@ -111,218 +150,405 @@ def field(body, name, kinds, default, describe):
     return value
 
 
-def in_range(ok, name, message):
+def require(ok, name, message):
     if not ok:
         raise RequestError(f"'{name}' {message}", param=name)
 
 
-class Engine:
-    """The model, its tokenizer and the rules of the completions API."""
+def token_ids(value, n_vocab, name):
+    """value if it is a list of token ids of this vocabulary, else a 400."""
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise RequestError(f"'{name}' must be a list of token ids", param=name)
+    bad = [t for t in value if not 0 <= t < n_vocab]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside this model's vocabulary 0..{n_vocab - 1}", param=name)
+    return value
 
-    def __init__(self, model, encoding, device, dtype, name, max_tokens_cap):
-        self.model, self.encoding, self.device, self.dtype, self.name = model, encoding, device, dtype, name
-        self.block_size = model.config.block_size
-        self.max_tokens_cap = max_tokens_cap or self.block_size
-        self.lock = threading.Lock()
 
-    def models(self):
-        model = {"id": self.name, "object": "model", "created": 0, "owned_by": "fixed-code-lm",
-                 "max_model_len": self.block_size}
-        return {"object": "list", "data": [model]}
-
-    def token_text(self, token):
-        return self.encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
-
-    def parse_prompts(self, value):
-        describe = "a string, a list of strings, a list of token ids or a list of lists of token ids"
-        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(t, int) for t in value)):
-            value = [value]
-        if not isinstance(value, list) or not value:
+def parse_prompts(value, encoding):
+    describe = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(t, int) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise RequestError(f"'prompt' must be {describe}", param="prompt")
+    prompts = []
+    for item in value:
+        if isinstance(item, str):
+            prompts.append(Prompt(encode_prompt(encoding, item), item))
+        elif isinstance(item, list):
+            ids = token_ids(item, encoding.n_vocab, "prompt")
+            if not ids:
+                raise RequestError("'prompt' holds an empty list of token ids: send [<|endoftext|>'s id] to start "
+                                   "from a document boundary", param="prompt")
+            prompts.append(Prompt(ids, encoding.decode(ids, errors="replace")))
+        else:
             raise RequestError(f"'prompt' must be {describe}", param="prompt")
-        prompts = []
-        for item in value:
-            if isinstance(item, str):
-                ids = self.encoding.encode(item, allowed_special={ENDOFTEXT})
-                prompt = Prompt(ids, item)
-            elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-                bad = [t for t in item if not 0 <= t < self.encoding.n_vocab]
-                if bad:
-                    raise RequestError(f"token id {bad[0]} is outside this model's vocabulary "
-                                       f"0..{self.encoding.n_vocab - 1}", param="prompt")
-                prompt = Prompt(item, self.encoding.decode(item, errors="replace"))
-            else:
-                raise RequestError(f"'prompt' must be {describe}", param="prompt")
-            if not prompt.ids:
-                raise RequestError("'prompt' is empty: send '<|endoftext|>' to start from a document boundary",
-                                   param="prompt")
-            prompts.append(prompt)
-        return prompts
+    return prompts
 
-    def parse(self, body):
-        """A Completion from a request body (a dict), or a RequestError saying what is wrong."""
-        if "prompt" not in body:
-            raise RequestError("'prompt' is required", param="prompt")
-        for name, unused in UNSUPPORTED.items():
-            if body.get(name) not in unused:
-                raise RequestError(f"'{name}' is not supported by this server", param=name)
-        field(body, "model", (str,), None, "a string")  # checked, then ignored: one model per server
-        number, integer = (int, float), (int,)
-        stop = field(body, "stop", (str, list), [], "a string or a list of strings")
-        stop = [stop] if isinstance(stop, str) else stop
-        in_range(all(isinstance(s, str) and s for s in stop), "stop", "must hold non-empty strings")
-        options = field(body, "stream_options", (dict,), {}, "an object")
-        request = Completion(
-            prompts=self.parse_prompts(body["prompt"]),
-            max_tokens=field(body, "max_tokens", integer, 16, "an integer"),
-            temperature=field(body, "temperature", number, 1.0, "a number"),
-            top_p=field(body, "top_p", number, 1.0, "a number"),
-            top_k=field(body, "top_k", integer, -1, "an integer"),
-            stop=stop,
-            seed=field(body, "seed", integer, None, "an integer"),
-            n=field(body, "n", integer, 1, "an integer"),
-            stream=field(body, "stream", (bool,), False, "true or false"),
-            include_usage=field(options, "include_usage", (bool,), False, "true or false"),
-            echo=field(body, "echo", (bool,), False, "true or false"),
-            logprobs=field(body, "logprobs", integer, None, "an integer (the number of top tokens)"),
-        )
-        in_range(request.max_tokens >= 0, "max_tokens", "must be 0 or more")
-        if request.max_tokens > self.max_tokens_cap:
-            raise RequestError(f"'max_tokens' is {request.max_tokens}, more than this server allows "
-                               f"({self.max_tokens_cap}; the model's context is {self.block_size} tokens)",
-                               param="max_tokens", code="context_length_exceeded")
-        in_range(request.temperature >= 0, "temperature", "must be 0 (greedy) or more")
-        in_range(0 < request.top_p <= 1, "top_p", "must be in (0, 1]")
-        in_range(request.top_k >= -1, "top_k", "must be -1 or 0 (off) or a positive count")
-        in_range(1 <= request.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
-        if request.logprobs is not None:
-            in_range(0 <= request.logprobs <= MAX_LOGPROBS, "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
-            in_range(not request.stream, "logprobs", "is not supported with stream=true")
-            longest = max(len(p.ids) for p in request.prompts)
-            if longest + request.max_tokens > self.block_size:
-                raise RequestError(f"with logprobs, prompt ({longest} tokens) + max_tokens ({request.max_tokens}) "
-                                   f"must fit the model's context of {self.block_size} tokens", param="prompt",
-                                   code="context_length_exceeded")
-        return request
 
-    def step(self, stream):
-        """The next token id of a generate_stream, or None when it is over: one forward pass, under the lock."""
-        with self.lock, autocast(self.device, self.dtype):
-            token = next(stream, None)
-            return None if token is None else token.item()
+def parse_completion(body, encoding, block_size, max_tokens_cap):
+    """A Completion from a request body (a dict), or a RequestError saying what is wrong."""
+    if "prompt" not in body:
+        raise RequestError("'prompt' is required", param="prompt")
+    for name, unused in UNSUPPORTED.items():
+        if body.get(name) not in unused:
+            raise RequestError(f"'{name}' is not supported by this server", param=name)
+    get(body, "model", (str,), None, "a string")  # checked, then ignored: one model per server
+    number, integer = (int, float), (int,)
+    stop = get(body, "stop", (str, list), [], "a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    require(all(isinstance(s, str) and s for s in stop), "stop", "must hold non-empty strings")
+    options = get(body, "stream_options", (dict,), {}, "an object")
+    request = Completion(
+        prompts=parse_prompts(body["prompt"], encoding),
+        max_tokens=get(body, "max_tokens", integer, 16, "an integer"),
+        temperature=get(body, "temperature", number, 1.0, "a number"),
+        top_p=get(body, "top_p", number, 1.0, "a number"),
+        top_k=get(body, "top_k", integer, -1, "an integer"),
+        stop=stop,
+        seed=get(body, "seed", integer, None, "an integer"),
+        n=get(body, "n", integer, 1, "an integer"),
+        stream=get(body, "stream", (bool,), False, "true or false"),
+        include_usage=get(options, "include_usage", (bool,), False, "true or false"),
+        echo=get(body, "echo", (bool,), False, "true or false"),
+        logprobs=get(body, "logprobs", integer, None, "an integer (the number of top tokens)"),
+    )
+    require(request.max_tokens >= 0, "max_tokens", "must be 0 or more")
+    if request.max_tokens > max_tokens_cap:
+        raise RequestError(f"'max_tokens' is {request.max_tokens}, more than this server allows "
+                           f"({max_tokens_cap}; the model's context is {block_size} tokens)",
+                           param="max_tokens", code="context_length_exceeded")
+    require(request.temperature >= 0, "temperature", "must be 0 (greedy) or more")
+    require(0 < request.top_p <= 1, "top_p", "must be in (0, 1]")
+    require(request.top_k >= -1, "top_k", "must be -1 or 0 (off) or a positive count")
+    require(1 <= request.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
+    if request.logprobs is not None:
+        require(0 <= request.logprobs <= MAX_LOGPROBS, "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
+        require(not request.stream, "logprobs", "is not supported with stream=true")
+        longest = max(len(p.ids) for p in request.prompts)
+        if longest + max(request.max_tokens, 1) - 1 > block_size:  # the last new token is picked, never read
+            raise RequestError(f"with logprobs, prompt ({longest} tokens) + max_tokens ({request.max_tokens}) "
+                               f"must fit the model's context of {block_size} tokens plus the one picked last",
+                               param="prompt", code="context_length_exceeded")
+    return request
 
-    def generate(self, prompt, request, generator, on_text):
-        """One completion of prompt: (text, token ids, finish_reason). on_text(piece) gets the text as it
-        becomes final: a character once its bytes are complete, and never the start of a stop string."""
-        eot, decoder = self.encoding.eot_token, codecs.getincrementaldecoder("utf-8")(errors="replace")
-        hold = max((len(s) for s in request.stop), default=1) - 1  # a stop string may still be arriving
-        text, tokens, starts, sent, finish, cut = "", [], [], 0, "length", False
-        stream = iter(())
-        if request.max_tokens > 0:
-            top_k = request.top_k if request.top_k > 0 else None
-            stream = self.model.generate_stream(torch.tensor([prompt.ids[-self.block_size:]], device=self.device),
-                                                request.max_tokens, request.temperature, top_k, request.top_p,
-                                                eos_id=eot, generator=generator)
-        while (token := self.step(stream)) is not None:
-            if token == eot:
-                finish = "stop"
+
+# ------------------------------------------------------------------------------------- token engine
+
+@dataclass
+class Sequence:
+    """One choice to generate, in token ids. The engine puts (index, event) on events:
+    ("prompt", token_logprobs, tops) once, if score_prompt; ("token", id, logprob, top) per token
+    (logprob and top are None unless logprobs); ("end", "stop" | "length"); or ("error", message).
+    tops are lists of (id, logprob), most likely first. Setting cancelled frees its row at the next step."""
+    index: int
+    ids: list
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator
+    logprobs: int
+    score_prompt: bool
+    events: queue.Queue
+    cancelled: bool = False
+    made: int = 0            # tokens generated so far
+    pending: int = None      # the last token, not yet in the KV cache
+    window: list = field(default_factory=list)  # the ids in its KV cache row
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Engine:
+    """Continuous batching on token ids: it knows the model, not HTTP nor text. submit() queues
+    sequences; start() runs the loop on a thread, each step one batched decode of the running
+    sequences and a prefill of newcomers (tests call admit() and step() themselves)."""
+
+    def __init__(self, model, device, dtype, eot, rows, max_queue, prefill_tokens):
+        self.model, self.device, self.dtype, self.eot = model, device, dtype, eot
+        self.block_size = model.config.block_size
+        self.max_queue, self.prefill_tokens = max_queue, prefill_tokens
+        self.cache = KVCache(model.config, rows, dtype=dtype, device=device)
+        self.running = []  # running[r] is the sequence in row r of the cache
+        self.waiting = collections.deque()
+        self.wake = threading.Condition()
+
+    def start(self):
+        threading.Thread(target=self.loop, daemon=True, name="engine").start()
+        return self
+
+    def submit(self, sequences):
+        with self.wake:
+            if len(self.waiting) + len(sequences) > self.max_queue:
+                raise QueueFull(f"the server's queue is full ({len(self.waiting)} sequences waiting, "
+                                f"--max_queue={self.max_queue}): retry later")
+            self.waiting.extend(sequences)
+            self.wake.notify()
+
+    def loop(self):
+        while True:
+            with self.wake:
+                while not self.waiting and not self.running:
+                    self.wake.wait()
+                newcomers = self.admit()
+            try:
+                with torch.no_grad(), autocast(self.device, self.dtype):
+                    self.step(newcomers)
+            except Exception as e:  # a bug: every sequence in flight gets the error, the engine goes on
+                traceback.print_exc()
+                for sequence in {id(s): s for s in newcomers + self.running}.values():
+                    sequence.events.put((sequence.index, ("error", f"{type(e).__name__}: {e}")))
+                self.running = []
+
+    def admit(self):
+        """Waiting sequences, first come first served, for the free rows and the prefill budget (one at least)."""
+        batch, free = [], len(self.cache.lengths) - len(self.running)
+        while self.waiting and len(batch) < free:
+            sequence = self.waiting[0]
+            longest = max([len(sequence.ids)] + [len(s.ids) for s in batch])
+            if batch and (len(batch) + 1) * longest > self.prefill_tokens:
                 break
-            tokens.append(token)
-            starts.append(len(text))
-            text += decoder.decode(self.encoding.decode_single_token_bytes(token))
-            hits = [i for i in (text.find(s, max(0, starts[-1] - hold)) for s in request.stop) if i >= 0]
-            if hits:  # the stop string and all after it go; so do the tokens that only made those
-                text, finish, cut = text[:min(hits)], "stop", True
-                tokens = [t for t, start in zip(tokens, starts) if start < len(text)]
-                break
-            if len(text) - hold > sent:
-                on_text(text[sent:len(text) - hold])
-                sent = len(text) - hold
-        if not cut:
-            text += decoder.decode(b"", final=True)  # a character left incomplete shows as U+FFFD
-        if len(text) > sent:
-            on_text(text[sent:])
-        return text, tokens, finish
+            self.waiting.popleft()
+            if not sequence.cancelled:
+                batch.append(sequence)
+        return batch
 
-    def logprobs(self, ids, first, k):
-        """OpenAI's logprobs object for ids[first:], each token scored given all the ids before it."""
-        with self.lock, torch.no_grad(), autocast(self.device, self.dtype):
-            logits, _ = self.model(torch.tensor([ids], device=self.device), all_logits=True)
-        scores = logits[0].float().log_softmax(dim=-1)  # (T, V): row i scores token i + 1
-        following = torch.tensor(ids[1:], dtype=torch.long, device=scores.device)
-        picked = scores[:-1].gather(1, following[:, None]).squeeze(1).tolist()
-        top = scores[:-1].topk(k, dim=-1)
-        top_values, top_ids = top.values.tolist(), top.indices.tolist()
+    def step(self, newcomers):
+        """Running sequences decode one token together; then rows that are full re-read their last
+        block_size tokens (as generate_stream does) and newcomers are prefilled, both taking rows at the end."""
+        self.leave([s for s in self.running if s.cancelled])
+        full = [s for s in self.running if len(s.window) == self.block_size]
+        self.leave(full)
+        if self.running:  # rows 0..n-1, each with its last token still to be read
+            decoding = list(self.running)
+            idx = torch.tensor([[s.pending] for s in decoding], device=self.device)
+            logits, _ = self.model(idx, kv_cache=self.cache)
+            for s in decoding:
+                s.window.append(s.pending)
+            self.advance(decoding, logits[:, -1])
+        for s in full:
+            s.window = (s.window + [s.pending])[-self.block_size:]
+        for s in newcomers:
+            s.window = s.ids[-self.block_size:]
+        for batch in (full, newcomers):
+            if batch:
+                self.prefill(batch)
+
+    def prefill(self, sequences):
+        """Puts sequences in the next free rows, runs their windows in one forward pass, samples each one's next token."""
+        first, lengths = len(self.running), [len(s.window) for s in sequences]
+        idx = torch.full((len(sequences), max(lengths)), self.eot, device=self.device)
+        for row, s in enumerate(sequences):
+            idx[row, :lengths[row]] = torch.tensor(s.window)
+        scored = any(s.score_prompt for s in sequences)
+        logits, _ = self.model(idx, kv_cache=self.cache.rows(first, len(sequences)), all_logits=scored,
+                               lengths=torch.tensor(lengths, device=self.device))
+        for row, s in enumerate(sequences):
+            self.cache.lengths[first + row] = lengths[row]
+            if s.score_prompt:
+                self.send_prompt_scores(s, logits[row, :lengths[row]])
+        self.running.extend(sequences)
+        last = logits[torch.arange(len(sequences)), torch.tensor(lengths) - 1] if scored else logits[:, -1]
+        self.advance(sequences, last)
+
+    def send_prompt_scores(self, s, logits):
+        scores = logits.float().log_softmax(dim=-1)[:-1]  # row i scores token i + 1
+        following = torch.tensor(s.window[1:], device=scores.device)
+        picked = scores.gather(1, following[:, None]).squeeze(1).tolist()
+        top = scores.topk(s.logprobs, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        s.events.put((s.index, ("prompt", picked, tops)))
+
+    def advance(self, sequences, logits):
+        """Each sequence's next token from its row of logits (B, V); sequences that are done leave."""
+        done, greedy = [], logits.argmax(dim=-1).tolist()  # one call for the whole batch: most rows are greedy
+        for s, row, best_id in zip(sequences, logits, greedy):
+            if s.made == s.max_tokens:
+                s.events.put((s.index, ("end", "length")))
+                done.append(s)
+                continue
+            token = best_id
+            if s.temperature > 0:
+                top_k = s.top_k if s.top_k > 0 else None
+                token = sample_next(row[None], s.temperature, top_k, s.top_p, s.generator).item()
+            logprob = top = None
+            if s.logprobs is not None:
+                scores = row.float().log_softmax(dim=-1)
+                best = scores.topk(s.logprobs)
+                logprob, top = scores[token].item(), list(zip(best.indices.tolist(), best.values.tolist()))
+            s.events.put((s.index, ("token", token, logprob, top)))
+            s.made, s.pending = s.made + 1, token
+            if token == self.eot or s.made == s.max_tokens:
+                s.events.put((s.index, ("end", "stop" if token == self.eot else "length")))
+                done.append(s)
+        self.leave(done)
+
+    def leave(self, sequences):
+        """Frees the rows of sequences: the last row moves into each freed one, so rows 0..n-1 stay in use."""
+        rows = sorted((r for r, s in enumerate(self.running) if any(s is t for t in sequences)), reverse=True)
+        for row in rows:
+            last = len(self.running) - 1
+            if row != last:
+                self.cache.move(row, last)
+                self.running[row] = self.running[last]
+            self.running.pop()
+
+
+# ---------------------------------------------------------------------------------- response shaping
+
+class Choice:
+    """One choice's answer, built from its sequence's events: text as it becomes final (all bytes of a
+    character arrived, never the start of a stop string), the tokens kept, finish_reason, scores."""
+
+    def __init__(self, index, prompt, request, encoding):
+        self.index, self.prompt, self.request, self.encoding = index, prompt, request, encoding
+        self.stream = TextStream(encoding)
+        self.hold = max((len(s) for s in request.stop), default=1) - 1  # a stop string may still be arriving
+        self.text, self.sent, self.tokens, self.starts, self.scores = "", 0, [], [], []
+        self.prompt_scores, self.finish = None, None
+
+    def add(self, event):
+        """The text this event makes final ('' if none)."""
+        kind = event[0]
+        if kind == "prompt":
+            self.prompt_scores = event[1:]
+        elif kind == "token":
+            token, logprob, top = event[1:]
+            self.scores.append((token, logprob, top))
+            if token != self.encoding.eot_token:  # the end of the document ends the text, without text of its own
+                self.tokens.append(token)
+                self.starts.append(len(self.text))
+                self.text += self.stream.add(token)
+                self.cut_at_stop()
+        elif kind == "end":
+            self.finish = event[1]
+        if self.finish is not None:
+            self.text += self.stream.finish()  # a character left incomplete shows as U+FFFD
+            return self.text[self.sent:]
+        final = max(self.sent, len(self.text) - self.hold)
+        piece, self.sent = self.text[self.sent:final], final
+        return piece
+
+    def cut_at_stop(self):
+        hits = [i for i in (self.text.find(s, max(0, self.starts[-1] - self.hold)) for s in self.request.stop) if i >= 0]
+        if hits:  # the stop string and all after it go; so do the tokens that only made those
+            self.text, self.finish = self.text[:min(hits)], "stop"
+            kept = sum(1 for start in self.starts if start < len(self.text))
+            self.tokens, self.starts, self.scores = self.tokens[:kept], self.starts[:kept], self.scores[:kept]
+            self.stream = TextStream(self.encoding)  # nothing pending after the cut may show
+
+    def body(self):
+        logprobs = None
+        if self.request.logprobs is not None:
+            logprobs = self.logprobs()
+        return {"index": self.index, "text": self.prompt.text + self.text if self.request.echo else self.text,
+                "logprobs": logprobs, "finish_reason": self.finish}
+
+    def logprobs(self):
+        """OpenAI's legacy logprobs object: the prompt's tokens first with echo, then the generated ones."""
+        rows = []  # (token, logprob, top)
+        if self.request.echo:
+            picked, tops = self.prompt_scores
+            rows = [(self.prompt.ids[0], None, None)] + list(zip(self.prompt.ids[1:], picked, tops))
+        rows += self.scores
         result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         offset = 0
-        for i in range(first, len(ids)):
-            text = self.token_text(ids[i])
+        for token, logprob, top in rows:
+            text = token_text(self.encoding, token)
             result["tokens"].append(text)
             result["text_offset"].append(offset)
             offset += len(text)
-            result["token_logprobs"].append(picked[i - 1] if i > 0 else None)
-            result["top_logprobs"].append({self.token_text(t): v for t, v in zip(top_ids[i - 1], top_values[i - 1])}
-                                          if i > 0 else None)
+            result["token_logprobs"].append(logprob)
+            result["top_logprobs"].append(None if top is None else {token_text(self.encoding, t): v for t, v in top})
         return result
 
-    def run(self, request, on_text=lambda index, piece: None):
-        """(choices, usage) of a request; choices are ordered prompt by prompt, n per prompt, as OpenAI does."""
-        generator = None
-        if request.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        choices, completion_tokens = [], 0
-        for p, prompt in enumerate(request.prompts):
-            for s in range(request.n):
-                index = p * request.n + s
-                if request.echo:
-                    on_text(index, prompt.text)
-                text, tokens, finish = self.generate(prompt, request, generator, lambda piece: on_text(index, piece))
-                completion_tokens += len(tokens)
-                choice = {"index": index, "text": prompt.text + text if request.echo else text, "logprobs": None,
-                          "finish_reason": finish}
-                if request.logprobs is not None:
-                    first = 0 if request.echo else len(prompt.ids)
-                    choice["logprobs"] = self.logprobs(prompt.ids + tokens, first, request.logprobs)
-                choices.append(choice)
-        prompt_tokens = sum(len(p.ids) for p in request.prompts)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        return choices, usage
 
+def token_text(encoding, token):
+    return encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+
+def usage(request, choices):
+    prompt_tokens = sum(len(p.ids) for p in request.prompts)
+    completion_tokens = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def tokenizer_info(encoding, block_size):
+    """What vLLM's /tokenizer_info gives and lm-evaluation-harness's RemoteTokenizer reads (eos, bos, pad)."""
+    return {"tokenizer_class": f"tiktoken:{encoding.name}", "eos_token": ENDOFTEXT, "bos_token": ENDOFTEXT,
+            "pad_token": ENDOFTEXT, "model_max_length": block_size, "vocab_size": encoding.n_vocab}
+
+
+# -------------------------------------------------------------------------------------------- HTTP
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the openai client's connection pool expects
     timeout = 120  # seconds a client may stall mid-request before its connection is dropped
 
+    def setup(self):
+        super().setup()
+        # Headers and body go out in two writes; without this, Nagle's algorithm holds the second until
+        # the client's delayed ACK, 40 ms per small answer (what the harness's /tokenize calls are).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def route(self):
         return urlsplit(self.path).path.rstrip("/")
 
     def do_GET(self):
+        server = self.server
         if self.route() == "/v1/models":
-            self.send_json(200, self.server.engine.models())
-        elif self.route() == "/v1/completions":
-            self.send_json(405, error_body("use POST for /v1/completions", code="method_not_allowed"))
+            model = {"id": server.name, "object": "model", "created": 0, "owned_by": "fixed-code-lm",
+                     "max_model_len": server.block_size}
+            self.send_json(200, {"object": "list", "data": [model]})
+        elif self.route() == "/tokenizer_info":
+            self.send_json(200, tokenizer_info(server.encoding, server.block_size))
+        elif self.route() in ("/v1/completions", "/tokenize", "/detokenize"):
+            self.send_json(405, error_body(f"use POST for {self.route()}", code="method_not_allowed"))
         else:
-            self.send_json(404, error_body(f"no route GET {self.path}: this server has GET /v1/models and "
-                                           f"POST /v1/completions", code="not_found"))
+            self.send_json(404, error_body(f"no route GET {self.path}: this server has {ROUTES}", code="not_found"))
 
     def do_POST(self):
         try:
             body = self.read_json()
-            if self.route() != "/v1/completions":
-                raise RequestError(f"no route POST {self.path}: this server has POST /v1/completions", status=404,
-                                   code="not_found")
-            request = self.server.engine.parse(body)
-            if request.stream:
-                self.stream(request)
-            else:
+            route = self.route()
+            if route == "/v1/completions":
+                request = parse_completion(body, self.server.encoding, self.server.block_size,
+                                           self.server.max_tokens_cap)
                 self.complete(request)
+            elif route == "/tokenize":
+                prompt = get(body, "prompt", (str,), None, "a string")
+                require(prompt is not None, "prompt", "is required")
+                tokens = self.server.encoding.encode(prompt, allowed_special={ENDOFTEXT})
+                self.send_json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": self.server.block_size})
+            elif route == "/detokenize":
+                tokens = token_ids(body.get("tokens"), self.server.encoding.n_vocab, "tokens")
+                self.send_json(200, {"prompt": self.server.encoding.decode(tokens, errors="replace")})
+            elif route == "/tokenizer_info" or route == "/v1/models":
+                raise RequestError(f"use GET for {route}", status=405, code="method_not_allowed")
+            else:
+                raise RequestError(f"no route POST {self.path}: this server has {ROUTES}", status=404,
+                                   code="not_found")
         except RequestError as e:
             self.send_json(e.status, error_body(str(e), e.param, e.code))
+        except QueueFull as e:
+            self.send_json(503, error_body(str(e), code="queue_full", kind="server_error"), retry_after=1)
         except OSError:  # the client went away or stalled past the timeout: nothing to answer
             self.close_connection = True
         except Exception as e:  # a bug: say so, and keep serving the other requests
             traceback.print_exc()
             self.send_json(500, error_body(f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own answers (an unknown method, a malformed request line, headers too large), as
+        JSON: every method on every path gets OpenAI's error object, never an HTML page."""
+        if code == 501:  # no do_<METHOD>
+            code, message = 405, f"method {self.command} is not allowed: this server has {ROUTES}"
+        self.close_connection = True
+        self.send_json(code, error_body(message or explain or "bad request", code="method_not_allowed"
+                                        if code == 405 else None), allow=code == 405)
 
     def read_json(self):
         length = self.headers.get("Content-Length")
@@ -347,15 +573,69 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("request body must be a JSON object")
         return body
 
+    def complete(self, request):
+        """Submits one sequence per choice, then turns their events into the answer, streamed or whole."""
+        events, choices, sequences = queue.Queue(), [], []
+        for p, prompt in enumerate(request.prompts):
+            for i in range(request.n):
+                index = p * request.n + i
+                choices.append(Choice(index, prompt, request, self.server.encoding))
+                generator = None
+                if request.seed is not None:
+                    generator = torch.Generator(device=self.server.engine.device).manual_seed(request.seed + index)
+                sequences.append(Sequence(index, prompt.ids, request.max_tokens, request.temperature, request.top_k,
+                                          request.top_p, generator, request.logprobs,
+                                          request.echo and request.logprobs is not None, events))
+        if len(sequences) > self.server.engine.max_queue:  # it could never be queued: a 503 would ask to retry
+            raise RequestError(f"this request makes {len(sequences)} sequences (prompts x n), more than the "
+                               f"server queues at once (--max_queue={self.server.engine.max_queue})", param="n")
+        self.server.engine.submit(sequences)
+        try:
+            if request.stream:
+                self.stream(request, choices, sequences, events)
+            else:
+                for _ in self.events(choices, sequences, events):
+                    pass
+                self.send_json(200, {**self.head(), "choices": [c.body() for c in choices],
+                                     "usage": usage(request, choices)})
+        finally:  # whatever happened (a stop string, a client gone, an error), no sequence keeps its row
+            for s in sequences:
+                s.cancelled = True
+
+    def events(self, choices, sequences, events):
+        """(choice, text piece) as events arrive, until every choice has finished; OSError if the client left."""
+        open_ = len(choices)
+        while open_:
+            try:
+                index, event = events.get(timeout=1.0)
+            except queue.Empty:
+                if self.client_gone():
+                    raise ConnectionAbortedError("client disconnected")
+                continue
+            choice = choices[index]
+            if choice.finish is not None:
+                continue  # events after a stop string cut it
+            if event[0] == "error":
+                raise RuntimeError(event[1])
+            piece = choice.add(event)
+            if choice.finish is not None:
+                sequences[index].cancelled = True
+                open_ -= 1
+            yield choice, piece
+
+    def client_gone(self):
+        """True if the client closed its connection (a readable socket with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
     def head(self):
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.server.engine.name}
+                "model": self.server.name}
 
-    def complete(self, request):
-        choices, usage = self.server.engine.run(request)
-        self.send_json(200, {**self.head(), "choices": choices, "usage": usage})
-
-    def stream(self, request):
+    def stream(self, request, choices, sequences, events):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -372,11 +652,16 @@ class Handler(BaseHTTPRequestHandler):
             send({**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})
 
         try:
-            choices, usage = self.server.engine.run(request, on_text=chunk)
-            for choice in choices:
-                chunk(choice["index"], "", choice["finish_reason"])
+            if request.echo:
+                for choice in choices:
+                    chunk(choice.index, choice.prompt.text)
+            for choice, piece in self.events(choices, sequences, events):
+                if piece:
+                    chunk(choice.index, piece)
+                if choice.finish is not None:
+                    chunk(choice.index, "", choice.finish)
             if request.include_usage:
-                send({**head, "choices": [], "usage": usage})
+                send({**head, "choices": [], "usage": usage(request, choices)})
         except OSError:
             raise
         except Exception as e:  # a bug, after the 200 went out: the error goes in the stream
@@ -385,48 +670,109 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
-    def send_json(self, status, payload):
+    def send_json(self, status, payload, retry_after=None, allow=False):
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
+        if allow:
+            self.send_header("Allow", "GET, POST")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has the headers of the body, not the body
+            self.wfile.write(data)
+
+    def log_message(self, format, *args):  # http.server's line per request, on stderr, when asked for
+        if self.server.log_requests:
+            super().log_message(format, *args)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Serve a checkpoint over the OpenAI completions API.")
-    parser.add_argument("--out_dir", required=True, help="run folder holding ckpt.pt (or a ckpt.pt path)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: open to the network)")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
-    parser.add_argument("--dtype", default="auto", help="'auto', 'float32', 'bfloat16' or 'float16'")
-    parser.add_argument("--model_name", default=None, help="the model id in answers (default: the out_dir's name)")
-    parser.add_argument("--max_tokens_cap", type=int, default=None, help="largest max_tokens (default: block_size)")
-    parser.add_argument("--max_body_bytes", type=int, default=4_000_000, help="larger request bodies get a 413")
-    args = parser.parse_args()
+# -------------------------------------------------------------------------------------------- main
+
+def check_settings(config):
+    limits = ("max_body_bytes", "max_batch_size", "kv_cache_mib", "max_queue", "prefill_tokens")
+    checks = [(isinstance(config["port"], int) and 0 <= config["port"] <= 65535,
+               f"port must be 0..65535 (0: any free port), got {config['port']!r}"),
+              (bool(config["host"]), "host must be an address or a name, e.g. 127.0.0.1"),
+              (config["max_tokens_cap"] is None or (isinstance(config["max_tokens_cap"], int)
+                                                    and not isinstance(config["max_tokens_cap"], bool)
+                                                    and config["max_tokens_cap"] >= 1),
+               f"max_tokens_cap must be None (block_size) or a positive integer, got {config['max_tokens_cap']!r}")]
+    checks += [(config[key] >= 1, f"{key} must be positive, got {config[key]}") for key in limits]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def cache_rows(config, model, dtype):
+    """KV cache rows: max_batch_size, or as many whole rows as kv_cache_mib holds."""
+    cfg = model.config
+    row_bytes = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * torch.tensor([], dtype=dtype).element_size()
+    rows = min(config["max_batch_size"], config["kv_cache_mib"] * 2 ** 20 // row_bytes)
+    if rows < 1:
+        raise UserError(f"kv_cache_mib={config['kv_cache_mib']} cannot hold one sequence of block_size "
+                        f"{cfg.block_size} ({row_bytes / 2 ** 20:.1f} MiB): raise it")
+    return rows
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a connection's thread never holds up the shutdown
+    request_queue_size = 1024  # connections waiting to be accepted: socketserver's 5 resets a burst of clients
+
+    def __init__(self, host, port, family):
+        self.address_family = family  # IPv4 or IPv6, as the host resolved
+        super().__init__((host, port), Handler)
+
+
+def listen(host, port):
+    """The HTTP server bound to host:port, or a UserError that says which of the two is the problem."""
     try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        _, model, encoding = load_for_inference(args.out_dir, device)
-        name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.out_dir)))
-        engine = Engine(model, encoding, device, dtype, name, args.max_tokens_cap)
-        server = ThreadingHTTPServer((args.host, args.port), Handler)
-    except (ConfigError, CheckpointError) as e:
-        sys.exit(f"serve.py: error: {e}")
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"cannot resolve host '{host}' ({getattr(e, 'strerror', e)}): give an address such as "
+                        f"127.0.0.1 or a name this machine resolves") from None
+    try:
+        return Server(host, port, family)
     except OSError as e:
-        sys.exit(f"serve.py: error: cannot listen on {args.host}:{args.port} ({e.strerror}): pick another --port")
-    server.engine, server.max_body_bytes = engine, args.max_body_bytes
+        reasons = {errno.EADDRINUSE: f"port {port} is already in use on {host}: stop what holds it or pick "
+                                     f"another --port (0: any free one)",
+                   errno.EADDRNOTAVAIL: f"host '{host}' is not an address of this machine: use 127.0.0.1 or 0.0.0.0",
+                   errno.EACCES: f"not allowed to listen on port {port} (below 1024 needs privileges): pick "
+                                 f"another --port"}
+        raise UserError(reasons.get(e.errno, f"cannot listen on {host}:{port}: {e.strerror}")) from None
+
+
+def stop(signum, frame):
+    print("serve.py: stopped (SIGTERM)", file=sys.stderr, flush=True)
+    raise SystemExit(0)
+
+
+def main(argv):
+    config = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
+    check_settings(config)
+    device = resolve_device(config["device"])
+    dtype = resolve_dtype(config["dtype"], device)
+    server = listen(config["host"], config["port"])  # before the model loads: a wrong address fails at once
+    _, model, encoding = load_for_inference(config["out_dir"], device)
+    rows = cache_rows(config, model, dtype)
+
+    server.name = config["model_name"] or os.path.basename(os.path.normpath(os.path.abspath(config["out_dir"])))
+    server.encoding, server.block_size = encoding, model.config.block_size
+    server.max_tokens_cap = config["max_tokens_cap"] or server.block_size
+    server.max_body_bytes, server.log_requests = config["max_body_bytes"], config["log_requests"]
+    server.engine = Engine(model, device, dtype, encoding.eot_token, rows, config["max_queue"],
+                           config["prefill_tokens"]).start()
+    signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
-    print(f"serving {name} ({model.config.input_code}, block_size {engine.block_size}, {device} {dtype}) at "
-          f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"serving {server.name} ({model.config.input_code}, block_size {server.block_size}, {device} "
+          f"{str(dtype).removeprefix('torch.')}, batches of up to {rows}) at http://{host}:{port}/v1",
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

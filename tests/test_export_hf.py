@@ -1,4 +1,5 @@
 """export_hf.py: the exported folder loads offline with transformers and is our model, number for number."""
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,13 @@ def test_weights_and_all_buffers_arrive_bit_for_bit(exported, name):
     if ours.config.input_code == "affine":
         assert theirs.gpt.embed.A.dtype == torch.uint8 and stored["gpt.embed.A"].dtype == torch.uint8
         assert theirs.gpt.embed.A.shape == (ours.embed.K, ours.embed.K)
+
+
+def test_config_carries_the_context_length_where_transformers_and_lm_eval_read_it(exported):
+    ours, theirs, tokenizer, hf_dir = exported("fixed_min")
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        assert json.load(f)["max_position_embeddings"] == ours.config.block_size
+    assert theirs.config.max_position_embeddings == tokenizer.model_max_length == ours.config.block_size
 
 
 @pytest.mark.parametrize("name", CODES + ["cl100k"])

@@ -1,10 +1,12 @@
 """serve.py through the real `openai` client: greedy text as sample.py's, streaming, echo + logprobs as
 the model computes them, seeded sampling, stop strings, bad requests answered 4xx, concurrent requests."""
+import glob
 import http.client
 import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -25,11 +27,11 @@ MAX_BODY_BYTES = 100_000
 
 
 class Server:
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, *flags):
         self.out_dir = out_dir
         self.process = subprocess.Popen(
             [sys.executable, "serve.py", f"--out_dir={out_dir}", "--port=0", f"--max_tokens_cap={MAX_TOKENS_CAP}",
-             f"--max_body_bytes={MAX_BODY_BYTES}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             f"--max_body_bytes={MAX_BODY_BYTES}", *flags], cwd=REPO, stderr=subprocess.PIPE, text=True)
         self.log, lines = [], queue.Queue()
         threading.Thread(target=self.read_log, args=(lines,), daemon=True).start()  # also keeps the pipe from filling
         first = lines.get(timeout=120)
@@ -200,7 +202,7 @@ BAD_FIELDS = {  # request fields -> the param the error names
     "negative temperature": (dict(temperature=-0.5), "temperature"),
     "n zero": (dict(n=0), "n"),
     "n too large": (dict(n=1000), "n"),
-    "empty prompt": (dict(prompt=""), "prompt"),
+    "empty token list": (dict(prompt=[[]]), "prompt"),
     "empty prompt list": (dict(prompt=[]), "prompt"),
     "token id outside the vocabulary": (dict(prompt=[[1, 2, 999]]), "prompt"),
     "stop not a string": (dict(stop=5), "stop"),
@@ -261,3 +263,291 @@ def test_concurrent_requests_each_get_their_own_answer(prompt, server):
     with ThreadPoolExecutor(max_workers=2 * len(requests)) as pool:
         concurrent = list(pool.map(lambda r: [c.text for c in server.complete(**r).choices], requests * 2))
     assert concurrent == serial * 2
+
+
+# ------------------------------------------------------------------ tokenizer routes, methods, settings
+
+def test_tokenizer_routes_are_vllms(server):
+    status, info = server.raw("GET", "/tokenizer_info")
+    assert status == 200 and info["eos_token"] == info["bos_token"] == "<|endoftext|>"
+    status, answer = server.raw("POST", "/tokenize", json.dumps({"prompt": "ROMEO:<|endoftext|>",
+                                                                 "add_special_tokens": False}).encode())
+    assert status == 200 and answer["tokens"] == list(b"ROMEO:") + [256]
+    status, answer = server.raw("POST", "/detokenize", json.dumps({"tokens": answer["tokens"]}).encode())
+    assert status == 200 and answer["prompt"] == "ROMEO:<|endoftext|>"
+    status, answer = server.raw("POST", "/detokenize", json.dumps({"tokens": [999]}).encode())
+    assert status == 400 and answer["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("PUT", "/v1/completions", 405), ("DELETE", "/v1/models", 405), ("PATCH", "/", 405), ("OPTIONS", "/", 405),
+    ("FROB", "/v1/completions", 405), ("GET", "/", 404), ("GET", "/v1/completions", 405),
+    ("POST", "/v1/models", 405), ("HEAD", "/v1/models", 405)])
+def test_every_method_and_path_gets_a_json_error(server, normal_answer, method, path, status):
+    before = normal_answer()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        connection.request(method, path, body=b"{}" if method != "HEAD" else None)
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    assert response.status == status and response.getheader("Content-Type") == "application/json"
+    if method != "HEAD":
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert normal_answer() == before
+
+
+def serve_fails(*flags):
+    result = subprocess.run([sys.executable, "serve.py", *flags], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+def test_bad_settings_are_one_line_errors(server):
+    assert "0..65535" in serve_fails("--port=65536")
+    assert "did you mean 'port'" in serve_fails("--prot=8000")
+    assert "max_queue must be positive" in serve_fails("--max_queue=0")
+    assert "max_body_bytes must be positive" in serve_fails("--max_body_bytes=-1")
+    assert "cannot resolve host 'no-such-host.invalid'" in serve_fails("--host=no-such-host.invalid", "--port=0")
+    assert f"port {server.port} is already in use" in serve_fails(f"--port={server.port}")
+
+
+def test_help_shows_values_and_meanings():
+    result = subprocess.run([sys.executable, "serve.py", "--port=9000", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    assert re.search(r"--port=9000\s+port to listen on", result.stdout)
+    assert re.search(r"--max_batch_size=64\s+sequences decoded together", result.stdout)
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 0)])
+def test_signals_stop_the_server_in_one_line(trained_checkpoint, signal_name, code):
+    server = Server(trained_checkpoint("fixed_min"))
+    try:
+        server.complete(prompt="x", max_tokens=2)
+        server.process.send_signal(getattr(signal, signal_name))
+        assert server.process.wait(timeout=60) == code
+    finally:
+        server.stop()
+    log = "".join(server.log[1:])
+    assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+
+
+# ------------------------------------------------------------------------------------ end of text
+
+@pytest.fixture(scope="module")
+def eot_server(trained_checkpoint, tmp_path_factory):
+    """A server of the tiny checkpoint with its end-of-text logit raised, so that its next token after
+    (almost) any text is <|endoftext|>; and a queue of 2 sequences."""
+    checkpoint = load_checkpoint(trained_checkpoint("fixed_min"))
+    model = build_model(checkpoint)
+    final = []  # what the lm_head reads, on some text: the end-of-text row is moved towards its mean
+    hook = model.norm_f.register_forward_hook(lambda module, inputs, output: final.append(output[0]))
+    with torch.no_grad():
+        model(torch.tensor([get_encoding("bytes").encode(shakespeare_text()[:64])]), all_logits=True)
+        hook.remove()
+        direction = final[0].mean(0)
+        model.lm_head.weight[256] += 50 * direction / direction.norm()
+    checkpoint["model"] = model.state_dict()
+    out_dir = tmp_path_factory.mktemp("eot")
+    torch.save(checkpoint, out_dir / "ckpt.pt")
+    server = Server(str(out_dir), "--max_queue=2")
+    try:
+        yield server, model
+    finally:
+        server.stop()
+
+
+def test_generated_end_of_text_is_in_logprobs(eot_server):
+    """lm-evaluation-harness sums token_logprobs[context_length:-1]: the last entry must be the
+    generated token, <|endoftext|> included, or the harness drops an answer token instead."""
+    server, model = eot_server
+    encoding = get_encoding("bytes")
+    ids = encoding.encode(shakespeare_text()[100:130]) + encoding.encode(" the king")
+    expected, scores = model_logprobs(model, ids)
+    assert scores[-1].argmax().item() == 256  # the checkpoint prefers end-of-text here
+    answer = server.complete(prompt=[ids], max_tokens=1, echo=True, logprobs=1, temperature=0)
+    [choice] = answer.choices
+    assert len(choice.logprobs.token_logprobs) == len(ids) + 1
+    assert choice.logprobs.tokens[-1] == "<|endoftext|>"
+    assert choice.logprobs.token_logprobs[-1] == pytest.approx(scores[-1, 256].item(), abs=1e-5)
+    assert choice.logprobs.token_logprobs[1:-1] == pytest.approx(expected, abs=1e-5)
+    assert choice.text == encoding.decode(ids) and choice.finish_reason == "stop"
+    assert answer.usage.completion_tokens == 0
+
+
+def test_a_request_larger_than_the_queue_gets_400(eot_server):
+    server, _ = eot_server
+    with pytest.raises(openai.BadRequestError) as error:
+        server.complete(prompt="x", max_tokens=1, n=3)
+    assert "--max_queue=2" in error.value.body["message"]
+    assert server.complete(prompt="x", max_tokens=1, n=2).choices[1].index == 1
+
+
+def test_a_flood_is_queued_or_refused_and_the_server_lives_on(eot_server):
+    """32 sequences at once against a queue of 2: each request is answered, 200 or a 503 queue_full."""
+    server, _ = eot_server
+    body = json.dumps({"prompt": "x", "max_tokens": 1, "n": 2}).encode()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda _: server.raw("POST", "/v1/completions", body), range(16)))
+    for status, answer in answers:
+        assert status == 200 or (status == 503 and answer["error"]["code"] == "queue_full")
+    assert server.complete(prompt="x", max_tokens=1).choices[0].finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------------------------- the engine, driven step by step
+
+def engine_of(model, rows=8, max_queue=64, prefill_tokens=2048):
+    from serve import Engine
+    return Engine(model, torch.device("cpu"), torch.float32, 256, rows, max_queue, prefill_tokens)
+
+
+def sequence(index, ids, events, max_tokens=20, logprobs=None, score_prompt=False, **sampling):
+    from serve import Sequence
+    settings = dict(temperature=0.0, top_k=-1, top_p=1.0, generator=None, **sampling)
+    return Sequence(index, ids, max_tokens, settings["temperature"], settings["top_k"], settings["top_p"],
+                    settings["generator"], logprobs, score_prompt, events)
+
+
+def drive(engine, steps=10_000):
+    """Steps the engine until nothing is waiting or running; the number of steps taken."""
+    with torch.no_grad():
+        for step in range(steps):
+            if not engine.waiting and not engine.running:
+                return step
+            engine.step(engine.admit())
+    raise AssertionError("the engine did not finish")
+
+
+def events_of(events):
+    by_index = {}
+    while not events.empty():
+        index, event = events.get()
+        by_index.setdefault(index, []).append(event)
+    return by_index
+
+
+def test_a_batch_of_different_lengths_decodes_as_each_alone(model):
+    """Greedy tokens in one batch (prompts of 1 to 60 tokens, windows re-read past block_size 64) are
+    model.generate's for each prompt alone; prompt scores agree within float32 rounding."""
+    model, encoding = model
+    text = shakespeare_text()
+    prompts = [encoding.encode(text[i:i + n]) for i, n in ((0, 1), (500, 7), (900, 30), (1500, 60), (2000, 33))]
+    engine, events = engine_of(model), queue.Queue()
+    engine.submit([sequence(i, p, events, max_tokens=30, logprobs=1, score_prompt=True) for i, p in enumerate(prompts)])
+    drive(engine)
+    got = events_of(events)
+    for i, ids in enumerate(prompts):
+        tokens = [e[1] for e in got[i] if e[0] == "token"]
+        alone = model.generate(torch.tensor([ids]), len(tokens), temperature=0)[0, len(ids):].tolist()
+        assert tokens == alone
+        assert tokens[-1] == 256 or len(tokens) == 30
+        if len(ids) > 1:
+            expected, _ = model_logprobs(model, ids)
+            assert got[i][0][1] == pytest.approx(expected, abs=1e-5)
+    assert engine.running == []
+
+
+def test_rows_join_and_leave_at_every_step(model):
+    """Newcomers join a running batch and a cancelled sequence frees its row at the next step; the
+    queue is first come, first served."""
+    model, encoding = model
+    engine, events = engine_of(model, rows=2), queue.Queue()
+    ids = encoding.encode("ROMEO:")
+    first, second, third = (sequence(i, ids, events, max_tokens=40) for i in range(3))
+    engine.submit([first, second, third])
+    with torch.no_grad():
+        engine.step(engine.admit())
+        assert engine.running == [first, second] and list(engine.waiting) == [third]
+        first.cancelled = True
+        engine.step(engine.admit())  # the first leaves; the third waits one more step for its row
+        assert engine.running == [second]
+        engine.step(engine.admit())
+        assert engine.running == [second, third]
+    drive(engine)
+    got = events_of(events)
+    assert [e[0] for e in got[0]] == ["token"]  # one token, from its prefill, then no more and no end
+    assert got[1][-1][0] == got[2][-1][0] == "end"
+
+
+def test_a_full_queue_refuses_and_nothing_grows(model):
+    from serve import QueueFull
+    model, _ = model
+    engine, events = engine_of(model, rows=1, max_queue=3), queue.Queue()
+    engine.submit([sequence(i, [1, 2, 3], events, max_tokens=2) for i in range(3)])
+    with pytest.raises(QueueFull):
+        engine.submit([sequence(3, [1, 2, 3], events, max_tokens=2)])
+    assert drive(engine) >= 3 and engine.cache.k.shape[1] == 1
+
+
+def test_logprobs_fit_block_size_plus_the_token_picked_last(server):
+    block_size = 64
+    answer = server.complete(prompt=[[65] * block_size], max_tokens=1, echo=True, logprobs=1, temperature=0)
+    assert len(answer.choices[0].logprobs.token_logprobs) == block_size + 1
+    with pytest.raises(openai.BadRequestError):
+        server.complete(prompt=[[65] * block_size], max_tokens=2, echo=True, logprobs=1, temperature=0)
+
+
+# ------------------------------------------------------------------------- lm-evaluation-harness
+
+def lm_eval_samples(output_path):
+    """{task: [per-request loglikelihoods of each document, in doc_id order]} from lm_eval --log_samples."""
+    samples = {}
+    for path in sorted(glob.glob(os.path.join(output_path, "**", "samples_*.jsonl"), recursive=True)):
+        task = re.match(r"samples_(.+)_\d{4}-", os.path.basename(path)).group(1)
+        docs = sorted((json.loads(line) for line in open(path)), key=lambda doc: doc["doc_id"])
+        samples[task] = [float(r[0] if isinstance(r, list) else r) for doc in docs for r in doc["filtered_resps"]]
+    return samples
+
+
+def test_lm_eval_through_the_server_matches_the_hf_export(server, tmp_path):
+    """README's two lm_eval commands on the bundled local tasks (multiple choice and rolling
+    perplexity): local-completions against serve.py, with no tokenizer given, and hf on the export."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    subprocess.run([sys.executable, "export_hf.py", f"--out_dir={server.out_dir}", f"--hf_dir={tmp_path / 'hf'}"],
+                   cwd=REPO, check=True, capture_output=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    tasks = ["--tasks", "shakespeare_lines,shakespeare_speeches", "--include_path", "assets/lm_eval", "--log_samples"]
+    routes = {
+        "serve": ["--model", "local-completions", "--model_args", f"base_url=http://127.0.0.1:{server.port}/v1/"
+                  f"completions,model={server.name},max_length=65,num_concurrent=4"],
+        "hf": ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32,"
+               f"max_length=63", "--device", "cpu"],
+    }
+    runs = {name: subprocess.Popen([sys.executable, "-m", "lm_eval", *args, *tasks, "--output_path", str(tmp_path / name)], cwd=REPO,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name, args in routes.items()}  # side by side: most of each run is importing the harness
+    for name, run in runs.items():
+        output = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, f"lm_eval --model {routes[name][1]} failed:\n{output[-3000:]}"
+    served, exported = lm_eval_samples(str(tmp_path / "serve")), lm_eval_samples(str(tmp_path / "hf"))
+    assert set(served) == set(exported) == {"shakespeare_lines", "shakespeare_speeches"}
+    for task in served:
+        assert len(served[task]) == len(exported[task]) > 0
+        assert served[task] == pytest.approx(exported[task], rel=1e-6, abs=2e-5)
+
+
+def test_bench_serve_prints_its_table(server):
+    result = subprocess.run([sys.executable, "bench_serve.py", f"--out_dir={server.out_dir}", "--clients=1,2",
+                             "--rounds=1", "--repeats=1", "--max_tokens=4", "--prompt_tokens=4"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \| \d+ \| [\d,]+ \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+
+
+def test_the_prefill_budget_admits_in_order_and_at_least_one(model):
+    """A batch of prompts is padded to its longest: rows x longest must fit prefill_tokens, except that
+    the first waiting sequence always goes, so a long prompt waits for no one."""
+    model, _ = model
+    engine, events = engine_of(model, rows=8, prefill_tokens=10), queue.Queue()
+    waiting = [sequence(i, [65] * n, events, max_tokens=1) for i, n in enumerate((20, 5, 4, 4, 4, 4))]
+    engine.submit(waiting)
+    assert engine.admit() == waiting[:1]  # 20 tokens, over the budget alone
+    assert engine.admit() == waiting[1:3]  # 2 x 5
+    assert engine.admit() == waiting[3:5]  # 2 x 4; a third would make 12
