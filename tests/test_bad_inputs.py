@@ -3,7 +3,7 @@ no traceback, and every file that existed before is byte-identical afterwards.
 
 The tools run in this process through common.run_main, exactly as their `__main__` blocks call them,
 so that dozens of cases cost seconds; test_every_tool_speaks_the_same_way_as_a_subprocess checks that
-the same holds for real processes. The server's HTTP errors are in test_serve.py."""
+the same holds for real processes. The server's flags are here too; its HTTP errors are in test_serve.py."""
 import importlib
 import json
 import os
@@ -123,6 +123,16 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("report", ["--runs={root}/run", "--plot={root}/figure.txt"], ".png"),
     ("report", ["--runs={root}/run"], "eval.py"),
     ("report", ["--runs={root}/data"], "no checkpoint"),
+    ("serve", ["--out_dir={root}/run", "--port=99999"], "port"),
+    ("serve", ["--out_dir={root}/run", "--port=-1"], "port"),
+    ("serve", ["--out_dir={root}/run", "--max_tokens_cap=-1"], "max_tokens_cap"),
+    ("serve", ["--out_dir={root}/run", "--max_body_bytes=0"], "max_body_bytes"),
+    ("serve", ["--out_dir={root}/run", "--max_batch_size=0"], "max_batch_size"),
+    ("serve", ["--out_dir={root}/run", "--max_queue=-1"], "max_queue"),
+    ("serve", ["--out_dir={root}/run", "--kv_cache_mib=0"], "kv_cache_mib"),
+    ("serve", ["--out_dir={root}/run", "--prefill_tokens=0"], "prefill_tokens"),
+    ("serve", ["--out_dir={root}/run", "--host=no.such.host.invalid", "--port=0"], "host"),
+    ("serve", ["--out_dir={root}/run", "--porrt=8000"], "port"),
     ("prepare", ["--input={root}/no_such.txt", "--dataset=x", "--out_root={root}/prepared"], "not found"),
     ("prepare", ["--dataset=x", "--val_fraction=2", "--out_root={root}/prepared"], "val_fraction"),
     ("prepare", ["--dataset=x", "--mix=0.5", "--out_root={root}/prepared"], "mix"),
@@ -155,7 +165,7 @@ def test_every_tool_speaks_the_same_way_as_a_subprocess(workspace):
     """One bad setting per tool, as a real process: exit code 1, one line on stderr, nothing on stdout."""
     procs = {tool: subprocess.Popen([sys.executable, f"{tool}.py", "--no_such_key=1"], cwd=REPO, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for tool in ("train", "eval", "sample", "bench", "export_hf", "prepare", "report")}
+             for tool in ("train", "eval", "sample", "bench", "export_hf", "prepare", "report", "serve")}
     for tool, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 1, (tool, stderr)
