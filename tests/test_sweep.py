@@ -1,5 +1,6 @@
 """sweep.py on a tiny grid end to end (rows, skipping on rerun, a failing cell, a bad study config), the test
 split it chooses settings on (eval.py --split=test), and whether a seed gives every code the same shared weights."""
+import glob
 import json
 import math
 import os
@@ -116,6 +117,14 @@ def test_a_bad_study_is_one_error_before_anything_is_written(tmp_path, dataset, 
         sweep.main([write_study(tmp_path / "study.py", dataset, grid, **keys)])
     assert message in str(error.value)
     assert sorted(os.listdir(tmp_path)) == ["study.py"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "config", "study_*.py"))))
+def test_the_bundled_studies_are_valid(path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # their paths are relative to the checkout, as in the README's commands
+    sweep.main([path, "--dry_run=True"])
+    cells = int(capsys.readouterr().err.split(" cells: ")[0])
+    assert cells >= 9  # 3 codes x 3 seeds, or x 3 learning rates x 2 seeds
 
 
 def test_eval_scores_the_test_split_apart_and_refuses_a_dataset_without_one(study, dataset, tmp_path):
