@@ -45,6 +45,9 @@ import time
 from collections import deque
 from datetime import datetime, timezone
 
+import torch
+
+from checkpoint import load_checkpoint
 from common import REPO, UserError, data_dir, load_meta, run_main
 from configurator import ConfigError, parse_config
 from training import DEFAULTS as TRAIN_DEFAULTS
@@ -236,7 +239,6 @@ def append_row(path, row):
 
 def provenance():
     """torch, python and the commit (with -dirty when tracked files differ from it), for every row."""
-    import torch
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
@@ -249,7 +251,6 @@ def provenance():
 
 def result_row(job, study, extra):
     """The row of a finished cell, read back from what train.py and eval.py wrote."""
-    from checkpoint import load_checkpoint
     checkpoint = load_checkpoint(job["out_dir"])
     with open(os.path.join(job["out_dir"], EVAL_FILES[study["eval_split"]])) as f:
         result = json.load(f)
@@ -322,8 +323,8 @@ def run_cells(todo, study, extra):
                 job = pending.popleft()
                 shutil.rmtree(job["out_dir"], ignore_errors=True)  # not a result: a kill or failure left it
                 os.makedirs(job["out_dir"])
+                running.append(job)  # before it starts: an interrupt from here on stops it too
                 start(job, "train", env, split)
-                running.append(job)
             time.sleep(POLL_S)
             for job in [job for job in running if job["proc"].poll() is not None]:
                 seconds, code = time.time() - job["started"], job["proc"].returncode
@@ -357,6 +358,7 @@ def stop(running):
     minute; further signals are ignored meanwhile, so the cleanup itself is not cut short."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    running = [job for job in running if job.get("proc")]
     for job in running:
         if job["proc"].poll() is None:
             job["proc"].terminate()

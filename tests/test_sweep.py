@@ -4,8 +4,10 @@ import glob
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -98,6 +100,25 @@ def test_a_rerun_skips_finished_cells_and_a_failing_cell_does_not_stop_the_other
         assert f"FAILED fixed_min-n_head3-seed{seed}: train.py exit 1" in failing.stderr
         assert f"(log: {log})" in failing.stderr and "must be a multiple of n_head (3)" in log.read_text()
     assert failing.stderr.splitlines()[-1].startswith("error: 2 of 2 cells failed (logs: ")
+
+
+def test_sigterm_stops_the_running_cell_and_leaves_the_table_as_it_was(study, dataset):
+    root, _ = study
+    table = (root / "results.jsonl").read_bytes()
+    grid = {"input_code": ["fixed_min", "learned"], "seed": [1, 2, 3]}  # two cells to run: seed 3
+    proc = subprocess.Popen([sys.executable, "sweep.py", write_study(root / "more.py", dataset, grid, jobs=1)],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    log = root / "runs" / "fixed_min-seed3" / "log.txt"
+    for _ in range(6000):  # until the first new cell has started (a bound, so that a broken sweep cannot hang)
+        if log.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines()[-1].startswith("interrupted (SIGTERM): the running cells were stopped")
+    assert (root / "results.jsonl").read_bytes() == table
+    assert not (root / "runs" / "learned-seed3").exists()  # launched nothing after the signal
 
 
 @pytest.mark.parametrize("grid, keys, message", [
