@@ -1,6 +1,6 @@
 """
 Run a study: every cell of a grid of train.py settings, each run evaluated by eval.py, into one
-results table (JSONL, one row per finished run) that report.py and a notebook read.
+results table (JSONL, one row per finished run, for report.py or a notebook).
 
     python sweep.py config/study_depth.py                  # runs what results/depth.jsonl lacks
     python sweep.py config/study_depth.py --jobs=1         # study keys on the command line, as everywhere
@@ -63,7 +63,8 @@ SETTINGS = {  # key: (default, meaning)
     "results": ("", "the results table, one JSON row per finished cell (e.g. results/depth.jsonl)"),
     "runs_dir": ("", "each cell's run folder goes under this (e.g. out-study/depth)"),
     "jobs": (CPUS, "cells run at once (default: the CPUs this process may use)"),
-    "threads": (1, "threads per run (OMP_NUM_THREADS): on a CPU one per run, runs in parallel, uses cores best"),
+    "threads": (1, "threads per run (OMP_NUM_THREADS); on a CPU, one per run and runs side by side use the "
+                   "cores best"),
     "dry_run": (False, "True: list the cells and their commands, run nothing"),
 }
 DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
@@ -204,15 +205,15 @@ def identity(config, split):
     return json.dumps({"split": split, **{k: v for k, v in config.items() if k != "out_dir"}}, sort_keys=True)
 
 
-def read_results(path):
-    """The rows of path ([] if it does not exist). A last line cut short by a kill is removed: it is
-    no result, and the next row must start on a line of its own."""
+def read_results(path, repair):
+    """The rows of path ([] if it does not exist). A last line cut short by a kill is no result; with
+    repair it is removed, so that the next row starts on a line of its own."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
         data = f.read()
     complete = data[:data.rfind(b"\n") + 1]
-    if complete != data:
+    if complete != data and repair:
         print(f"note: {path} ended in a row cut short; removed it (its cell runs again)", file=sys.stderr)
         with open(path, "r+b") as f:
             f.truncate(len(complete))
@@ -370,10 +371,26 @@ def stop(running):
             job["proc"].wait()
 
 
+def lock_results(path):
+    """Make the results folder and lock the table, held until exit: two sweeps of one table would
+    both run the cells it lacks."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        lock = open(path, "a")
+    except OSError as e:
+        raise UserError(f"cannot write the results table {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"another sweep.py is running the study of {path} (it is locked)") from None
+    return lock
+
+
 def main(argv):
     study = checked_study(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
     cells = make_cells(study, study["dataset"], study["runs_dir"])
-    rows = read_results(study["results"])
+    lock = None if study["dry_run"] else lock_results(study["results"])  # held until exit
+    rows = read_results(study["results"], repair=lock is not None)
     finished = {identity(row["config"], row["split"]) for row in rows}
     todo = [c for c in cells if identity(c["config"], study["eval_split"]) not in finished]
     ours = {identity(c["config"], study["eval_split"]) for c in cells}
@@ -388,20 +405,14 @@ def main(argv):
     if not todo:
         return
     ensure_dataset(study)
-    for folder in (os.path.dirname(os.path.abspath(study["results"])), study["runs_dir"]):
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot make the folder {folder} ({e.strerror})") from None
     for c in todo:
         if os.path.lexists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
             raise UserError(f"{c['out_dir']} is a file, not a cell's folder: move it away")
         c["log"] = os.path.join(c["out_dir"], "log.txt")
-    lock = open(study["results"], "a")  # held until exit: two sweeps of one table would run cells twice
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise UserError(f"another sweep.py is running the study of {study['results']} (it is locked)") from None
+        os.makedirs(study["runs_dir"], exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make runs_dir {study['runs_dir']} ({e.strerror})") from None
     try:
         failed = run_cells(todo, study, provenance())
     except KeyboardInterrupt as e:

@@ -1,5 +1,6 @@
 """sweep.py on a tiny grid end to end (rows, skipping on rerun, a failing cell, a bad study config), the test
 split it chooses settings on (eval.py --split=test), and whether a seed gives every code the same shared weights."""
+import fcntl
 import glob
 import json
 import math
@@ -138,6 +139,15 @@ def test_a_bad_study_is_one_error_before_anything_is_written(tmp_path, dataset, 
         sweep.main([write_study(tmp_path / "study.py", dataset, grid, **keys)])
     assert message in str(error.value)
     assert sorted(os.listdir(tmp_path)) == ["study.py"]
+
+
+def test_a_second_sweep_of_the_same_table_is_refused(tmp_path, dataset):
+    study = write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)
+    with open(tmp_path / "results.jsonl", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the first sweep holds it
+        with pytest.raises(UserError, match=r"another sweep.py is running the study of .* \(it is locked\)"):
+            sweep.main([study])
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "config", "study_*.py"))))
