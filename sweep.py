@@ -157,6 +157,9 @@ def make_cells(study, dataset, runs_dir):
         except ConfigError as e:
             raise UserError(f"cell {name}: {e}") from None
         cells.append({"cell": cell, "name": name, "out_dir": out_dir, "args": args, "config": config})
+    longest = max((c["name"] for c in cells), key=len)
+    if len(longest) > 200:  # most filesystems take 255 bytes per folder name
+        raise UserError(f"the cell folder name {longest[:60]}... is {len(longest)} characters long: fewer grid keys")
     names = [c["name"] for c in cells]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -187,7 +190,8 @@ def ensure_dataset(study):
     if not os.path.isfile(os.path.join(folder, "meta.json")) and study["prepare"] is not None:
         command = [sys.executable, os.path.join(REPO, "prepare.py"), *study["prepare"],
                    f"--out_root={os.path.dirname(os.path.abspath(folder))}", f"--dataset={os.path.basename(folder)}"]
-        print(f"dataset '{study['dataset']}' is missing: {' '.join(command[1:])}", file=sys.stderr)
+        print(f"dataset '{study['dataset']}' is missing, making it: python prepare.py {' '.join(command[2:])}",
+              file=sys.stderr)
         if subprocess.run(command).returncode != 0:
             raise UserError(f"prepare.py failed to make dataset '{study['dataset']}' (its error is above)")
     meta = load_meta(study["dataset"])

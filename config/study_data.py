@@ -3,7 +3,7 @@
 # split, so no text is read twice on average), warmup and cosine decay scaled to each budget, each
 # code at its learning rate from config/study_lr.py, 3 paired seeds; the held-out loss on val.
 #
-#   python sweep.py config/study_data.py    # 27 runs; about 35 min on 2 cores (README, Results)
+#   python sweep.py config/study_data.py    # 27 runs; 30 to 35 min on 2 cores (README, Results)
 
 # (learning_rate, min_lr) per code: until config/study_lr.py has been run, the old study's for all.
 # A leading _ keeps a helper name out of the study's keys.

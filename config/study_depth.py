@@ -2,7 +2,7 @@
 # tokens) at every depth, each code at its learning rate from config/study_lr.py, 3 paired seeds;
 # the held-out loss on val.
 #
-#   python sweep.py config/study_depth.py   # 36 runs; about 60 min on 2 cores (README, Results)
+#   python sweep.py config/study_depth.py   # 36 runs; 60 to 75 min on 2 cores (README, Results)
 
 # (learning_rate, min_lr) per code: until config/study_lr.py has been run, the old study's for all.
 # A leading _ keeps a helper name out of the study's keys.

@@ -1,5 +1,6 @@
-"""sweep.py on a tiny grid end to end (rows, skipping on rerun, a failing cell, a bad study config), the test
-split it chooses settings on (eval.py --split=test), and whether a seed gives every code the same shared weights."""
+"""sweep.py on a tiny grid end to end: a row per cell, a rerun that retrains nothing, a failing cell that does not
+stop the others, SIGTERM, a second sweep of one table, bad study configs; the test split it chooses settings on
+(eval.py --split=test); and whether a seed gives every input code the same shared weights (paired seeds)."""
 import fcntl
 import glob
 import json
@@ -123,7 +124,8 @@ def test_sigterm_stops_the_running_cell_and_leaves_the_table_as_it_was(study, da
 
 
 @pytest.mark.parametrize("grid, keys, message", [
-    ({"input_code": ["learned"], "seed": [1], "n_layers": [2]}, {}, "'n_layers' is not a train.py key (did you mean 'n_layer'?)"),
+    ({"input_code": ["learned"], "seed": [1], "n_layers": [2]}, {},
+     "'n_layers' is not a train.py key (did you mean 'n_layer'?)"),
     ({"input_code": ["learned"], "seed": []}, {}, "'seed' needs a non-empty list of values"),
     ({"input_code": ["learned"]}, {}, "grid must hold seed"),
     ({"input_code": ["learned"], "seed": [1, 1]}, {}, "lists a value twice"),
