@@ -143,6 +143,14 @@ def test_a_bad_study_is_one_error_before_anything_is_written(tmp_path, dataset, 
     assert sorted(os.listdir(tmp_path)) == ["study.py"]
 
 
+def test_a_row_written_before_train_py_gained_a_key_still_finishes_its_cell():
+    config = dict(sweep.TRAIN_DEFAULTS, input_code="learned", seed=2, out_dir="runs/a")
+    older = {key: value for key, value in config.items() if key != "rope_theta"}  # a key it did not have yet
+    assert sweep.identity(older, "val") == sweep.identity({**config, "out_dir": "elsewhere"}, "val")
+    assert sweep.identity(config, "val") != sweep.identity({**config, "n_layer": 3}, "val")
+    assert sweep.identity(config, "val") != sweep.identity(config, "test")
+
+
 def test_a_second_sweep_of_the_same_table_is_refused(tmp_path, dataset):
     study = write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)
     with open(tmp_path / "results.jsonl", "a") as held:
