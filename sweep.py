@@ -141,7 +141,7 @@ def cell_name(cell):
     return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join(parts))
 
 
-def make_cells(study, dataset, runs_dir):
+def make_cells(study):
     """Every cell: its grid values, name, out_dir, train.py arguments and the config they make."""
     head, axes = base_args(study["base"]), grid_axes(study["grid"])
     keys = [key for axis_keys, _ in axes for key in axis_keys]
@@ -149,9 +149,9 @@ def make_cells(study, dataset, runs_dir):
     for combination in itertools.product(*(values for _, values in axes)):
         cell = dict(zip(keys, (value for row in combination for value in row)))
         name = cell_name(cell)
-        out_dir = os.path.join(runs_dir, name)
+        out_dir = os.path.join(study["runs_dir"], name)
         paired = {} if "code_seed" in cell else {"code_seed": cell["seed"]}
-        args = [*head, *(as_arg(k, v) for k, v in {**cell, **paired}.items()), f"--dataset={dataset}",
+        args = [*head, *(as_arg(k, v) for k, v in {**cell, **paired}.items()), f"--dataset={study['dataset']}",
                 f"--out_dir={out_dir}"]
         try:
             config = parse_config(TRAIN_DEFAULTS, args)
@@ -186,7 +186,8 @@ def checked_study(study):
 
 
 def ensure_dataset(study):
-    """The dataset's meta, after running prepare.py when it is missing and the study says how."""
+    """Run prepare.py when the dataset is missing and the study says how; refuse a dataset without the
+    split to score."""
     folder = data_dir(study["dataset"])
     if not os.path.isfile(os.path.join(folder, "meta.json")) and study["prepare"] is not None:
         command = [sys.executable, os.path.join(REPO, "prepare.py"), *study["prepare"],
@@ -195,12 +196,11 @@ def ensure_dataset(study):
               file=sys.stderr)
         if subprocess.run(command).returncode != 0:
             raise UserError(f"prepare.py failed to make dataset '{study['dataset']}' (its error is above)")
-    meta = load_meta(study["dataset"])
+    load_meta(study["dataset"])  # a folder that prepare.py did not write is refused here
     split = study["eval_split"]
     if not os.path.isfile(os.path.join(folder, f"{split}.bin")):
         raise UserError(f"dataset '{study['dataset']}' has no {split} split ({split}.bin): prepare it again with "
                         f"--test_fraction=0.1")
-    return meta
 
 
 # ---------------------------------------------------------------------------------- the results
@@ -396,7 +396,7 @@ def lock_results(path):
 
 def main(argv):
     study = checked_study(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
-    cells = make_cells(study, study["dataset"], study["runs_dir"])
+    cells = make_cells(study)
     lock = None if study["dry_run"] else lock_results(study["results"])  # held until exit
     rows = read_results(study["results"], repair=lock is not None)
     finished = {identity(row["config"], row["split"]) for row in rows}

@@ -168,7 +168,7 @@ def test_the_bundled_studies_are_valid(path, capsys, monkeypatch):
     assert cells >= 9  # 3 codes x 3 seeds, or x 3 learning rates x 2 seeds
 
 
-def test_eval_scores_the_test_split_apart_and_refuses_a_dataset_without_one(study, dataset, tmp_path):
+def test_eval_scores_the_test_split_apart_and_a_dataset_without_one_is_refused(study, dataset, tmp_path):
     row = rows(study[0])[0]
     before = open(os.path.join(row["out_dir"], "eval.json")).read()
     run("eval.py", f"--out_dir={row['out_dir']}", "--split=test")
@@ -184,6 +184,10 @@ def test_eval_scores_the_test_split_apart_and_refuses_a_dataset_without_one(stud
     assert refused.returncode == 1
     assert refused.stderr.startswith(f"error: dataset '{tmp_path / 'plain'}' has no test split")
     assert len(refused.stderr.splitlines()) == 1
+    study = write_study(tmp_path / "study.py", str(tmp_path / "plain"), CODES_BY_SEEDS, eval_split="test")
+    with pytest.raises(UserError, match="has no test split .* prepare it again with --test_fraction=0.1"):
+        sweep.main([study])  # before any cell runs
+    assert not (tmp_path / "runs").exists()
 
 
 def shared_weights(input_code, seed=1):
