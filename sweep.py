@@ -63,7 +63,7 @@ SETTINGS = {  # key: (default, meaning)
     "eval_split": ("val", "what eval.py scores: val (the reported loss) or test (to choose settings on)"),
     "results": ("", "the results table, one JSON row per finished cell (e.g. results/depth.jsonl)"),
     "runs_dir": ("", "each cell's run folder goes under this (e.g. out-study/depth)"),
-    "jobs": (CPUS, "cells run at once (default: the CPUs this process may use)"),
+    "jobs": (None, "cells run at once; None: the CPUs this process may use, over threads"),
     "threads": (1, "threads per run (OMP_NUM_THREADS); on a CPU, one per run and runs side by side use the "
                    "cores best"),
     "dry_run": (False, "True: list the cells and their commands, run nothing"),
@@ -175,8 +175,12 @@ def checked_study(study):
             raise UserError(f"the study must set {key}")
     if study["eval_split"] not in EVAL_FILES:
         raise UserError(f"eval_split must be val or test, got '{study['eval_split']}'")
-    if study["jobs"] < 1 or study["threads"] < 1:
-        raise UserError("jobs and threads must be at least 1")
+    if study["threads"] < 1:
+        raise UserError(f"threads must be at least 1, got {study['threads']}")
+    if study["jobs"] is None:
+        study["jobs"] = max(1, CPUS // study["threads"])
+    if not isinstance(study["jobs"], int) or isinstance(study["jobs"], bool) or study["jobs"] < 1:
+        raise UserError(f"jobs must be a whole number of at least 1 (or None: one per CPU), got {study['jobs']!r}")
     if not study["results"].endswith(".jsonl"):
         raise UserError(f"results must be a .jsonl file, got '{study['results']}'")
     if study["prepare"] is not None and not (isinstance(study["prepare"], list) and

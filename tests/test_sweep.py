@@ -133,6 +133,7 @@ def test_sigterm_stops_the_running_cell_and_leaves_the_table_as_it_was(study, da
     ({"input_code": ["learned"], "seed": [1], ("max_iters", "lr_decay_iters"): [(4,)]}, {}, "must be a tuple of 2"),
     ({"input_code": ["learned"], "seed": ["one"]}, {}, "cell learned-seedone: config key 'seed'"),
     (CODES_BY_SEEDS, {"eval_split": "train"}, "eval_split must be val or test"),
+    (CODES_BY_SEEDS, {"jobs": 0}, "jobs must be a whole number of at least 1"),
     (CODES_BY_SEEDS, {"base": "no/such/config.py"}, "base config 'no/such/config.py' not found"),
     (CODES_BY_SEEDS, {"results": "results.csv"}, "results must be a .jsonl file"),
 ])
