@@ -2,11 +2,14 @@
 Held-out perplexity, the paper's metric: one pass over all of val.bin in non-overlapping windows.
 
     python eval.py --out_dir=out-fixed_min
+    python eval.py --out_dir=out-fixed_min --split=test    # test.bin (prepare.py --test_fraction): eval_test.json
 
-Every token of val.bin but the first is predicted exactly once, from the tokens before it in its
+Every token of the split but the first is predicted exactly once, from the tokens before it in its
 block_size window (the last window may be shorter). Prints loss (nats/token) and perplexity and
-writes out_dir/eval.json with loss, ppl, tokens and what was evaluated: only after a whole pass,
-atomically, so an interrupted or failed evaluation leaves the previous eval.json as it was.
+writes out_dir/eval.json (eval_test.json for the test split, so that a score used to choose settings
+is never mistaken for the reported one) with loss, ppl, tokens, parameter counts and what was
+evaluated: only after a whole pass, atomically, so an interrupted or failed evaluation leaves the
+previous file as it was.
 """
 import json
 import math
@@ -26,11 +29,13 @@ SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder holding ckpt.pt; eval.json is written there"),
     "dataset": ("", "the dataset to evaluate on ('': the one the checkpoint was trained on)"),
     "batch_size": (8, "windows per forward pass"),
-    "max_val_tokens": (0, "evaluate only the first max_val_tokens of val.bin (0: all of it)"),
+    "split": ("val", "val (val.bin, written to eval.json) or test (test.bin, written to eval_test.json)"),
+    "max_val_tokens": (0, "evaluate only the first max_val_tokens of the split (0: all of it)"),
     "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
     "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
                       "bfloat16 or float16"),
 }
+EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}
 DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
 MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
 
@@ -57,6 +62,8 @@ def main(argv):
     cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
     if cfg["batch_size"] < 1:
         raise UserError(f"batch_size must be at least 1, got {cfg['batch_size']}")
+    if cfg["split"] not in EVAL_FILES:
+        raise UserError(f"split must be val or test, got '{cfg['split']}'")
     if cfg["max_val_tokens"] < 0:
         raise UserError(f"max_val_tokens must be 0 (all of val.bin) or more, got {cfg['max_val_tokens']}")
     device = resolve_device(cfg["device"])
@@ -73,22 +80,29 @@ def main(argv):
     try:  # before the pass, not after it: a folder that cannot take eval.json fails now
         tempfile.TemporaryFile(dir=run_dir).close()
     except OSError as e:
-        raise UserError(f"cannot write eval.json into '{run_dir}' ({e.strerror})") from None
+        raise UserError(f"cannot write {EVAL_FILES[cfg['split']]} into '{run_dir}' ({e.strerror})") from None
 
-    tokens = np.memmap(os.path.join(data_dir(dataset), "val.bin"), dtype=np.uint16, mode="r")
+    path = os.path.join(data_dir(dataset), f"{cfg['split']}.bin")
+    if not os.path.isfile(path):
+        raise UserError(f"dataset '{dataset}' has no {cfg['split']} split ({path} is missing): prepare it with "
+                        f"prepare.py --test_fraction=0.1, or evaluate on --split=val")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if cfg["max_val_tokens"]:
         tokens = tokens[:cfg["max_val_tokens"]]
     if len(tokens) < 2:
-        raise UserError(f"val.bin of '{dataset}' holds {len(tokens)} token(s): nothing to evaluate")
+        raise UserError(f"{cfg['split']}.bin of '{dataset}' holds {len(tokens)} token(s): nothing to evaluate")
     loss, n = evaluate(model, tokens, cfg["batch_size"], device, autocast(device, dtype))
     if not math.isfinite(loss):
-        raise UserError(f"the held-out loss is {loss}: the model's outputs are not finite; eval.json is unchanged")
-    result = {"loss": loss, "ppl": math.exp(loss), "tokens": n, "dataset": dataset, "encoding": meta["encoding"],
+        raise UserError(f"the held-out loss is {loss}: the model's outputs are not finite; "
+                        f"{EVAL_FILES[cfg['split']]} is unchanged")
+    result = {"loss": loss, "ppl": math.exp(loss), "tokens": n, "split": cfg["split"], "dataset": dataset,
+              "encoding": meta["encoding"], "params": model.param_counts(),
               "input_code": model.config.input_code, "iter_num": checkpoint.get("iter_num"),
               "tokens_seen": checkpoint.get("tokens_seen"), "block_size": model.config.block_size}
-    atomic_write(os.path.join(run_dir, "eval.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(f"{model.config.input_code}: val loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {n:,} tokens "
-          f"of {dataset}")
+    atomic_write(os.path.join(run_dir, EVAL_FILES[cfg["split"]]),
+                 lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"{model.config.input_code}: {cfg['split']} loss {loss:.4f}, perplexity {math.exp(loss):.3f} "
+          f"over {n:,} tokens of {dataset}")
 
 
 if __name__ == "__main__":

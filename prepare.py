@@ -1,8 +1,9 @@
 """
-Text -> data/DATASET/train.bin, val.bin (raw little-endian uint16 token ids) and meta.json.
+Text -> data/DATASET/train.bin, val.bin, optionally test.bin (raw little-endian uint16 token ids) and meta.json.
 
     python prepare.py                                        # offline quickstart: CPython's docs -> data/pydoc
     python prepare.py --input=assets/tinyshakespeare.txt.gz --dataset=shakespeare
+    python prepare.py --input=assets/tinyshakespeare.txt.gz --dataset=study_bytes --encoding=bytes --test_fraction=0.1
     python prepare.py --input=assets/tinyshakespeare.txt.gz --dataset=shakespeare_4096 --encoding=cl100k_4096
     python prepare.py --input='shards/,more/*.jsonl.gz' --dataset=mine --encoding=bytes
     python prepare.py --input=web/ --input2=books.parquet --mix=0.7 --dataset=mine   # two local streams, mixed
@@ -24,9 +25,12 @@ text, and each pydoc topic of the quickstart, is cut into documents at the first
 at a cut are dropped. On disk the end-of-text token PRECEDES every document: each document, the first
 one too, starts right after eot, which is exactly what a generation prompted with eot sees.
 
-Split. A document goes to val when a hash of (seed, its text) is below --val_fraction: the same input
-gives byte-identical files whatever --workers is, and a duplicated document lands in one split only.
-With two or more documents neither split is empty: the last document goes to an empty split.
+Split. A document goes to val when a hash of (seed, its text) is below --val_fraction, to test when it
+is below val_fraction + --test_fraction, else to train: the same input gives byte-identical files
+whatever --workers is, and a duplicated document lands in one split only. A test split is for choosing
+settings (a learning rate) on other text than the reported val loss is measured on; --test_fraction=0
+(the default) writes no test.bin and exactly the files of a version without test splits. No split is
+empty when there are documents enough (one per split): the last ones go to the splits still empty.
 
 Mixing. With two streams (--input and --input2, or --hf=fineweb-edu+cosmopedia) the next document
 comes from the stream furthest below its share of tokens (--mix for the first; None: 0.5, equal
@@ -100,7 +104,8 @@ SETTINGS = {  # key: (default, meaning)
     "text_field": ("text", "the text field of .jsonl / .parquet / hub records"),
     "val_fraction": (None, f"share of documents in val, between 0 and 1; None: {VAL_FRACTION}, "
                            f"{HF_VAL_FRACTION} with --hf"),
-    "seed": (0, "picks which documents go to val (an integer of 64 bits)"),
+    "test_fraction": (0.0, "share of documents in test (test.bin), from 0 to below 1 - val_fraction; 0: no test.bin"),
+    "seed": (0, "picks which documents go to val and test (an integer of 64 bits)"),
     "doc_chars": (4000, "plain text is cut at the first blank line after this many characters (at least 1)"),
     "mix": (None, "with two streams, the first one's share of tokens, between 0 and 1 (fineweb-edu's with --hf); "
                   "None: 0.5"),
@@ -159,6 +164,9 @@ def resolved(config):
     if not (is_number(args.val_fraction) and 0 < args.val_fraction < 1):
         raise PrepareError(f"--val_fraction must be a number between 0 and 1 (both excluded), "
                            f"not {args.val_fraction!r}")
+    if not (is_number(args.test_fraction) and 0 <= args.test_fraction < 1 - args.val_fraction):
+        raise PrepareError(f"--test_fraction must be a number from 0 (no test split) to below 1 - val_fraction "
+                           f"({1 - args.val_fraction:g}), not {args.test_fraction!r}")
     if args.mix is not None and n_streams != 2:
         raise PrepareError("--mix needs two streams: --input=A --input2=B, or --hf=fineweb-edu+cosmopedia")
     args.mix = 0.5 if args.mix is None else args.mix
@@ -442,7 +450,8 @@ def output_dir(args):
 # ---- tokenizing in worker processes ----
 
 def split_key(data, seed):
-    """A number in [0, 1) fixed by the document's bytes and the seed; below val_fraction means val."""
+    """A number in [0, 1) fixed by the document's bytes and the seed; below val_fraction means val, then
+    below val_fraction + test_fraction test."""
     digest = hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "little") / 2 ** 64
 
@@ -526,8 +535,8 @@ def tokenize_into(tmp_dir, streams, enc, args):
         sources = [source for _, stream_sources, _ in streams for source in stream_sources]
         described = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
         with tqdm(total=args.max_tokens, unit="tok", unit_scale=True, desc=args.dataset, delay=2, mininterval=1) as bar:
-            counts, per_stream = write_splits(docs, tmp_dir, args.val_fraction, args.max_tokens, len(streams),
-                                              bar, described)
+            counts, per_stream = write_splits(docs, tmp_dir, args.val_fraction, args.test_fraction, args.max_tokens,
+                                              len(streams), bar, described)
         return counts, per_stream, time.time() - start
     except BrokenProcessPool:
         raise PrepareError(f"a tokenizer process died (killed, or out of memory?); try fewer --workers "
@@ -539,9 +548,10 @@ def tokenize_into(tmp_dir, streams, enc, args):
 
 # ---- writing ----
 
-def write_splits(docs, out_dir, val_fraction, max_tokens, n_streams, progress, source):
-    """Append each document to train.bin or val.bin; returns the counts for meta.json."""
-    counts = {split: {"tokens": 0, "documents": 0, "bytes": 0} for split in ("train", "val")}
+def write_splits(docs, out_dir, val_fraction, test_fraction, max_tokens, n_streams, progress, source):
+    """Append each document to train.bin, val.bin or test.bin; returns the counts for meta.json."""
+    splits = ("train", "val", "test") if test_fraction else ("train", "val")
+    counts = {split: {"tokens": 0, "documents": 0, "bytes": 0} for split in splits}
     per_stream = [{"tokens": 0, "documents": 0} for _ in range(n_streams)]
     files = {split: open(os.path.join(out_dir, f"{split}.bin"), "wb") for split in counts}
 
@@ -552,25 +562,32 @@ def write_splits(docs, out_dir, val_fraction, max_tokens, n_streams, progress, s
             count["documents"] += 1
         counts[split]["bytes"] += doc.n_bytes
 
+    def split_of(doc):
+        if doc.split_key < val_fraction:
+            return "val"
+        return "test" if doc.split_key < val_fraction + test_fraction else "train"
+
     try:
-        pending, total = None, 0  # the last document waits: it goes to a split that would be empty
+        # the last len(splits) - 1 documents wait: they go to the splits that would be empty
+        pending, total = deque(), 0
         for stream, doc in docs:
             if max_tokens is not None and total + len(doc.tokens) > max_tokens:
                 break
             total += len(doc.tokens)
-            if pending:
-                put(*pending)
-            pending = (stream, doc, "val" if doc.split_key < val_fraction else "train")
+            if len(pending) == len(splits) - 1:
+                put(*pending.popleft())
+            pending.append((stream, doc, split_of(doc)))
             progress.update(len(doc.tokens))
-        if pending is None:
+        if not pending:
             raise PrepareError(f"no text to write: {source} holds no document"
                                + (" that fits in --max_tokens" if max_tokens is not None else ""))
-        if counts["train"]["documents"] + counts["val"]["documents"] == 0:
-            raise PrepareError("the input is a single document, and train and val need one each: "
-                               "add text, or lower --doc_chars to cut plain text into more documents")
-        stream, doc, split = pending
-        empty = [s for s in ("val", "train") if counts[s]["documents"] == 0]
-        put(stream, doc, empty[0] if empty else split)
+        if sum(count["documents"] for count in counts.values()) == 0:
+            single = "is a single document" if len(pending) == 1 else f"holds {len(pending)} documents"
+            raise PrepareError(f"the input {single}, and {' and '.join(splits)} need one each: "
+                               f"add text, or lower --doc_chars to cut plain text into more documents")
+        for stream, doc, split in pending:
+            empty = [s for s in ("val", "test", "train") if s in counts and counts[s]["documents"] == 0]
+            put(stream, doc, empty[0] if empty else split)
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
@@ -615,24 +632,19 @@ def swap_in(tmp_dir, out_dir):
 
 
 def make_meta(args, enc, streams, counts, per_stream):
-    text_bytes = counts["train"]["bytes"] + counts["val"]["bytes"]
-    documents = counts["train"]["documents"] + counts["val"]["documents"]
-    text_tokens = counts["train"]["tokens"] + counts["val"]["tokens"] - documents
+    text_bytes = sum(count["bytes"] for count in counts.values())
+    text_tokens = sum(count["tokens"] - count["documents"] for count in counts.values())
     meta = {
         "encoding": enc.name,
         "vocab_size": enc.n_vocab,
         "eot_token": enc.eot_token,
         "eot_position": "before each document",
         "dtype": "uint16",
-        "train_tokens": counts["train"]["tokens"],
-        "val_tokens": counts["val"]["tokens"],
-        "train_documents": counts["train"]["documents"],
-        "val_documents": counts["val"]["documents"],
-        "train_bytes": counts["train"]["bytes"],
-        "val_bytes": counts["val"]["bytes"],
+        **{f"{split}_{field}": counts[split][field] for field in ("tokens", "documents", "bytes") for split in counts},
         "bytes_per_token": round(text_bytes / max(text_tokens, 1), 4),  # UTF-8 text bytes per token, eot not counted
         "source": [source for _, sources, _ in streams for source in sources],
         "val_fraction": args.val_fraction,
+        **({"test_fraction": args.test_fraction} if "test" in counts else {}),  # without a test split: as before
         "seed": args.seed,
         "doc_chars": args.doc_chars,
         "text_field": args.text_field,
@@ -671,9 +683,10 @@ def prepare(args, enc, streams, out_dir):
 
 
 def report(out_dir, meta, seconds, workers):
-    tokens = meta["train_tokens"] + meta["val_tokens"]
-    print(f"wrote {out_dir}: train {meta['train_tokens']:,} tokens in {meta['train_documents']:,} documents, "
-          f"val {meta['val_tokens']:,} tokens in {meta['val_documents']:,} documents")
+    splits = [split for split in ("train", "val", "test") if f"{split}_tokens" in meta]
+    tokens = sum(meta[f"{split}_tokens"] for split in splits)
+    print(f"wrote {out_dir}: " + ", ".join(f"{split} {meta[f'{split}_tokens']:,} tokens in "
+                                           f"{meta[f'{split}_documents']:,} documents" for split in splits))
     print(f"{meta['encoding']} (V={meta['vocab_size']:,}, eot={meta['eot_token']}): {meta['bytes_per_token']:.3f} "
           f"bytes/token; {tokens / seconds:,.0f} tokens/s in {seconds:.2f} s with {workers} worker(s)")
 

@@ -127,6 +127,36 @@ def test_reruns_are_byte_identical_whatever_the_workers(tmp_path, shakespeare_fi
     assert sorted(os.listdir(tmp_path / "b")) == ["s"]  # no temp or old folder left
 
 
+def test_a_test_split_comes_out_of_train_and_leaves_val_as_it_was(tmp_path, shakespeare_file):
+    prepared(tmp_path / "a", f"--input={shakespeare_file}", "--dataset=s", "--encoding=bytes")
+    prepared(tmp_path / "b", f"--input={shakespeare_file}", "--dataset=s", "--encoding=bytes", "--test_fraction=0.1")
+    old_meta, old = load(tmp_path / "a" / "s")
+    meta, new = load(tmp_path / "b" / "s")
+    assert not os.path.exists(tmp_path / "a" / "s" / "test.bin")  # test_fraction 0: the files of before
+    assert not [key for key in old_meta if key.startswith("test_")]
+    test = np.memmap(tmp_path / "b" / "s" / "test.bin", dtype=np.uint16, mode="r")
+    assert len(test) == meta["test_tokens"] > 0 and test[0] == meta["eot_token"]
+    assert np.count_nonzero(test == meta["eot_token"]) == meta["test_documents"]
+    assert meta["test_fraction"] == 0.1 and 0.05 < meta["test_documents"] / meta["train_documents"] < 0.2
+    assert new["val"].tobytes() == old["val"].tobytes()
+    test_docs = documents(test, meta)
+    assert sorted(documents(new["train"], meta) + test_docs) == sorted(documents(old["train"], meta))
+    assert meta["test_bytes"] == sum(len(d.encode()) for d in test_docs)
+
+
+def test_three_documents_fill_three_splits_and_two_are_refused(tmp_path):
+    paragraphs = [p for p in shakespeare_text().split("\n\n") if p.strip()][:3]
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs)
+    prepared(tmp_path, f"--input={tmp_path / 'docs.jsonl'}", "--dataset=d", "--test_fraction=1e-9")
+    meta, _ = load(tmp_path / "d")
+    assert (meta["train_documents"], meta["val_documents"], meta["test_documents"]) == (1, 1, 1)
+    with open(tmp_path / "two.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs[:2])
+    result = run_prepare(tmp_path, f"--input={tmp_path / 'two.jsonl'}", "--dataset=e", "--test_fraction=0.1")
+    assert result.returncode == 1 and result.stderr.startswith("error: the input holds 2 documents, and train")
+
+
 def write_jsonl_gz(path, records):
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -243,6 +273,8 @@ REFUSED_SETTINGS = {  # case: (arguments, words the error must hold); {good} and
     "val_fraction 1": (["--input={good}", "--val_fraction=1"], "--val_fraction must be a number between 0 and 1"),
     "val_fraction 1.5": (["--input={good}", "--val_fraction=1.5"], "not 1.5"),
     "val_fraction a word": (["--input={good}", "--val_fraction=half"], "not 'half'"),
+    "test_fraction -0.1": (["--input={good}", "--test_fraction=-0.1"], "--test_fraction must be a number from 0"),
+    "test_fraction leaving no train": (["--input={good}", "--test_fraction=0.9"], "below 1 - val_fraction (0.9)"),
     "mix 0": (["--input={good}", "--input2={other}", "--mix=0"], "--mix must be a number between 0 and 1"),
     "mix 1": (["--input={good}", "--input2={other}", "--mix=1"], "--mix must be a number between 0 and 1"),
     "mix -0.5": (["--input={good}", "--input2={other}", "--mix=-0.5"], "not -0.5"),

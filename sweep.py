@@ -1,0 +1,442 @@
+"""
+Run a study: every cell of a grid of train.py settings, each run evaluated by eval.py, into one
+results table (JSONL, one row per finished run, for report.py or a notebook).
+
+    python sweep.py config/study_depth.py                  # runs what results/depth.jsonl lacks
+    python sweep.py config/study_depth.py --jobs=1         # study keys on the command line, as everywhere
+    python sweep.py config/study_depth.py --dry_run=True   # the cells and their commands; nothing is run
+    python sweep.py config/study_depth.py --help           # every key, its value and its meaning
+
+A study is a config file of plain assignments of the keys below (configurator.py). `base` is a train
+config file or a dict of train.py keys; `grid` maps train.py keys to lists of values, and its product
+is the cells. Keys that move together are one tuple key with tuples of values:
+`("max_iters", "lr_decay_iters"): [(300, 300), (1200, 1200)]`. The grid holds input_code and seed.
+
+Paired seeds: code_seed follows seed (unless the grid sets it), so runs of one seed read the same
+batches (a pure function of seed and step) whatever their code, and the affine runs of seed s share
+one map. Their shared weights (blocks, lm_head) start the same for fixed_min, affine and
+frozen_random, not yet for learned (tests/test_sweep.py says why).
+
+A cell: `python train.py BASE --key=value ... --dataset=DATASET --out_dir=RUNS_DIR/NAME`, then
+`python eval.py --out_dir=RUNS_DIR/NAME --split=EVAL_SPLIT`, as processes with `threads` threads
+each, up to `jobs` cells at once; both write to RUNS_DIR/NAME/log.txt. When eval.py succeeds the
+cell's row is appended to `results` in one write, fsynced: its grid values, the full train config
+(read back from the checkpoint), the held-out loss, tokens, parameter counts, wall times, torch,
+python and the commit.
+
+Resuming. A cell is finished when `results` holds a row of exactly its train config and eval split;
+a rerun skips it, so a killed study goes on where it stopped. Any other cell runs from scratch (the
+folder a kill or a failure left is cleared first). Rows of settings no longer in the grid are kept
+and said so. A cell that fails is reported with its log and the others go on; the exit status is 1
+when any failed. Ctrl-C or SIGTERM launches nothing more and stops the running cells (their folders
+are not results): exit 130 or 143, and the same command resumes.
+"""
+import difflib
+import fcntl
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from datetime import datetime, timezone
+
+import torch
+
+from checkpoint import load_checkpoint
+from common import REPO, UserError, data_dir, load_meta, run_main
+from configurator import ConfigError, parse_config
+from training import DEFAULTS as TRAIN_DEFAULTS
+
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SETTINGS = {  # key: (default, meaning)
+    "base": (None, "the train config every cell starts from: a config file, or a dict of train.py keys"),
+    "grid": (None, "{train key: [values]}, or {(key, key): [(value, value)]} for keys that move together; "
+                   "input_code and seed among them"),
+    "dataset": ("", "the dataset of every cell (a folder under data/ or a path), written by prepare.py"),
+    "prepare": (None, "prepare.py arguments (a list, --dataset added) that make the dataset when it is missing"),
+    "eval_split": ("val", "what eval.py scores: val (the reported loss) or test (to choose settings on)"),
+    "results": ("", "the results table, one JSON row per finished cell (e.g. results/depth.jsonl)"),
+    "runs_dir": ("", "each cell's run folder goes under this (e.g. out-study/depth)"),
+    "jobs": (None, "cells run at once; None: the CPUs this process may use, over threads"),
+    "threads": (1, "threads per run (OMP_NUM_THREADS); on a CPU, one per run and runs side by side use the "
+                   "cores best"),
+    "dry_run": (False, "True: list the cells and their commands, run nothing"),
+}
+DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
+MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+RUNNER_KEYS = ("out_dir", "init_from", "overwrite", "dataset")  # set by the study, not per cell
+EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}     # as eval.py names them
+POLL_S = 0.2
+
+
+# ------------------------------------------------------------------------------- the study config
+
+def closest(key, known):
+    match = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def check_train_key(key, where):
+    if not isinstance(key, str) or key not in TRAIN_DEFAULTS:
+        raise UserError(f"{where}: {key!r} is not a train.py key{closest(str(key), list(TRAIN_DEFAULTS))}")
+    if key in RUNNER_KEYS:
+        raise UserError(f"{where}: {key} is set by sweep.py (out_dir per cell; dataset for the whole study)")
+
+
+def grid_axes(grid):
+    """[(keys, [values as tuples])], one axis per grid entry, every key and value shape checked."""
+    if not isinstance(grid, dict) or not grid:
+        raise UserError("grid must be a non-empty dict {train key: [values]}")
+    axes, seen = [], set()
+    for entry, values in grid.items():
+        keys = entry if isinstance(entry, tuple) else (entry,)
+        for key in keys:
+            check_train_key(key, "grid")
+            if key in seen:
+                raise UserError(f"grid: {key} appears twice")
+            seen.add(key)
+        if not isinstance(values, (list, tuple)) or not values:
+            raise UserError(f"grid: {entry!r} needs a non-empty list of values, got {values!r}")
+        rows = [value if isinstance(entry, tuple) else (value,) for value in values]
+        for row in rows:
+            if not isinstance(row, (list, tuple)) or len(row) != len(keys):
+                raise UserError(f"grid: each value of {entry!r} must be a tuple of {len(keys)}, got {row!r}")
+            if any(value is None for value in row):
+                raise UserError(f"grid: {entry!r} has the value None; give each value explicitly")
+        if len({repr(tuple(row)) for row in rows}) < len(rows):
+            raise UserError(f"grid: {entry!r} lists a value twice (the same cell twice)")
+        axes.append((keys, [tuple(row) for row in rows]))
+    for key in ("input_code", "seed"):
+        if key not in seen:
+            raise UserError(f"grid must hold {key}: a study compares input codes over paired seeds")
+    return axes
+
+
+def as_arg(key, value):
+    """--key=value as configurator.py reads it back: strings bare, everything else as a Python literal."""
+    return f"--{key}={value}" if isinstance(value, str) else f"--{key}={value!r}"
+
+
+def base_args(base):
+    if isinstance(base, str):
+        if not os.path.isfile(base):
+            raise UserError(f"base config '{base}' not found")
+        return [base]
+    if isinstance(base, dict):
+        for key in base:
+            check_train_key(key, "base")
+        return [as_arg(key, value) for key, value in base.items()]
+    raise UserError("base must name a train config file or be a dict of train.py keys")
+
+
+def cell_name(cell):
+    """fixed_min-n_layer4-seed1: the values in grid order, each but input_code after its key."""
+    parts = [str(value) if key == "input_code" else f"{key}{value}" for key, value in cell.items()]
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join(parts))
+
+
+def make_cells(study):
+    """Every cell: its grid values, name, out_dir, train.py arguments and the config they make."""
+    head, axes = base_args(study["base"]), grid_axes(study["grid"])
+    keys = [key for axis_keys, _ in axes for key in axis_keys]
+    cells = []
+    for combination in itertools.product(*(values for _, values in axes)):
+        cell = dict(zip(keys, (value for row in combination for value in row)))
+        name = cell_name(cell)
+        out_dir = os.path.join(study["runs_dir"], name)
+        paired = {} if "code_seed" in cell else {"code_seed": cell["seed"]}
+        args = [*head, *(as_arg(k, v) for k, v in {**cell, **paired}.items()), f"--dataset={study['dataset']}",
+                f"--out_dir={out_dir}"]
+        try:
+            config = parse_config(TRAIN_DEFAULTS, args)
+        except ConfigError as e:
+            raise UserError(f"cell {name}: {e}") from None
+        cells.append({"cell": cell, "name": name, "out_dir": out_dir, "args": args, "config": config})
+    longest = max((c["name"] for c in cells), key=len)
+    if len(longest) > 200:  # most filesystems take 255 bytes per folder name
+        raise UserError(f"the cell folder name {longest[:60]}... is {len(longest)} characters long: fewer grid keys")
+    names = [c["name"] for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"two cells would share the folder {twice[0]}: grid values that differ only in "
+                        f"characters a folder name cannot hold")
+    return cells
+
+
+def checked_study(study):
+    for key in ("results", "runs_dir", "dataset"):
+        if not study[key]:
+            raise UserError(f"the study must set {key}")
+    if study["eval_split"] not in EVAL_FILES:
+        raise UserError(f"eval_split must be val or test, got '{study['eval_split']}'")
+    if study["threads"] < 1:
+        raise UserError(f"threads must be at least 1, got {study['threads']}")
+    if study["jobs"] is None:
+        study["jobs"] = max(1, CPUS // study["threads"])
+    if not isinstance(study["jobs"], int) or isinstance(study["jobs"], bool) or study["jobs"] < 1:
+        raise UserError(f"jobs must be a whole number of at least 1 (or None: one per CPU), got {study['jobs']!r}")
+    if not study["results"].endswith(".jsonl"):
+        raise UserError(f"results must be a .jsonl file, got '{study['results']}'")
+    if study["prepare"] is not None and not (isinstance(study["prepare"], list) and
+                                             all(isinstance(a, str) for a in study["prepare"])):
+        raise UserError("prepare must be a list of prepare.py arguments, e.g. ['--encoding=bytes']")
+    return study
+
+
+def ensure_dataset(study):
+    """Run prepare.py when the dataset is missing and the study says how; refuse a dataset without the
+    split to score."""
+    folder = data_dir(study["dataset"])
+    if not os.path.isfile(os.path.join(folder, "meta.json")) and study["prepare"] is not None:
+        command = [sys.executable, os.path.join(REPO, "prepare.py"), *study["prepare"],
+                   f"--out_root={os.path.dirname(os.path.abspath(folder))}", f"--dataset={os.path.basename(folder)}"]
+        print(f"dataset '{study['dataset']}' is missing, making it: python prepare.py {' '.join(command[2:])}",
+              file=sys.stderr)
+        if subprocess.run(command).returncode != 0:
+            raise UserError(f"prepare.py failed to make dataset '{study['dataset']}' (its error is above)")
+    load_meta(study["dataset"])  # a folder that prepare.py did not write is refused here
+    split = study["eval_split"]
+    if not os.path.isfile(os.path.join(folder, f"{split}.bin")):
+        raise UserError(f"dataset '{study['dataset']}' has no {split} split ({split}.bin): prepare it again with "
+                        f"--test_fraction=0.1")
+
+
+# ---------------------------------------------------------------------------------- the results
+
+def identity(config, split):
+    """What makes two runs the same: the eval split and the train config but where it was written. Keys
+    at train.py's default are left out, so that a key train.py gains later does not orphan a table."""
+    differing = {k: v for k, v in config.items()
+                 if k != "out_dir" and (k not in TRAIN_DEFAULTS or v != TRAIN_DEFAULTS[k])}
+    return json.dumps({"split": split, **differing}, sort_keys=True)
+
+
+def read_results(path, repair):
+    """The rows of path ([] if it does not exist). A last line cut short by a kill is no result; with
+    repair it is removed, so that the next row starts on a line of its own."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    if complete != data and repair:
+        print(f"note: {path} ended in a row cut short; removed it (its cell runs again)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    rows = []
+    for number, line in enumerate(complete.decode("utf-8", "replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            identity(row["config"], row["split"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{path}:{number} is not a results row of sweep.py: fix or remove that line") from None
+        rows.append(row)
+    return rows
+
+
+def append_row(path, row):
+    """One write of one whole line in append mode, fsynced: a kill leaves the row there or not at all."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def provenance():
+    """torch, python and the commit (with -dirty when tracked files differ from it), for every row."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        commit = (commit + "-dirty" if dirty else commit) or None
+    except OSError:  # no git on this machine
+        commit = None
+    return {"torch": torch.__version__, "python": platform.python_version(), "commit": commit}
+
+
+def result_row(job, study, extra):
+    """The row of a finished cell, read back from what train.py and eval.py wrote."""
+    checkpoint = load_checkpoint(job["out_dir"])
+    with open(os.path.join(job["out_dir"], EVAL_FILES[study["eval_split"]])) as f:
+        result = json.load(f)
+    return {"cell": job["cell"], "name": job["name"], "split": result["split"], "loss": result["loss"],
+            "ppl": result["ppl"], "eval_tokens": result["tokens"], "dataset": result["dataset"],
+            "tokens_seen": checkpoint["tokens_seen"], "iter_num": checkpoint["iter_num"], "params": result["params"],
+            "train_s": round(job["train_s"], 1), "eval_s": round(job["eval_s"], 1),
+            "wall_s": round(job["train_s"] + job["eval_s"], 1), "jobs": study["jobs"], "threads": study["threads"],
+            **extra, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "out_dir": job["out_dir"], "config": checkpoint["config"]}
+
+
+# -------------------------------------------------------------------------------------- running
+
+def child_env(threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["TQDM_MININTERVAL"] = "60"  # progress bars in a log file: a line a minute, not ten a second
+    return env
+
+
+def start(job, phase, env, split):
+    """Launch the job's train.py or eval.py, its output appended to the cell's log."""
+    script = [os.path.join(REPO, "train.py"), *job["args"]] if phase == "train" else \
+        [os.path.join(REPO, "eval.py"), f"--out_dir={job['out_dir']}", f"--split={split}"]
+    with open(job["log"], "a") as log:
+        log.write(f"$ {' '.join(['python', *script])}\n")
+        log.flush()
+        job["proc"] = subprocess.Popen([sys.executable, *script], stdout=log, stderr=subprocess.STDOUT, env=env)
+    job["phase"], job["started"] = phase, time.time()
+
+
+def last_error(log):
+    """The line of the log that says why: its last `error: ...`, else its last line."""
+    with open(log, errors="replace") as f:
+        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """One line per finished or failed cell: counts, elapsed, and the time left at the pace so far."""
+
+    def __init__(self, total, jobs):
+        self.total, self.jobs, self.done, self.failed, self.walls = total, jobs, 0, [], []
+        self.start = time.time()
+
+    def line(self, message, running):
+        finished = self.done + len(self.failed)
+        left = self.total - finished
+        eta = (f"about {duration(sum(self.walls) / len(self.walls) * left / self.jobs)} left" if self.walls and left
+               else "time left unknown" if left else "all done")
+        print(f"[{finished}/{self.total}] {message}; {len(self.failed)} failed, {running} running, "
+              f"{duration(time.time() - self.start)} elapsed, {eta}", file=sys.stderr, flush=True)
+
+
+def run_cells(todo, study, extra):
+    """Run the cells, up to jobs at once; returns the failed ones. KeyboardInterrupt (Ctrl-C, or
+    SIGTERM through common.run_main) stops the running cells and passes on."""
+    env, split = child_env(study["threads"]), study["eval_split"]
+    pending, running = deque(todo), []
+    progress = Progress(len(todo), study["jobs"])
+    try:
+        while pending or running:
+            while pending and len(running) < study["jobs"]:
+                job = pending.popleft()
+                shutil.rmtree(job["out_dir"], ignore_errors=True)  # not a result: a kill or failure left it
+                os.makedirs(job["out_dir"])
+                running.append(job)  # before it starts: an interrupt from here on stops it too
+                start(job, "train", env, split)
+            time.sleep(POLL_S)
+            for job in [job for job in running if job["proc"].poll() is not None]:
+                seconds, code = time.time() - job["started"], job["proc"].returncode
+                job[f"{job['phase']}_s"] = seconds
+                if code == 0 and job["phase"] == "train":
+                    start(job, "eval", env, split)
+                    continue
+                running.remove(job)
+                try:
+                    row = result_row(job, study, extra) if code == 0 else None
+                except (UserError, OSError, ValueError, KeyError) as e:  # what the scripts wrote is unusable
+                    row, code = None, f"0 but its results are unreadable ({e})"
+                if row:
+                    append_row(study["results"], row)
+                    progress.done += 1
+                    progress.walls.append(row["wall_s"])
+                    progress.line(f"{job['name']}: {split} loss {row['loss']:.4f} in {duration(row['wall_s'])}",
+                                  len(running))
+                else:
+                    progress.failed.append(job)
+                    progress.line(f"FAILED {job['name']}: {job['phase']}.py exit {code}: {last_error(job['log'])} "
+                                  f"(log: {job['log']})", len(running))
+    except KeyboardInterrupt:
+        stop(running)
+        raise
+    return progress.failed
+
+
+def stop(running):
+    """SIGTERM to every running cell (train.py checkpoints and exits), SIGKILL to any still there after a
+    minute; further signals are ignored meanwhile, so the cleanup itself is not cut short."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    running = [job for job in running if job.get("proc")]
+    for job in running:
+        if job["proc"].poll() is None:
+            job["proc"].terminate()
+    for job in running:
+        try:
+            job["proc"].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            job["proc"].kill()
+            job["proc"].wait()
+
+
+def lock_results(path):
+    """Make the results folder and lock the table, held until exit: two sweeps of one table would
+    both run the cells it lacks."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        lock = open(path, "a")
+    except OSError as e:
+        raise UserError(f"cannot write the results table {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"another sweep.py is running the study of {path} (it is locked)") from None
+    return lock
+
+
+def main(argv):
+    study = checked_study(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
+    cells = make_cells(study)
+    lock = None if study["dry_run"] else lock_results(study["results"])  # held until exit
+    rows = read_results(study["results"], repair=lock is not None)
+    finished = {identity(row["config"], row["split"]) for row in rows}
+    todo = [c for c in cells if identity(c["config"], study["eval_split"]) not in finished]
+    ours = {identity(c["config"], study["eval_split"]) for c in cells}
+    others = sum(identity(row["config"], row["split"]) not in ours for row in rows)
+    print(f"{len(cells)} cells: {len(cells) - len(todo)} finished before (skipped), {len(todo)} to run, "
+          f"{study['jobs']} at once with {study['threads']} thread(s) each; results: {study['results']}"
+          + (f" (it also holds {others} rows of settings not in this grid, kept)" if others else ""), file=sys.stderr)
+    if study["dry_run"]:
+        for c in todo:
+            print(f"{c['name']}: python train.py {' '.join(c['args'])}")
+        return
+    if not todo:
+        return
+    ensure_dataset(study)
+    for c in todo:
+        if os.path.lexists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
+            raise UserError(f"{c['out_dir']} is a file, not a cell's folder: move it away")
+        c["log"] = os.path.join(c["out_dir"], "log.txt")
+    try:
+        os.makedirs(study["runs_dir"], exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make runs_dir {study['runs_dir']} ({e.strerror})") from None
+    try:
+        failed = run_cells(todo, study, provenance())
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}): the running cells were stopped (their folders are "
+              f"not results); finished rows are in {study['results']}; the same command resumes", file=sys.stderr)
+        sys.exit(128 + signum)
+    if failed:
+        logs = ", ".join(job["log"] for job in failed[:3]) + (" ..." if len(failed) > 3 else "")
+        raise UserError(f"{len(failed)} of {len(todo)} cells failed (logs: {logs}); the others are in "
+                        f"{study['results']}; rerun the same command to retry the failed ones")
+
+
+if __name__ == "__main__":
+    run_main(main)

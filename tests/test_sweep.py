@@ -1,0 +1,190 @@
+"""sweep.py on a tiny grid end to end: a row per cell, a rerun that retrains nothing, a failing cell that does not
+stop the others, SIGTERM, a second sweep of one table, bad study configs; the test split it chooses settings on
+(eval.py --split=test); and whether a seed gives every input code the same shared weights (paired seeds)."""
+import fcntl
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sweep
+from common import UserError
+from conftest import REPO, run, shakespeare_text
+
+TINY_BASE = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
+             "gradient_accumulation_steps": 1, "max_iters": 4, "lr_decay_iters": 4, "warmup_iters": 1,
+             "eval_interval": 4, "eval_iters": 1, "log_interval": 2, "compile": False, "device": "cpu"}
+CODES_BY_SEEDS = {"input_code": ["fixed_min", "learned"], "seed": [1, 2]}
+
+
+def write_study(path, dataset, grid, **keys):
+    settings = {"base": TINY_BASE, "grid": grid, "dataset": dataset, "results": str(path.parent / "results.jsonl"),
+                "runs_dir": str(path.parent / "runs"), "jobs": 2, **keys}
+    path.write_text("".join(f"{key} = {value!r}\n" for key, value in settings.items()))
+    return str(path)
+
+
+def run_sweep(study):
+    return subprocess.run([sys.executable, "sweep.py", study], cwd=REPO, capture_output=True, text=True)
+
+
+def rows(root):
+    with open(root / "results.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """150K characters of Shakespeare in bytes, with a test split: small splits, so evaluation is quick."""
+    root = tmp_path_factory.mktemp("sweep_data")
+    (root / "text.txt").write_text(shakespeare_text()[:150_000], encoding="utf-8")
+    run("prepare.py", f"--input={root / 'text.txt'}", "--dataset=d", "--encoding=bytes", "--doc_chars=2000",
+        "--test_fraction=0.1", f"--out_root={root}", "--workers=1")
+    return str(root / "d")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, dataset):
+    """A study of 2 codes x 2 seeds, run once by sweep.py: (its folder, the sweep's result)."""
+    root = tmp_path_factory.mktemp("study")
+    result = run_sweep(write_study(root / "study.py", dataset, CODES_BY_SEEDS))
+    return root, result
+
+
+def test_each_cell_is_one_row_of_its_settings_loss_and_provenance(study, dataset):
+    root, result = study
+    assert result.returncode == 0, result.stderr
+    assert "[4/4]" in result.stderr and "0 failed" in result.stderr
+    with open(os.path.join(dataset, "meta.json")) as f:
+        meta = json.load(f)
+    found = rows(root)
+    assert sorted((r["cell"]["input_code"], r["cell"]["seed"]) for r in found) == [
+        ("fixed_min", 1), ("fixed_min", 2), ("learned", 1), ("learned", 2)]
+    for row in found:
+        with open(os.path.join(row["out_dir"], "eval.json")) as f:
+            assert row["loss"] == json.load(f)["loss"]
+        assert math.isfinite(row["loss"]) and row["ppl"] == pytest.approx(math.exp(row["loss"]))
+        assert row["split"] == "val" and row["eval_tokens"] == meta["val_tokens"] - 1
+        assert (row["iter_num"], row["tokens_seen"]) == (4, 4 * 4 * 32)
+        config = row["config"]
+        assert config["seed"] == config["code_seed"] == row["cell"]["seed"]  # paired seeds
+        assert config["input_code"] == row["cell"]["input_code"] and config["n_embd"] == 32
+        assert row["params"]["input_trainable"] == (257 * 32 if config["input_code"] == "learned" else 0)
+        assert row["torch"] == torch.__version__ and "commit" in row and row["wall_s"] > 0
+        assert os.path.isfile(os.path.join(row["out_dir"], "log.txt"))
+
+
+def test_a_rerun_skips_finished_cells_and_a_failing_cell_does_not_stop_the_others(study, dataset):
+    root, _ = study
+    checkpoints = [os.path.join(r["out_dir"], "ckpt.pt") for r in rows(root)]
+    before = [os.stat(path).st_mtime_ns for path in checkpoints]
+    table = (root / "results.jsonl").read_bytes()
+    again = run_sweep(str(root / "study.py"))
+    assert again.returncode == 0, again.stderr
+    assert "4 finished before (skipped), 0 to run" in again.stderr
+    # the same four runs, written as tuple keys, and two more that train.py refuses (n_embd 32, n_head 3)
+    grid = {("input_code", "n_head"): [("fixed_min", 2), ("learned", 2), ("fixed_min", 3)], "seed": [1, 2]}
+    failing = run_sweep(write_study(root / "study.py", dataset, grid))
+    assert failing.returncode == 1
+    assert "4 finished before (skipped), 2 to run" in failing.stderr
+    assert [os.stat(path).st_mtime_ns for path in checkpoints] == before  # nothing retrained
+    assert (root / "results.jsonl").read_bytes() == table
+    for seed in (1, 2):
+        log = root / "runs" / f"fixed_min-n_head3-seed{seed}" / "log.txt"
+        assert f"FAILED fixed_min-n_head3-seed{seed}: train.py exit 1" in failing.stderr
+        assert f"(log: {log})" in failing.stderr and "must be a multiple of n_head (3)" in log.read_text()
+    assert failing.stderr.splitlines()[-1].startswith("error: 2 of 2 cells failed (logs: ")
+
+
+def test_sigterm_stops_the_running_cell_and_leaves_the_table_as_it_was(study, dataset):
+    root, _ = study
+    table = (root / "results.jsonl").read_bytes()
+    grid = {"input_code": ["fixed_min", "learned"], "seed": [1, 2, 3]}  # two cells to run: seed 3
+    proc = subprocess.Popen([sys.executable, "sweep.py", write_study(root / "more.py", dataset, grid, jobs=1)],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    log = root / "runs" / "fixed_min-seed3" / "log.txt"
+    for _ in range(6000):  # until the first new cell has started (a bound, so that a broken sweep cannot hang)
+        if log.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines()[-1].startswith("interrupted (SIGTERM): the running cells were stopped")
+    assert (root / "results.jsonl").read_bytes() == table
+    assert not (root / "runs" / "learned-seed3").exists()  # launched nothing after the signal
+
+
+@pytest.mark.parametrize("grid, keys, message", [
+    ({"input_code": ["learned"], "seed": [1], "n_layers": [2]}, {},
+     "'n_layers' is not a train.py key (did you mean 'n_layer'?)"),
+    ({"input_code": ["learned"], "seed": []}, {}, "'seed' needs a non-empty list of values"),
+    ({"input_code": ["learned"]}, {}, "grid must hold seed"),
+    ({"input_code": ["learned"], "seed": [1, 1]}, {}, "lists a value twice"),
+    ({"input_code": ["learned"], "seed": [1], "out_dir": ["x"]}, {}, "out_dir is set by sweep.py"),
+    ({"input_code": ["learned"], "seed": [1], ("max_iters", "lr_decay_iters"): [(4,)]}, {}, "must be a tuple of 2"),
+    ({"input_code": ["learned"], "seed": ["one"]}, {}, "cell learned-seedone: config key 'seed'"),
+    (CODES_BY_SEEDS, {"eval_split": "train"}, "eval_split must be val or test"),
+    (CODES_BY_SEEDS, {"jobs": 0}, "jobs must be a whole number of at least 1"),
+    (CODES_BY_SEEDS, {"base": "no/such/config.py"}, "base config 'no/such/config.py' not found"),
+    (CODES_BY_SEEDS, {"results": "results.csv"}, "results must be a .jsonl file"),
+])
+def test_a_bad_study_is_one_error_before_anything_is_written(tmp_path, dataset, grid, keys, message):
+    with pytest.raises(UserError) as error:
+        sweep.main([write_study(tmp_path / "study.py", dataset, grid, **keys)])
+    assert message in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["study.py"]
+
+
+def test_a_row_written_before_train_py_gained_a_key_still_finishes_its_cell():
+    config = dict(sweep.TRAIN_DEFAULTS, input_code="learned", seed=2, out_dir="runs/a")
+    older = {key: value for key, value in config.items() if key != "rope_theta"}  # a key it did not have yet
+    assert sweep.identity(older, "val") == sweep.identity({**config, "out_dir": "elsewhere"}, "val")
+    assert sweep.identity(config, "val") != sweep.identity({**config, "n_layer": 3}, "val")
+    assert sweep.identity(config, "val") != sweep.identity(config, "test")
+
+
+def test_a_second_sweep_of_the_same_table_is_refused(tmp_path, dataset):
+    study = write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)
+    with open(tmp_path / "results.jsonl", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the first sweep holds it
+        with pytest.raises(UserError, match=r"another sweep.py is running the study of .* \(it is locked\)"):
+            sweep.main([study])
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "config", "study_*.py"))))
+def test_the_bundled_studies_are_valid(path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # their paths are relative to the checkout, as in the README's commands
+    sweep.main([path, "--dry_run=True"])
+    cells = int(capsys.readouterr().err.split(" cells: ")[0])
+    assert cells >= 9  # 3 codes x 3 seeds, or x 3 learning rates x 2 seeds
+
+
+def test_eval_scores_the_test_split_apart_and_a_dataset_without_one_is_refused(study, dataset, tmp_path):
+    row = rows(study[0])[0]
+    before = open(os.path.join(row["out_dir"], "eval.json")).read()
+    run("eval.py", f"--out_dir={row['out_dir']}", "--split=test")
+    with open(os.path.join(row["out_dir"], "eval_test.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(dataset, "meta.json")) as f:
+        assert (result["split"], result["tokens"]) == ("test", json.load(f)["test_tokens"] - 1)
+    assert result["loss"] != row["loss"] and open(os.path.join(row["out_dir"], "eval.json")).read() == before
+    run("prepare.py", f"--input={os.path.join(dataset, '..', 'text.txt')}", "--dataset=plain", "--encoding=bytes",
+        f"--out_root={tmp_path}", "--workers=1")
+    refused = subprocess.run([sys.executable, "eval.py", f"--out_dir={row['out_dir']}", "--split=test",
+                              f"--dataset={tmp_path / 'plain'}"], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"error: dataset '{tmp_path / 'plain'}' has no test split")
+    assert len(refused.stderr.splitlines()) == 1
+    study = write_study(tmp_path / "study.py", str(tmp_path / "plain"), CODES_BY_SEEDS, eval_split="test")
+    with pytest.raises(UserError, match="has no test split .* prepare it again with --test_fraction=0.1"):
+        sweep.main([study])  # before any cell runs
+    assert not (tmp_path / "runs").exists()
