@@ -159,9 +159,10 @@ def sdpa_context(name):
 
 
 def random_batch(generator, vocab_size, batch_size, block_size, device):
-    """(x, y) of random ids, made and moved like train.py's batches: int32 on the CPU, widened on the device."""
-    ids = torch.randint(vocab_size, (batch_size, block_size + 1), generator=generator, dtype=torch.int32)
-    return training.to_device(ids[:, :-1], device), training.to_device(ids[:, 1:], device)
+    """(x, y, dropout seed) of random ids, made and moved like train.py's batches: windows of int32 on
+    the CPU, one pinned copy on CUDA, widened on the device."""
+    windows = torch.randint(vocab_size, (batch_size, block_size + 1), generator=generator, dtype=torch.int32)
+    return *training.to_device(windows, device), int(torch.randint(2 ** 62, (), generator=generator))
 
 
 def train_step(model, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator):
