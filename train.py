@@ -193,39 +193,47 @@ def start_processes(cfg):
 
 
 def agree(configured, device, failure):
-    """Stop every process, with one line, if any process failed its checks or sees another run than
-    rank 0: other settings, device type, dataset (meta.json and the .bin sizes) or checkpoint."""
-    seen = None
-    if configured:
-        cfg, meta, checkpoint = configured
-        folder = data_dir(cfg["dataset"])
-        seen = {"settings": cfg, "device": device.type,
-                "dataset": {**meta, **{s: os.path.getsize(os.path.join(folder, f"{s}.bin")) for s in ("train", "val")}},
-                "checkpoint": checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}}
+    """Stop every process, with one line, if any process failed its checks or does not see the run
+    that rank 0 sees."""
     reason = None if failure is None else str(failure) if isinstance(failure, UserError) else repr(failure)
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {"host": socket.gethostname(), "failure": reason, "seen": seen})
+    dist.all_gather_object(everyone, {"host": socket.gethostname(), "failure": reason,
+                                      "seen": configured and run_seen(*configured, device)})
+    message = disagreement(everyone)
+    if message:
+        dist.destroy_process_group()
+        if failure is not None and not isinstance(failure, UserError):
+            raise failure  # a bug: its traceback, here; the other processes print the one line
+        raise UserError(message)
+
+
+def run_seen(cfg, meta, checkpoint, device):
+    """What every process must see alike: the settings, the device type, the dataset (meta.json and
+    the .bin sizes) and the checkpoint resumed from (its step and losses)."""
+    folder = data_dir(cfg["dataset"])
+    sizes = {split: os.path.getsize(os.path.join(folder, f"{split}.bin")) for split in ("train", "val")}
+    return {"settings": cfg, "device": device.type, "dataset": {**meta, **sizes},
+            "checkpoint": checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}}
+
+
+def disagreement(everyone):
+    """The line that stops every process, or None; everyone[r] is rank r's host, failure and run_seen."""
     failed = [(rank, p) for rank, p in enumerate(everyone) if p["failure"]]
-    differing = [(rank, p) for rank, p in enumerate(everyone) if p["seen"] != everyone[0]["seen"]]
     if failed:
         rank, first = failed[0]
         if len(failed) == len(everyone) and all(p["failure"] == first["failure"] for _, p in failed):
-            message = first["failure"]  # the same everywhere: a setting, not a node
-        else:
-            message = f"{first['failure']} (rank {rank} on {first['host']}; {len(failed)} of {len(everyone)} processes failed; {SHARED})"
-    elif differing:
-        rank, other = differing[0]
-        mine, theirs = everyone[0]["seen"], other["seen"]
-        what = [f"settings ({', '.join(k for k in mine['settings'] if mine['settings'][k] != theirs['settings'].get(k))})"
-                if key == "settings" else key for key in mine if mine[key] != theirs[key]]
-        message = (f"rank {rank} on {other['host']} does not see the run rank 0 on {everyone[0]['host']} sees: "
-                   f"its {', '.join(what)} differ; {SHARED}")
-    else:
-        return
-    dist.destroy_process_group()
-    if failure is not None and not isinstance(failure, UserError):
-        raise failure
-    raise UserError(message)
+            return first["failure"]  # the same everywhere: a setting, not a node
+        return (f"rank {rank} on {first['host']} ({len(failed)} of {len(everyone)} processes failed): "
+                f"{first['failure']}; {SHARED}")
+    ours = everyone[0]["seen"]
+    for rank, p in enumerate(everyone):
+        theirs = p["seen"]
+        if theirs != ours:
+            what = [f"settings ({', '.join(k for k in ours[key] if ours[key][k] != theirs[key].get(k))})"
+                    if key == "settings" else key for key in ours if ours[key] != theirs[key]]
+            return (f"rank {rank} on {p['host']} does not see the run that rank 0 on {everyone[0]['host']} sees: "
+                    f"it differs in {', '.join(what)}; {SHARED}")
+    return None
 
 
 def build(cfg, meta, device, checkpoint):
