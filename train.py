@@ -11,14 +11,18 @@ Data are data/DATASET/{train,val}.bin (uint16 token ids) and meta.json, written 
 This file is the run (checks, setup, the loop, evaluation, checkpoints, signals); training.py holds
 the settings and the one training step it repeats, which bench.py times.
 One optimizer step reads batch_size * gradient_accumulation_steps sequences of block_size tokens,
-whatever the number of processes: the step's G = gradient_accumulation_steps micro-batches are a pure
-function of (seed, step, g), and rank r takes g = r, r + W, ... So a 2-process run reads the same tokens
-as a 1-process run, and a resumed run reads exactly what an uninterrupted run would have read.
+whatever the number of processes: the step's G = gradient_accumulation_steps micro-batches, their
+windows and their dropout masks, are a pure function of (seed, step, g), and rank r takes g = r,
+r + W, ... So a 2-process run reads the same tokens as a 1-process run, and a resumed run reads
+exactly what an uninterrupted run would have read.
 
-Every setting is checked before anything is written. A run never replaces another by accident: a
-fresh run into an out_dir that holds one stops, unless overwrite=True. Ctrl-C or SIGTERM (what
-clusters send before a kill) checkpoints the current step and says how to resume; a second one
-stops at once. Checkpoints are written atomically, so a kill at any moment leaves the last one whole.
+Every setting is checked before anything is written, by every process: under torchrun each one checks
+its own files (config files, data/, out_dir, the checkpoint), and they agree before any training
+collective, so a node that lacks a file stops the whole job at once with one line. A run never
+replaces another by accident: a fresh run into an out_dir that holds one stops, unless
+overwrite=True. Ctrl-C or SIGTERM (what clusters send before a kill) checkpoints the current step
+and says how to resume; a second one stops at once. Checkpoints are written atomically, so a kill at
+any moment leaves the last one whole.
 """
 import inspect
 import json
