@@ -4,6 +4,7 @@ checkpoints, and the FLOP count behind MFU."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,13 +41,14 @@ def two_nodes(folders, args, tmp_path):
     try:
         for folder, log in zip(folders, logs):
             with open(log, "w") as err:
-                procs.append(subprocess.Popen(launcher + args, cwd=folder, stdout=subprocess.DEVNULL, stderr=err, env=env))
+                procs.append(subprocess.Popen(launcher + args, cwd=folder, stdout=subprocess.DEVNULL, stderr=err,
+                                              env=env, start_new_session=True))
         for proc in procs:
             proc.wait(timeout=300)  # a hang would wait out the 30-minute collective timeout
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+            if proc.poll() is None:  # torchrun and the worker it started
+                os.killpg(proc.pid, signal.SIGKILL)
     return [(proc.returncode, log.read_text()) for proc, log in zip(procs, logs)]
 
 
@@ -251,7 +253,8 @@ def test_checkpoints_load_memory_mapped(trained_checkpoint):
     path = os.path.realpath(os.path.join(out_dir, "ckpt.pt"))
     with open("/proc/self/maps") as f:
         mapped = [[int(a, 16) for a in line.split()[0].split("-")] for line in f if line.rstrip().endswith(path)]
-    tensors = [*checkpoint["model"].values(), *(t for s in checkpoint["optimizer"]["state"].values() for t in s.values())]
+    moments = (t for state in checkpoint["optimizer"]["state"].values() for t in state.values())
+    tensors = [*checkpoint["model"].values(), *moments]
     assert tensors and all(any(lo <= t.data_ptr() < hi for lo, hi in mapped) for t in tensors)
 
 
