@@ -26,8 +26,10 @@ MFU = flops_per_token * tokens_per_s / peak, with model.flops_per_token() (PaLM,
     flops_per_token = 6 * N + 12 * n_layer * n_embd * block_size
 where N counts the trainable parameters outside the input (every matmul weight, the lm_head
 included; the lift or table lookup does no matmul, so the three codes cost the same FLOPs), and the
-second term is attention's scores and values. Peak = model.peak_flops(torch.cuda.get_device_name()):
-dense bf16 tensor-core FLOP/s, e.g. 989e12 for H100 SXM and H200, 756e12 for H100 PCIe, 312e12 for
+second term is attention's scores and values over the full T x T square, PaLM's convention. A causal
+flash kernel skips most of the masked half, so this MFU reads above what the GPU executes: by 6.7% at
+the paper config. Peak = model.peak_flops(torch.cuda.get_device_name()): dense bf16 tensor-core
+FLOP/s, e.g. 989e12 for H100 SXM and H200, 835e12 for H100 NVL, 756e12 for H100 PCIe, 312e12 for
 A100. On CPU (and unknown GPUs) MFU is not reported.
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA, and the measuring process's peak resident
@@ -159,9 +161,10 @@ def sdpa_context(name):
 
 
 def random_batch(generator, vocab_size, batch_size, block_size, device):
-    """(x, y) of random ids, made and moved like train.py's batches: int32 on the CPU, widened on the device."""
-    ids = torch.randint(vocab_size, (batch_size, block_size + 1), generator=generator, dtype=torch.int32)
-    return training.to_device(ids[:, :-1], device), training.to_device(ids[:, 1:], device)
+    """(x, y, dropout seed) of random ids, made and moved like train.py's batches: windows of int32 on
+    the CPU, one pinned copy on CUDA, widened on the device."""
+    windows = torch.randint(vocab_size, (batch_size, block_size + 1), generator=generator, dtype=torch.int32)
+    return *training.to_device(windows, device), int(torch.randint(2 ** 62, (), generator=generator))
 
 
 def train_step(model, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator):

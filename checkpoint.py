@@ -1,13 +1,20 @@
 """
-Checkpoints: written atomically, read back with torch.load(weights_only=True), turned into a model.
+Checkpoints: written atomically, read back memory-mapped with torch.load(weights_only=True), turned
+into a model.
 
 A checkpoint is out_dir/ckpt.pt, a dict of plain types and tensors:
   model_args     GPTConfig fields            model          state_dict (the code buffers A/b included)
   meta           the dataset's meta.json     config         the full training config
   iter_num       optimizer steps done        tokens_seen    tokens trained on
-  best_val_loss, val_loss                    optimizer, rng training state (train.py)
+  best_val_loss, val_loss                    optimizer    AdamW state (train.py)
   sha256         a digest of everything else, verified on every load: a checkpoint changed on disk
                  (a bad disk, a partial copy, flipped bytes) is refused, not silently used
+
+Loading maps the file into memory rather than reading it into each process's own memory: the
+tensors are pages of the page cache, which every process of a host that loads the same file
+shares, so 8 ranks resuming on one host hold one copy, not 8 (the digest still reads every byte).
+The mapping stays valid however long a loaded tensor lives, because a checkpoint is only ever
+replaced by a rename, never rewritten in place.
 """
 import hashlib
 import os
@@ -91,7 +98,7 @@ def load_checkpoint(out_dir, device="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint in '{out_dir}' (expected {CKPT_NAME}): train a model there first")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:  # torch's own message suggests weights_only=False: wrong advice for a broken file
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch "
                               f"checkpoint ({type(e).__name__})") from None

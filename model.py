@@ -646,7 +646,9 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per
         weight of every matmul (the input lift or table lookup does none, so all codes cost the same;
         learned_lift's K x n_embd map is left out too, 0.003% at the paper config) plus
-        12 * n_layer * n_embd * block_size for attention scores and values."""
+        12 * n_layer * n_embd * block_size for attention scores and values over the full T x T
+        square. A causal flash kernel skips most of the masked half, so an MFU from this count reads
+        above what the GPU executes (6.7% at the paper config)."""
         counts = self.param_counts()
         cfg = self.config
         return 6 * (counts["trainable"] - counts["input_trainable"]) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
@@ -669,8 +671,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s), for MFU. Matched by substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+# Dense bf16 tensor-core peaks (FLOP/s), for MFU. The first key found in torch.cuda.get_device_name()
+# wins, so the H100 variants come before "H100" (the SXM part).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
 
 
 def peak_flops(device_name):

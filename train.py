@@ -11,23 +11,30 @@ Data are data/DATASET/{train,val}.bin (uint16 token ids) and meta.json, written 
 This file is the run (checks, setup, the loop, evaluation, checkpoints, signals); training.py holds
 the settings and the one training step it repeats, which bench.py times.
 One optimizer step reads batch_size * gradient_accumulation_steps sequences of block_size tokens,
-whatever the number of processes: the step's G = gradient_accumulation_steps micro-batches are a pure
-function of (seed, step, g), and rank r takes g = r, r + W, ... So a 2-process run reads the same tokens
-as a 1-process run, and a resumed run reads exactly what an uninterrupted run would have read.
+whatever the number of processes: the step's G = gradient_accumulation_steps micro-batches, their
+windows and their dropout masks, are a pure function of (seed, step, g), and rank r takes g = r,
+r + W, ... So a 2-process run reads the same tokens as a 1-process run, and a resumed run reads
+exactly what an uninterrupted run would have read.
 
-Every setting is checked before anything is written. A run never replaces another by accident: a
-fresh run into an out_dir that holds one stops, unless overwrite=True. Ctrl-C or SIGTERM (what
-clusters send before a kill) checkpoints the current step and says how to resume; a second one
-stops at once. Checkpoints are written atomically, so a kill at any moment leaves the last one whole.
+Every setting is checked before anything is written, by every process: under torchrun each one checks
+its own files (config files, data/, out_dir, the checkpoint), and they agree before any training
+collective, so a node that lacks a file stops the whole job at once with one line. A run never
+replaces another by accident: a fresh run into an out_dir that holds one stops, unless
+overwrite=True. Ctrl-C or SIGTERM (what clusters send before a kill) checkpoints the current step
+and says how to resume; a second one stops at once. Checkpoints are written atomically, so a kill at
+any moment leaves the last one whole.
 """
+import inspect
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
 from dataclasses import asdict, fields
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,10 +45,14 @@ from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from common import UserError, data_dir, load_meta, resolve_device, resolve_dtype, run_main
 from configurator import parse_config
 from model import GPT, GPTConfig, peak_flops
-from training import (DEFAULTS, MEANINGS, MODEL_KEYS, learning_rate, make_optimizer, read_batch, setup_precision,
-                      to_device, train_step)
+from training import (DEFAULTS, MEANINGS, MODEL_KEYS, dropout_seed, learning_rate, load_optimizer_state,
+                      make_optimizer, read_batch, setup_precision, to_device, train_step)
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
+SHARED = "every node must see the same config files, data/ and out_dir: a shared filesystem, or copies"
+# torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -89,14 +100,22 @@ def check_settings(cfg):
         (0 <= cfg["beta1"] < 1 and 0 <= cfg["beta2"] < 1, "beta1 and beta2 must be in [0, 1)"),
         (cfg["grad_clip"] >= 0, f"grad_clip must be 0 (off) or more, got {cfg['grad_clip']}"),
         (0 <= cfg["dropout"] < 1, f"dropout must be in [0, 1), got {cfg['dropout']}"),
+        (cfg["collective_timeout"] > 0, f"collective_timeout must be above 0 minutes, got {cfg['collective_timeout']}"),
         (min(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]) >= 1,
          "n_layer, n_head, n_embd and block_size must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise UserError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple of "
+                        f"the number of processes ({world_size}): tokens per step stay the same whatever the world size")
     device = resolve_device(cfg["device"])
     resolve_dtype(cfg["dtype"], device)
+    if world_size > 1 and device.type == "cuda" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+        raise UserError(f"torchrun started more processes on {socket.gethostname()} than it has GPUs "
+                        f"({torch.cuda.device_count()}): use --nproc_per_node={torch.cuda.device_count()}")
 
 
 def check_data(cfg, meta):
@@ -141,23 +160,84 @@ def check_out_dir(cfg):
                         f"--init_from=resume, pick another --out_dir, or start over with --overwrite=True")
 
 
-def setup_distributed(cfg):
-    """(rank, world_size, device); torchrun sets RANK, WORLD_SIZE and LOCAL_RANK."""
+def setup(argv):
+    """(cfg, meta, checkpoint, rank, world_size, device), every setting checked on every process.
+
+    Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK) each process checks its own files:
+    its config files, data/, out_dir and the checkpoint it resumes from. Without a shared filesystem
+    these differ from node to node, and a process that stopped alone would leave the others waiting
+    in their first collective until the timeout. So every process joins the process group even when
+    its checks failed, and they agree: all go on, or all stop with the same one line."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg["device"])
     if world_size == 1:
-        return 0, 1, device
-    if cfg["gradient_accumulation_steps"] % world_size:
-        raise UserError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple of "
-                        f"the number of processes ({world_size}): tokens per step stay the same whatever the world size")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        cfg, meta, checkpoint = configure(argv)
+        return cfg, meta, checkpoint, 0, 1, resolve_device(cfg["device"])
+    try:
+        configured, failure = configure(argv), None
+    except Exception as e:  # any failure, a bug's included: the others must hear of it before it is raised
+        configured, failure = None, e
+    device = start_processes(configured[0] if configured else None)
+    agree(configured, device, failure)
+    return *configured, dist.get_rank(), world_size, device
+
+
+def start_processes(cfg):
+    """Join the process group (cfg is None where this process's checks failed); this process's device."""
+    device = resolve_device(cfg["device"]) if cfg else torch.device("cpu")
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return rank, world_size, device
+    # gloo carries CPU tensors, so the agreement works on every process whatever its device, and NCCL
+    # the CUDA tensors of training; NCCL connects at its first collective, which a process that
+    # failed its checks never reaches
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    minutes = cfg["collective_timeout"] if cfg else DEFAULTS["collective_timeout"]
+    dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+    return device
+
+
+def agree(configured, device, failure):
+    """Stop every process, with one line, if any process failed its checks or does not see the run
+    that rank 0 sees."""
+    reason = None if failure is None else str(failure) if isinstance(failure, UserError) else repr(failure)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"host": socket.gethostname(), "failure": reason,
+                                      "seen": configured and run_seen(*configured, device)})
+    message = disagreement(everyone)
+    if message:
+        dist.destroy_process_group()
+        if failure is not None and not isinstance(failure, UserError):
+            raise failure  # a bug: its traceback, here; the other processes print the one line
+        raise UserError(message)
+
+
+def run_seen(cfg, meta, checkpoint, device):
+    """What every process must see alike: the settings, the device type, the dataset (meta.json and
+    the .bin sizes) and the checkpoint resumed from (its step and losses)."""
+    folder = data_dir(cfg["dataset"])
+    sizes = {split: os.path.getsize(os.path.join(folder, f"{split}.bin")) for split in ("train", "val")}
+    return {"settings": cfg, "device": device.type, "dataset": {**meta, **sizes},
+            "checkpoint": checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}}
+
+
+def disagreement(everyone):
+    """The line that stops every process, or None; everyone[r] is rank r's host, failure and run_seen."""
+    failed = [(rank, p) for rank, p in enumerate(everyone) if p["failure"]]
+    if failed:
+        rank, first = failed[0]
+        if len(failed) == len(everyone) and all(p["failure"] == first["failure"] for _, p in failed):
+            return first["failure"]  # the same everywhere: a setting, not a node
+        return (f"rank {rank} on {first['host']} ({len(failed)} of {len(everyone)} processes failed): "
+                f"{first['failure']}; {SHARED}")
+    ours = everyone[0]["seen"]
+    for rank, p in enumerate(everyone):
+        theirs = p["seen"]
+        if theirs != ours:
+            what = [f"settings ({', '.join(k for k in ours[key] if ours[key][k] != theirs[key].get(k))})"
+                    if key == "settings" else key for key in ours if ours[key] != theirs[key]]
+            return (f"rank {rank} on {p['host']} does not see the run that rank 0 on {everyone[0]['host']} sees: "
+                    f"it differs in {', '.join(what)}; {SHARED}")
+    return None
 
 
 def build(cfg, meta, device, checkpoint):
@@ -169,8 +249,17 @@ def build(cfg, meta, device, checkpoint):
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
     return raw_model, optimizer
+
+
+def wrap_ddp(model, device):
+    """DDP around the model. Its buffers (rotary tables, the code's A and b, a frozen table) are the
+    same on every rank by construction, so they are not broadcast before every forward; and the
+    gradients are views into DDP's all-reduce buckets, not a second copy beside them (1.75 GiB at the
+    paper config; train_step zeroes them in place to keep them so)."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **NO_BUFFER_SYNC)
 
 
 def prepare_out_dir(cfg, iter_num):
@@ -215,14 +304,13 @@ def start_wandb(cfg):
 # ------------------------------------------------------------------------------------ training
 
 def main(argv):
-    # setup: every check first, then processes, model and out_dir
-    cfg, meta, checkpoint = configure(argv)
-    rank, world_size, device = setup_distributed(cfg)
+    # setup: every check first, on every process, then processes, model and out_dir
+    cfg, meta, checkpoint, rank, world_size, device = setup(argv)
     master = rank == 0
     dtype, amp, scaler = setup_precision(cfg, device)
     raw_model, optimizer = build(cfg, meta, device, checkpoint)  # raw_model: weights, counts, checkpoints
     model = torch.compile(raw_model) if cfg["compile"] else raw_model  # model: what evaluation runs
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    train_model = wrap_ddp(model, device) if world_size > 1 else model
 
     B, T, G = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
     tokens_per_step = B * G * T
@@ -230,9 +318,6 @@ def main(argv):
     iter_num, best_val_loss, val_loss = 0, float("inf"), None
     if checkpoint is not None:
         iter_num, best_val_loss, val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["val_loss"]
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in checkpoint["rng"]:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         del checkpoint
     start_iter = iter_num
 
@@ -255,10 +340,10 @@ def main(argv):
             if wandb:
                 wandb.log(record, step=record["iter"])
 
-    def micro_batches(split, key):
+    def micro_batches(step):
         for g in my_micro_steps:
-            x, y = read_batch(cfg["dataset"], split, (*key, g), B, T)
-            yield to_device(x, device), to_device(y, device)
+            key = (cfg["seed"], step, g)
+            yield *to_device(read_batch(cfg["dataset"], "train", key, B, T), device), dropout_seed(key)
 
     @torch.no_grad()
     def estimate_loss():
@@ -268,9 +353,9 @@ def main(argv):
         for split_id, split in enumerate(("train", "val")):
             total = torch.zeros(2, device=device)
             for k in range(rank, cfg["eval_iters"], world_size):
-                x, y = read_batch(cfg["dataset"], split, (cfg["seed"], EVAL_KEY, split_id, k), B, T)
+                x, y = to_device(read_batch(cfg["dataset"], split, (cfg["seed"], EVAL_KEY, split_id, k), B, T), device)
                 with amp:
-                    _, loss = model(to_device(x, device), to_device(y, device))
+                    loss = model(x, y)[1]
                 total += torch.stack((loss.float(), torch.ones((), device=device)))
             if world_size > 1:
                 dist.all_reduce(total)
@@ -284,9 +369,7 @@ def main(argv):
                 "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "iter_num": iter_num, "tokens_seen": iter_num * tokens_per_step,
                 "best_val_loss": best_val_loss, "val_loss": val_loss, "config": cfg, "meta": meta,
-                # data state: the batches are a pure function of (seed, iter_num); dropout draws need the RNG
-                "rng": {"cpu": torch.get_rng_state(),
-                        **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+                # no data or RNG state: the batches and dropout masks are a pure function of (seed, iter_num)
             }, cfg["out_dir"])
 
     def check_finite(value, what):
@@ -324,8 +407,8 @@ def main(argv):
             sys.exit(128 + stop.signum)
 
         lr = learning_rate(cfg, iter_num)
-        loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp,
-                              micro_batches("train", (cfg["seed"], iter_num)), cfg["grad_clip"], lr)
+        loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp, micro_batches(iter_num),
+                              cfg["grad_clip"], lr)
         iter_num += 1
         window_steps += 1
         bar.update(1)

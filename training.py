@@ -3,9 +3,11 @@ One training step and what it is made of, shared by train.py (the training run) 
 times exactly this step): the training settings, batches read from the uint16 memmap, precision, the
 AdamW optimizer and its schedule, and train_step itself.
 
-Follow one step from disk to the optimizer: read_batch (a pure function of (seed, step, g)) ->
-to_device (pinned, non-blocking on CUDA; widened to int64 there) -> train_step (forward, backward,
-gradient all-reduce under DDP on the last micro-batch only, clipping, AdamW).
+Follow one step from disk to the optimizer: read_batch (the uint16 memmap's windows, widened to int32
+on the CPU as they are gathered, a pure function of (seed, step, g)) -> to_device (one contiguous
+pinned copy per micro-batch on CUDA, widened to int64 there) -> train_step (dropout reseeded per
+micro-batch, forward, backward, gradient all-reduce under DDP on the last micro-batch only, clipping,
+AdamW).
 """
 import math
 import os
@@ -54,7 +56,9 @@ SETTINGS = {  # key: (default, meaning)
     "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
                       "bfloat16 or float16"),
     "compile": (True, "torch.compile the model"),
-    "seed": (1337, "the initialization and the data order"),
+    "seed": (1337, "the initialization, the data order and the dropout masks"),
+    "collective_timeout": (30.0, "minutes a process waits for the others (DDP) before the run fails; rank 0 "
+                                 "writes each checkpoint (5.6 GB at the paper config) while the others wait"),
 }
 DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
 MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
@@ -79,18 +83,48 @@ def make_optimizer(model, cfg, device):
                              fused=device.type == "cuda")
 
 
+def load_optimizer_state(optimizer, saved):
+    """Restore a checkpoint's AdamW state (moments, step counts) into optimizer, keeping optimizer's own
+    options (fused, betas, weight decay, ...): optimizer.load_state_dict alone would also bring back
+    the saved run's options, so a run started on CPU would stay non-fused on CUDA and a new
+    weight_decay on resume would be silently ignored. Passing the current options also places the
+    step counts where they belong: on the device for fused AdamW, on the CPU otherwise."""
+    groups = [{**group, **{k: v for k, v in mine.items() if k != "params"}}
+              for group, mine in zip(saved["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+
+
 def read_batch(dataset, split, key, batch_size, block_size):
-    """(x, y) int64 CPU tensors of batch_size random windows, a pure function of key (a tuple of ints)."""
+    """batch_size random windows of block_size + 1 tokens, a pure function of key (a tuple of ints): a
+    contiguous (batch_size, block_size + 1) int32 CPU tensor, widened from the file's uint16 here
+    (torch's uint16 has too few operations to carry further)."""
     tokens = np.memmap(os.path.join(data_dir(dataset), f"{split}.bin"), dtype=np.uint16, mode="r")
     starts = np.random.default_rng(list(key)).integers(0, len(tokens) - block_size, size=batch_size)
-    windows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1].astype(np.int32) for s in starts]))
-    return windows[:, :-1], windows[:, 1:]
+    return torch.from_numpy(np.stack([tokens[s:s + block_size + 1].astype(np.int32) for s in starts]))
 
 
-def to_device(tensor, device):
-    if device.type == "cuda":  # pinned memory lets the copy overlap compute; widen to int64 on the GPU
-        return tensor.pin_memory().to(device, non_blocking=True).long()
-    return tensor.to(device).long()
+def to_device(windows, device):
+    """(x, y) int64 on device: inputs and next-token targets, both views of the same windows.
+
+    On CUDA the windows travel as one copy of one contiguous pinned buffer, which is what lets
+    .to(non_blocking=True) return at once and overlap the GPU's queued work. Slicing x and y before
+    the copy would defeat it: pin_memory() keeps a view's strides, and a non-contiguous source is
+    first copied by PyTorch into a new pageable tensor, then transferred from there. The pinned
+    buffer may be dropped as soon as the copy is queued: the copy records an event with PyTorch's
+    caching host allocator, which hands the memory out again only after the copy has completed.
+    The int32 ids become int64 on the GPU, after the copy."""
+    if device.type == "cuda":
+        windows = windows.contiguous().pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1].long(), windows[:, 1:].long()
+
+
+def dropout_seed(key):
+    """The seed of one micro-batch's dropout masks, a pure function of its key (seed, step, g) and
+    apart from the stream its windows are drawn from: each micro-batch, so each rank, draws its own
+    masks, and a micro-batch draws the same ones whichever rank runs it, after a resume too."""
+    return int(np.random.SeedSequence(list(key), spawn_key=(1,)).generate_state(1, np.uint64)[0])
 
 
 def learning_rate(cfg, it):
@@ -105,18 +139,20 @@ def learning_rate(cfg, it):
 
 
 def train_step(train_model, raw_model, optimizer, scaler, autocast, batches, grad_clip, lr):
-    """One optimizer step over batches, an iterable of (x, y) on the device: forward and backward of
-    each micro-batch (gradients all-reduced once, on the last), clipping, the AdamW step. Returns
-    the summed micro-batch losses, a tensor, so that nothing waits for the device here."""
+    """One optimizer step over batches, an iterable of (x, y, seed) per micro-batch, x and y on the
+    device: forward and backward of each micro-batch with torch's RNG reseeded to its dropout seed
+    (gradients all-reduced once, on the last), clipping, the AdamW step. Returns the summed
+    micro-batch losses, a tensor, so that nothing waits for the device here."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batches = list(batches)
+    batches = list(batches)  # every copy to the device is queued before the first forward
+    ddp = isinstance(train_model, DDP)
     loss_sum = torch.zeros((), device=raw_model.lm_head.weight.device)
-    for i, (x, y) in enumerate(batches):
-        last = i == len(batches) - 1
-        with (train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext()):
+    for i, (x, y, seed) in enumerate(batches):
+        torch.manual_seed(seed)
+        with (train_model.no_sync() if ddp and i < len(batches) - 1 else nullcontext()):
             with autocast:
-                _, loss = train_model(x, y)
+                loss = train_model(x, y)[1]  # the B x T x V logits are freed here, not kept through backward
             scaler.scale(loss / len(batches)).backward()
         loss_sum += loss.detach().float()
     if grad_clip > 0:
@@ -124,5 +160,8 @@ def train_step(train_model, raw_model, optimizer, scaler, autocast, batches, gra
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # under DDP the gradients are views into its all-reduce buckets (gradient_as_bucket_view): zeroed
+    # in place they stay so, and no second copy of the gradients is made; set to None, each step would
+    # allocate fresh gradients beside the buckets
+    optimizer.zero_grad(set_to_none=not ddp)
     return loss_sum
