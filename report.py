@@ -1,7 +1,9 @@
 """
-The paper's comparison from run directories: a markdown table and, optionally, a figure.
+The paper's comparison, from run directories or from the results table of a sweep: markdown tables
+and, optionally, a figure.
 
     python report.py --runs='out-study/shakespeare/*' --plot=assets/study_shakespeare.png
+    python report.py --results=results/depth.jsonl --plot=assets/gap_depth.png
 
 A run directory is what train.py and eval.py leave in out_dir: ckpt.pt, metrics.jsonl and eval.json.
 Runs are grouped into variants: the input code plus every setting that differs between the runs
@@ -14,9 +16,17 @@ those means to the `learned` variant with the same other settings, and the token
 
 Runs trained or evaluated on different data, or of different model shapes, are refused unless
 --allow_mixed=True is given (then what differs becomes part of the variants).
+
+A sweep's results (sweep.py: one JSON row per run) are compared by paired seeds: at each setting of
+the grid (say n_layer = 4), a code's run of seed s is set against learned's run of seed s, which
+started from the same decoder weights and read the same batches. The table gives, per setting and
+code, the mean of those per-seed loss differences with a 95% interval (Student's t over the seeds),
+and the figure draws them against the setting (n_layer, or the tokens seen). Grid keys that take one
+value per code (a learning rate tuned per code) belong to the code, not to the setting.
 """
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -38,7 +48,10 @@ CODE_KEYS = set(code_fields())  # what a row may differ in from its learned base
 
 SETTINGS = {  # key: (default, meaning)
     "runs": ("", "run folders (out_dir of train.py and eval.py), comma-separated; globs are expanded"),
-    "plot": ("", "also write the validation loss against tokens of every run to this .png ('': no figure)"),
+    "results": ("", "instead of runs: sweep.py results tables (.jsonl), comma-separated; compared by paired seeds"),
+    "x": ("", "with results: the setting the figure's x axis shows, a grid key or tokens_seen ('': the one that varies)"),
+    "plot": ("", "also write a figure to this .png ('': none): with runs, val loss against tokens; with "
+                 "results, the paired gap to learned against the setting"),
     "allow_mixed": (False, "True: report runs of different data or model shapes (what differs makes separate rows)"),
 }
 DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
@@ -173,15 +186,28 @@ def read_curve(run_dir):
     return sorted(curve)
 
 
-def plot(variants, title, path):
-    """Val loss against tokens, every run, one colour per variant; the right panel zooms on the end."""
+def pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError:
         fail("--plot needs matplotlib: pip install matplotlib")
+    return plt
+
+
+def save_figure(fig, plt, path):
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror or e}")
+    plt.close(fig)
+
+
+def plot(variants, title, path):
+    """Val loss against tokens, every run, one colour per variant; the right panel zooms on the end."""
+    plt = pyplot()
+    import matplotlib.ticker
     curves = {variant: [read_curve(run["dir"]) for run in runs] for variant, runs in variants.items()}
     last = max(tokens for runs in curves.values() for curve in runs for tokens, _ in curve)
     tail = [loss for runs in curves.values() for curve in runs for tokens, loss in curve if tokens >= last / 2]
@@ -208,12 +234,153 @@ def plot(variants, title, path):
     full.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    except OSError as e:
-        fail(f"cannot write {path}: {e.strerror or e}")
-    plt.close(fig)
+    save_figure(fig, plt, path)
 
+
+# ---------------------------------------------------------------- a sweep's results, paired seeds
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom; between entries, the smaller df's
+# (a slightly wider interval), and past 30 the normal's.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t_975(df):
+    return 1.96 if df > 30 else T_975[max(k for k in T_975 if k <= df)]
+
+
+def load_results(paths):
+    rows = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                lines = f.readlines()
+        except OSError as e:
+            fail(f"cannot read results {path}: {e.strerror}")
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                row["cell"]["input_code"], row["cell"]["seed"], row["loss"]  # what pairing needs
+            except (ValueError, KeyError, TypeError):
+                fail(f"{path}:{number} is not a results row of sweep.py (cell with input_code and seed, loss)")
+            rows.append(row)
+    if not rows:
+        fail(f"no results rows in {', '.join(paths)}: run the study first (python sweep.py config/study_...py)")
+    return rows
+
+
+def setting_keys(rows):
+    """The grid keys that make a setting: all but input_code, seed and the keys that take one value per
+    code (a per-code learning rate belongs to the code)."""
+    keys = sorted({k for row in rows for k in row["cell"]} - {"input_code", "seed", "code_seed"})
+    by_code = {}
+    for row in rows:
+        for k in keys:
+            by_code.setdefault(k, {}).setdefault(row["cell"]["input_code"], set()).add(json.dumps(row["cell"].get(k)))
+    per_code = {k for k, codes in by_code.items() if all(len(v) == 1 for v in codes.values()) and
+                len(set.union(*codes.values())) > 1}
+    return [k for k in keys if k not in per_code]
+
+
+def paired_gaps(rows):
+    """[(setting, code, its rows by seed, [(seed, loss, learned's loss of that seed)])], in order."""
+    keys = setting_keys(rows)
+    cells = {}
+    for row in rows:
+        setting = tuple((k, row["cell"].get(k)) for k in keys)
+        seen = cells.setdefault(setting, {}).setdefault(row["cell"]["input_code"], {})
+        if row["cell"]["seed"] in seen:
+            fail(f"two results rows for {row['cell']}: one results table per study, each cell once")
+        seen[row["cell"]["seed"]] = row
+    order = {code: i for i, code in enumerate(INPUT_CODES)}
+    gaps = []
+    for setting in sorted(cells, key=lambda s: [json.dumps(v) for _, v in s]):
+        baseline = cells[setting].get(BASELINE_CODE, {})
+        for code in sorted(cells[setting], key=lambda c: order.get(c, len(order))):
+            runs = cells[setting][code]
+            pairs = [(seed, runs[seed]["loss"], baseline[seed]["loss"]) for seed in sorted(runs) if seed in baseline]
+            gaps.append((setting, code, runs, pairs))
+    return gaps
+
+
+def gap_stats(pairs):
+    """(mean, 95% half-width or None) of the per-seed differences loss - learned's loss."""
+    differences = [loss - base for _, loss, base in pairs]
+    if len(differences) < 2:
+        return (differences[0] if differences else None), None
+    half = t_975(len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return statistics.mean(differences), half
+
+
+def setting_label(setting):
+    return ", ".join(f"{k}={v}" for k, v in setting) or "(one setting)"
+
+
+def results_table(gaps):
+    lines = ["| setting | input code | runs | held-out loss | paired seeds | loss - learned (mean ± 95% CI) "
+             "| relative | tokens seen |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for setting, code, runs, pairs in gaps:
+        losses = [row["loss"] for row in runs.values()]
+        mean, half = gap_stats(pairs)
+        if code == BASELINE_CODE or mean is None:
+            gap = relative = "-" if code == BASELINE_CODE else "n/a (no learned run of its seeds)"
+        else:
+            gap = f"{mean:+.4f}" + (f" ± {half:.4f}" if half is not None else " (one seed)")
+            relative = f"{mean / statistics.mean(base for _, _, base in pairs):+.2%}"
+        seen = sorted({row["tokens_seen"] for row in runs.values()})
+        tokens = f"{seen[0]:,}" if len(seen) == 1 else f"{seen[0]:,} to {seen[-1]:,}"
+        lines.append(f"| {setting_label(setting)} | {code} | {len(runs)} | {mean_std(losses, 4)} | {len(pairs)} "
+                     f"| {gap} | {relative} | {tokens} |")
+    return "\n".join(lines)
+
+
+def x_of(setting, runs, x):
+    if x == "tokens_seen":
+        return statistics.mean(row["tokens_seen"] for row in runs.values())
+    value = dict(setting).get(x)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        fail(f"x={x} is not a numeric grid key of these results: use one of {', '.join(k for k, _ in setting)} "
+             f"or tokens_seen")
+    return value
+
+
+def plot_gaps(gaps, x, title, path):
+    """The paired gap to learned (mean and 95% interval over seeds) against the setting, a line per code."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    codes = [code for code in dict.fromkeys(code for _, code, _, _ in gaps) if code != BASELINE_CODE]
+    for i, code in enumerate(codes):
+        points = sorted((x_of(setting, runs, x), *gap_stats(pairs)) for setting, c, runs, pairs in gaps
+                        if c == code and pairs)
+        xs, means, halves = zip(*points)
+        ax.errorbar(xs, means, yerr=[h or 0 for h in halves], marker="o", capsize=3, label=code,
+                    color=plt.get_cmap("tab10")(i % 10))
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"held-out loss - {BASELINE_CODE}'s (nats; paired seeds, 95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, plt, path)
+
+
+def report_results(cfg):
+    gaps = paired_gaps(load_results([p for p in (item.strip() for item in cfg["results"].split(",")) if p]))
+    varying = [k for k in dict.fromkeys(k for setting, _, _, _ in gaps for k, _ in setting)
+               if len({dict(s).get(k) for s, _, _, _ in gaps}) > 1]
+    x = cfg["x"] or ("tokens_seen" if {"max_iters"} & set(varying) or not varying else varying[0])
+    print(f"Paired seeds: each code's run of seed s against {BASELINE_CODE}'s run of seed s; mean ± 95% "
+          f"interval (Student's t) of those differences; relative: the mean difference / {BASELINE_CODE}'s "
+          f"mean loss.\n")
+    print(results_table(gaps))
+    if cfg["plot"]:
+        plot_gaps(gaps, x, f"gap to {BASELINE_CODE} against {x}", cfg["plot"])
+        print(f"\nwrote {cfg['plot']}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------- main
 
 def run_folders(runs):
     """The run folders of --runs, in the order given, each once; globs expanded (sorted)."""
@@ -224,7 +391,7 @@ def run_folders(runs):
             fail(f"no run folder matches '{pattern}'")
         folders += [os.path.normpath(m) for m in matches]
     if not folders:
-        fail("no runs given: pass --runs=DIR[,DIR...] (globs work: --runs='out-study/*')")
+        fail("no runs given: pass --runs=DIR[,DIR...] (globs work: --runs='out-study/*') or --results=FILE.jsonl")
     return list(dict.fromkeys(folders))
 
 
@@ -232,6 +399,10 @@ def main(argv):
     cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
     if cfg["plot"] and not cfg["plot"].endswith(".png"):
         fail(f"plot must name a .png file, got '{cfg['plot']}'")
+    if cfg["runs"] and cfg["results"]:
+        fail("give runs or results, not both")
+    if cfg["results"]:
+        return report_results(cfg)
     runs = [load_run(d) for d in run_folders(cfg["runs"])]
     check_comparable(runs, cfg["allow_mixed"])
     variants = group_variants(runs)

@@ -4,7 +4,7 @@
 # so a run is CPU-bound at a few hundred tokens per second. fixed_min, affine, learned; 3 paired seeds.
 #
 #   python sweep.py config/study_pydoc.py    # 9 runs; about 10 min on 2 cores
-#   python report.py out-study/pydoc/*/ --plot assets/study_pydoc.png
+#   python report.py --runs='out-study/pydoc/*' --plot=assets/study_pydoc.png
 base = {
     'n_layer': 2, 'n_head': 4, 'n_embd': 64, 'block_size': 64,
     # 8 x 64 = 512 tokens per step, 100 steps = 51,200 tokens (0.54 epoch of the train split)

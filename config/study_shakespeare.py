@@ -4,7 +4,7 @@
 # frozen random Gaussian table (frozen_random: fixed but not minimal); 3 paired seeds each.
 #
 #   python sweep.py config/study_shakespeare.py    # 21 runs; about 20 min on 2 cores
-#   python report.py out-study/shakespeare/*/ --plot assets/study_shakespeare.png
+#   python report.py --runs='out-study/shakespeare/*' --plot=assets/study_shakespeare.png
 base = {
     'n_layer': 2, 'n_head': 4, 'n_embd': 64, 'block_size': 64,
     # 16 x 64 = 1,024 tokens per step, 600 steps = 614,400 tokens (0.6 epoch of the 1.01M train tokens)

@@ -160,12 +160,11 @@ def test_config_errors_name_the_problem(bad, match):
 def test_the_same_seed_gives_every_input_code_the_same_decoder():
     """Paired seeds: runs of different codes with one seed differ in their input only, so their loss
     difference is the input's, not the luck of the decoder's draw."""
-    from model import CODES
+    from test_codes import code_settings
     shared = {}
     for code in CODES:
         torch.manual_seed(5)
-        extra = dict(code_width=32) if code == "random_wide" else {}
-        model = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32, input_code=code, **extra))
+        model = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32, **code_settings(code, 257)))
         shared[code] = {k: v for k, v in model.state_dict().items() if not k.startswith("embed.")}
     reference = shared["fixed_min"]
     for code, weights in shared.items():

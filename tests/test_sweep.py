@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -79,6 +80,21 @@ def test_each_cell_is_one_row_of_its_settings_loss_and_provenance(study, dataset
         assert row["params"]["input_trainable"] == (257 * 32 if config["input_code"] == "learned" else 0)
         assert row["torch"] == torch.__version__ and "commit" in row and row["wall_s"] > 0
         assert os.path.isfile(os.path.join(row["out_dir"], "log.txt"))
+
+
+def test_report_compares_each_code_with_learned_seed_by_seed(study, tmp_path):
+    root, _ = study
+    figure = tmp_path / "gap.png"
+    result = subprocess.run([sys.executable, "report.py", f"--results={root / 'results.jsonl'}", f"--plot={figure}"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loss = {(r["cell"]["input_code"], r["cell"]["seed"]): r["loss"] for r in rows(root)}
+    differences = [loss["fixed_min", s] - loss["learned", s] for s in (1, 2)]
+    half = 12.706 * statistics.stdev(differences) / math.sqrt(2)  # Student's t, 1 degree of freedom
+    line = next(line for line in result.stdout.splitlines() if "| fixed_min |" in line)
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[4] == "2" and cells[5] == f"{statistics.mean(differences):+.4f} ± {half:.4f}"
+    assert figure.stat().st_size > 0
 
 
 def test_a_rerun_skips_finished_cells_and_a_failing_cell_does_not_stop_the_others(study, dataset):
