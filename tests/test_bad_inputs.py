@@ -171,3 +171,17 @@ def test_every_tool_speaks_the_same_way_as_a_subprocess(workspace):
         assert proc.returncode == 1, (tool, stderr)
         assert stderr.strip().splitlines() == [stderr.strip()] and "no_such_key" in stderr, (tool, stderr)
         assert stdout == ""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_tool_stops_with_one_line_and_no_traceback(workspace, signum):
+    """sample.py mid-generation (eval.py, export_hf.py and bench.py share its entry point, common.run_main)."""
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={workspace / 'run'}", "--max_new_tokens=1000000",
+                             "--stop_at_eot=False", "--device=cpu"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # generating
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("checkpoint ")]
+    assert lines == [f"interrupted ({signal.Signals(signum).name})"], stderr
