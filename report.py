@@ -270,8 +270,8 @@ def load_results(paths):
 
 
 def setting_keys(rows):
-    """The grid keys that make a setting: all but input_code, seed and the keys that take one value per
-    code (a per-code learning rate belongs to the code)."""
+    """The grid keys that make a setting: all but input_code, seed, the keys that take one value per
+    code (a per-code learning rate belongs to the code) and those with one value in all rows."""
     keys = sorted({k for row in rows for k in row["cell"]} - {"input_code", "seed", "code_seed"})
     by_code = {}
     for row in rows:
@@ -279,7 +279,8 @@ def setting_keys(rows):
             by_code.setdefault(k, {}).setdefault(row["cell"]["input_code"], set()).add(json.dumps(row["cell"].get(k)))
     per_code = {k for k, codes in by_code.items() if all(len(v) == 1 for v in codes.values()) and
                 len(set.union(*codes.values())) > 1}
-    return [k for k in keys if k not in per_code]
+    constant = {k for k, codes in by_code.items() if len(set.union(*codes.values())) == 1}  # says nothing
+    return [k for k in keys if k not in per_code | constant]
 
 
 def paired_gaps(rows):
