@@ -53,7 +53,7 @@ from torch.profiler import ProfilerActivity, profile
 import training
 from checkpoint import atomic_write
 from common import UserError, data_dir, resolve_device, resolve_dtype, run_main
-from configurator import parse_config
+from configurator import parse_config, split_settings
 from model import GPT, INPUT_CODES, GPTConfig, peak_flops
 
 BENCH_SETTINGS = {  # key: (default, meaning); the other keys are train.py's
@@ -69,8 +69,9 @@ BENCH_SETTINGS = {  # key: (default, meaning); the other keys are train.py's
     "decode_tokens": (32, "tokens decoded per timing"),
     "profile": (False, "also trace one more step with torch.profiler and print its largest kernels"),
 }
-DEFAULTS = {**training.DEFAULTS, **{key: default for key, (default, _) in BENCH_SETTINGS.items()}}
-MEANINGS = {**training.MEANINGS, **{key: meaning for key, (_, meaning) in BENCH_SETTINGS.items()}}
+BENCH_DEFAULTS, BENCH_MEANINGS = split_settings(BENCH_SETTINGS)
+DEFAULTS = {**training.DEFAULTS, **BENCH_DEFAULTS}
+MEANINGS = {**training.MEANINGS, **BENCH_MEANINGS}
 
 DEFAULT_VOCAB_SIZE = 65536
 

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from common import UserError, run_main
-from configurator import parse_config
+from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder serve.py serves"),
@@ -42,8 +42,7 @@ SETTINGS = {  # key: (default, meaning)
     "serve_args": ("", "more serve.py flags, e.g. '--max_batch_size=16 --dtype=float32'"),
     "seed": (0, "draws the prompts"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 
 def start_server(config):

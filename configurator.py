@@ -87,6 +87,12 @@ def _apply(config, defaults, arg):
         config[key] = _checked(key, value, defaults, f"in {arg}")
 
 
+def split_settings(settings):
+    """(defaults, meanings) of a script's SETTINGS table {key: (default, meaning)}."""
+    return ({key: default for key, (default, _) in settings.items()},
+            {key: meaning for key, (_, meaning) in settings.items()})
+
+
 def help_text(config, meanings, usage):
     """usage, then one line per key: --key=value (after the config files on the line) and its meaning."""
     width = min(40, max(len(f"--{k}={v!r}") for k, v in config.items()))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write, build_model, load_checkpoint
 from common import UserError, autocast, data_dir, load_meta, resolve_device, resolve_dtype, run_main
-from configurator import parse_config
+from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder holding ckpt.pt; eval.json is written there"),
@@ -36,8 +36,7 @@ SETTINGS = {  # key: (default, meaning)
                       "bfloat16 or float16"),
 }
 EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 
 @torch.no_grad()

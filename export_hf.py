@@ -34,15 +34,14 @@ import torch
 import model as model_py
 from checkpoint import build_model, load_checkpoint
 from common import UserError, run_main
-from configurator import parse_config
+from configurator import parse_config, split_settings
 from tokenizer import ENDOFTEXT, get_encoding
 
 SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt)"),
     "hf_dir": ("", "the folder to write ('': out_dir/hf); an earlier export there is replaced"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 HERE = os.path.dirname(os.path.abspath(__file__))
 REMOTE_CODE = ["modeling_fixed_code_gpt.py", "tokenization_fixed_code_gpt.py"]  # in hf_remote_code/
 FOLDER_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.py", "tokenizer.tiktoken",

@@ -76,7 +76,7 @@ from tqdm import tqdm
 
 import tokenizer
 from common import UserError, run_main
-from configurator import parse_config
+from configurator import parse_config, split_settings
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 HF_STREAMS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu:sample-10BT",
@@ -115,8 +115,7 @@ SETTINGS = {  # key: (default, meaning)
     "out_root": (os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"),
                  "writes OUT_ROOT/DATASET (default: data/ beside prepare.py)"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 Document = namedtuple("Document", "tokens n_bytes split_key")  # tokens: uint16, eot first
 

@@ -33,7 +33,7 @@ import sys
 
 from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
 from common import UserError, run_main
-from configurator import parse_config
+from configurator import parse_config, split_settings
 from model import BASELINE_CODE, INPUT_CODES, code_fields
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -54,8 +54,7 @@ SETTINGS = {  # key: (default, meaning)
                  "results, the paired gap to learned against the setting"),
     "allow_mixed": (False, "True: report runs of different data or model shapes (what differs makes separate rows)"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 
 def fail(message):

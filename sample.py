@@ -24,7 +24,7 @@ import time
 import torch
 
 from common import TextStream, UserError, autocast, encode_prompt, load_for_inference, resolve_device, resolve_dtype, run_main
-from configurator import parse_config
+from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt)"),
@@ -42,8 +42,7 @@ SETTINGS = {  # key: (default, meaning)
                        "generations gain"),
     "stop_at_eot": (True, "end a sample at <|endoftext|>"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 SEPARATOR = "---------------"
 
 

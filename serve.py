@@ -70,7 +70,7 @@ from urllib.parse import urlsplit
 import torch
 
 from common import TextStream, UserError, autocast, encode_prompt, load_for_inference, resolve_device, resolve_dtype, run_main
-from configurator import parse_config
+from configurator import parse_config, split_settings
 from model import KVCache, sample_next
 from tokenizer import ENDOFTEXT
 
@@ -92,8 +92,7 @@ SETTINGS = {  # key: (default, meaning)
                              "bounds how long new prompts stall the running sequences"),
     "log_requests": (False, "print a line per request on stderr (http.server's), as a busy server makes many"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 MAX_N = 16            # choices per prompt
 MAX_LOGPROBS = 20     # top tokens per position (vLLM's default; OpenAI allows 5)

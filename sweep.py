@@ -50,7 +50,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from common import REPO, UserError, data_dir, load_meta, run_main
-from configurator import ConfigError, parse_config
+from configurator import ConfigError, parse_config, split_settings
 from training import DEFAULTS as TRAIN_DEFAULTS
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -68,8 +68,7 @@ SETTINGS = {  # key: (default, meaning)
                    "cores best"),
     "dry_run": (False, "True: list the cells and their commands, run nothing"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 RUNNER_KEYS = ("out_dir", "init_from", "overwrite", "dataset")  # set by the study, not per cell
 EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}     # as eval.py names them
 POLL_S = 0.2

@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import autocast, data_dir, resolve_dtype
+from configurator import split_settings
 from model import GPTConfig
 
 MODEL_FIELDS = [f for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from meta.json
@@ -60,8 +61,7 @@ SETTINGS = {  # key: (default, meaning)
     "collective_timeout": (30.0, "minutes a process waits for the others (DDP) before the run fails; rank 0 "
                                  "writes each checkpoint (5.6 GB at the paper config) while the others wait"),
 }
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-MEANINGS = {key: meaning for key, (_, meaning) in SETTINGS.items()}
+DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 
 def setup_precision(cfg, device):
