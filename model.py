@@ -506,9 +506,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = rotate(qkv[:2], cos, sin).unbind(0)  # queries and keys turned together: half the ops
-        v = qkv[2]
+        # split, not indexing: a split's gradient is one concatenation, where an index's gradient
+        # allocates and zero-fills a tensor as large as the whole projection (both are views forward)
+        qk, v = self.c_attn(x).split([2 * C, C], dim=-1)
+        qk = qk.view(B, T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = rotate(qk, cos, sin).unbind(0)  # queries and keys turned together: half the ops
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         mask, causal = None, True  # causal with T = 1 is one query seeing one key: no need to test T
         if kv_cache is not None:
             k, v, mask, causal = kv_cache.update(self.layer, k, v)

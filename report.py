@@ -268,14 +268,23 @@ def load_results(paths):
     return rows
 
 
+def code_label(cell):
+    """'random_wide code_width=64': a results row's input code and the code settings (GPTConfig's code
+    fields) its grid cell gives other values than train.py's defaults; the code_seed follows the seed."""
+    extra = [f"{k}={cell[k]}" for k in sorted(CODE_KEYS & set(cell) - {"input_code", "code_seed"})
+             if cell[k] != TRAIN_DEFAULTS[k]]
+    return " ".join([cell["input_code"], *extra])
+
+
 def setting_keys(rows):
-    """The grid keys that make a setting: all but input_code, seed, the keys that take one value per
-    code (a per-code learning rate belongs to the code) and those with one value in all rows."""
-    keys = sorted({k for row in rows for k in row["cell"]} - {"input_code", "seed", "code_seed"})
+    """The grid keys that make a setting: all but the code's own (input_code and the code fields), seed,
+    the keys that take one value per code (a per-code learning rate belongs to the code) and those
+    with one value in all rows."""
+    keys = sorted({k for row in rows for k in row["cell"]} - CODE_KEYS - {"seed"})
     by_code = {}
     for row in rows:
         for k in keys:
-            by_code.setdefault(k, {}).setdefault(row["cell"]["input_code"], set()).add(json.dumps(row["cell"].get(k)))
+            by_code.setdefault(k, {}).setdefault(code_label(row["cell"]), set()).add(json.dumps(row["cell"].get(k)))
     per_code = {k for k, codes in by_code.items() if all(len(v) == 1 for v in codes.values()) and
                 len(set.union(*codes.values())) > 1}
     constant = {k for k, codes in by_code.items() if len(set.union(*codes.values())) == 1}  # says nothing
@@ -283,12 +292,13 @@ def setting_keys(rows):
 
 
 def paired_gaps(rows):
-    """[(setting, code, its rows by seed, [(seed, loss, learned's loss of that seed)])], in order."""
+    """[(setting, code label, its rows by seed, [(seed, loss, learned's loss of that seed)])], in order:
+    the codes in model.CODES's order, each code's variants (code_layout=repeat, ...) after it."""
     keys = setting_keys(rows)
     cells = {}
     for row in rows:
         setting = tuple((k, row["cell"].get(k)) for k in keys)
-        seen = cells.setdefault(setting, {}).setdefault(row["cell"]["input_code"], {})
+        seen = cells.setdefault(setting, {}).setdefault(code_label(row["cell"]), {})
         if row["cell"]["seed"] in seen:
             fail(f"two results rows for {row['cell']}: one results table per study, each cell once")
         seen[row["cell"]["seed"]] = row
@@ -296,7 +306,7 @@ def paired_gaps(rows):
     gaps = []
     for setting in sorted(cells, key=lambda s: [json.dumps(v) for _, v in s]):
         baseline = cells[setting].get(BASELINE_CODE, {})
-        for code in sorted(cells[setting], key=lambda c: order.get(c, len(order))):
+        for code in sorted(cells[setting], key=lambda c: (order.get(c.split()[0], len(order)), c)):
             runs = cells[setting][code]
             pairs = [(seed, runs[seed]["loss"], baseline[seed]["loss"]) for seed in sorted(runs) if seed in baseline]
             gaps.append((setting, code, runs, pairs))

@@ -14,8 +14,8 @@ is the cells. Keys that move together are one tuple key with tuples of values:
 
 Paired seeds: code_seed follows seed (unless the grid sets it), so runs of one seed read the same
 batches (a pure function of seed and step) whatever their code, and the affine runs of seed s share
-one map. Their shared weights (blocks, lm_head) start the same for fixed_min, affine and
-frozen_random, not yet for learned (tests/test_sweep.py says why).
+one map. Their shared weights (blocks, lm_head) start the same for every input code (model.GPT draws
+them first; tests/test_model.py checks it over every registered code).
 
 A cell: `python train.py BASE --key=value ... --dataset=DATASET --out_dir=RUNS_DIR/NAME`, then
 `python eval.py --out_dir=RUNS_DIR/NAME --split=EVAL_SPLIT`, as processes with `threads` threads

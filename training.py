@@ -75,12 +75,14 @@ def setup_precision(cfg, device):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on matrices only (not on norms and biases); fused on CUDA."""
+    """AdamW with weight decay on matrices only (not on norms and biases); fused (one kernel over all
+    parameters) on CUDA and on the CPU, where it is about 4% of a small model's step faster than the
+    default for-each version (BENCHMARKS.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def load_optimizer_state(optimizer, saved):

@@ -204,3 +204,24 @@ def test_eval_scores_the_test_split_apart_and_a_dataset_without_one_is_refused(s
     with pytest.raises(UserError, match="has no test split .* prepare it again with --test_fraction=0.1"):
         sweep.main([study])  # before any cell runs
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_code_setting_in_the_grid_is_its_own_code_in_the_report_paired_with_learned(study, dataset, tmp_path):
+    (tmp_path / "results.jsonl").write_bytes((study[0] / "results.jsonl").read_bytes())  # 4 cells finished
+    grid = {("input_code", "code_layout"): [("fixed_min", "tile"), ("fixed_min", "repeat"), ("learned", "tile")],
+            "seed": [1, 2]}
+    result = run_sweep(write_study(tmp_path / "study.py", dataset, grid))
+    assert result.returncode == 0, result.stderr
+    assert "4 finished before (skipped), 2 to run" in result.stderr  # tile is the default: the same runs
+    report = subprocess.run([sys.executable, "report.py", f"--results={tmp_path / 'results.jsonl'}"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    loss = {(r["cell"]["input_code"], r["cell"].get("code_layout", "tile"), r["cell"]["seed"]): r["loss"]
+            for r in rows(tmp_path)}
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in report.stdout.splitlines()
+             if line.startswith("| (one setting) |")]
+    assert [line[1] for line in lines] == ["fixed_min", "fixed_min code_layout=repeat", "learned"]
+    for line, layout in zip(lines, ("tile", "repeat")):
+        differences = [loss["fixed_min", layout, s] - loss["learned", "tile", s] for s in (1, 2)]
+        assert line[4] == "2" and line[5].startswith(f"{statistics.mean(differences):+.4f} ± ")
+    assert loss["fixed_min", "repeat", 1] != loss["fixed_min", "tile", 1]
