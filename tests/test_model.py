@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import CODES, GPT, GPTConfig, code_bits, gf2_inverse, make_norm, sample_next
+from model import CODES, GPT, GPTConfig, RMSNormCPU, Rotary, code_bits, gf2_inverse, make_norm, sample_next
 
 V = 65536
 ALL_IDS = torch.arange(V)
@@ -172,3 +172,31 @@ def test_the_same_seed_gives_every_input_code_the_same_decoder():
     torch.manual_seed(6)
     other = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32))
     assert not torch.equal(other.lm_head.weight, reference["lm_head.weight"])  # and the seed does matter
+
+
+def test_rotary_turns_each_pair_by_its_angle_and_its_backward_is_the_gradient():
+    gpt = GPT(small())
+    cos, sin = gpt.rope_cos[:16].double(), gpt.rope_sin[:16].double()
+    qk = torch.randn(2, 3, 4, 16, 16, dtype=torch.float64, requires_grad=True)  # (2, B, heads, T, head_size)
+    x1, x2 = qk.detach().chunk(2, dim=-1)
+    position = torch.arange(16, dtype=torch.float64)[:, None]
+    angle = position * 10000.0 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    textbook = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), dim=-1)
+    assert torch.allclose(Rotary.apply(qk, cos, sin), textbook, atol=1e-6)  # the table is float32
+    assert torch.autograd.gradcheck(lambda x: Rotary.apply(x, cos, sin), (qk,))
+    rows = torch.tensor([[3, 4, 5], [0, 1, 2]])  # each row at its own positions, as with a KV cache
+    turned = Rotary.apply(qk[:, :2, :, :3], cos[rows].unsqueeze(1), sin[rows].unsqueeze(1))
+    assert torch.allclose(turned[:, 0], Rotary.apply(qk[:, :1, :, :3], cos[3:6], sin[3:6])[:, 0])
+
+
+def test_the_cpu_rmsnorm_is_nn_rmsnorm_with_the_gradient_of_its_formula():
+    norm = make_norm(small())
+    norm.weight.data = torch.rand(64) + 0.5
+    x = torch.randn(3, 8, 64, requires_grad=True)
+    y = norm(x)
+    assert y.grad_fn.name() == "RMSNormCPUBackward"  # training on a CPU takes the hand-written backward
+    with torch.no_grad():
+        assert torch.allclose(y, norm(x), atol=1e-6)  # what nn.RMSNorm (F.rms_norm) computes
+    w = norm.weight.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormCPU.apply(x, w, 1e-6), (x64, w))
