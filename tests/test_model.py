@@ -200,3 +200,23 @@ def test_the_cpu_rmsnorm_is_nn_rmsnorm_with_the_gradient_of_its_formula():
     w = norm.weight.detach().double().requires_grad_()
     x64 = x.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: RMSNormCPU.apply(x, w, 1e-6), (x64, w))
+
+
+def test_a_compiled_training_step_has_no_graph_break_and_the_eager_gradients():
+    """torch.compile traces the forward and backward (AOTAutograd, without inductor's code generation):
+    the CPU backwards of RMSNorm and rotary step aside for F.rms_norm there and Rotary is traced."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = GPT(small())
+    ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
+    _, loss = model(ids, ids)
+    loss.backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, compiled_loss = torch.compile(model, backend="aot_eager")(ids, ids)
+    compiled_loss.backward()
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    assert compiled_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), eager))
+    torch._dynamo.reset()
