@@ -458,13 +458,12 @@ class Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        ctx.dtype = x.dtype
         return turn(x, cos, sin)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # grad has the output's dtype, which is x's, and turn keeps it
         cos, sin = ctx.saved_tensors
-        return turn(grad, cos, sin, sign=-1).to(ctx.dtype), None, None
+        return turn(grad, cos, sin, sign=-1), None, None
 
 
 class KVCache:
