@@ -408,8 +408,9 @@ def make_norm(config):
 
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm, with a backward of its own when it trains in float32 on a CPU: torch has no fused
-    RMSNorm backward there, and autograd through the pieces of the formula took 0.81 ms a call where
-    this takes 0.59 (BENCHMARKS.md). Elsewhere, and under torch.compile, the standard F.rms_norm."""
+    RMSNorm kernel there, and autograd through the pieces of the formula took 0.60 ms a call forward
+    and backward where this takes 0.39 (LayerNorm: 0.25; BENCHMARKS.md). Elsewhere, and under
+    torch.compile, the standard F.rms_norm."""
 
     def forward(self, x):
         if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
@@ -419,51 +420,68 @@ class RMSNorm(nn.RMSNorm):
 
 
 class RMSNormCPU(torch.autograd.Function):
-    """y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps) over the last dimension. The backward
-    is grad_x = rstd * (g - xhat * mean(g * xhat)) with g = grad * weight and xhat = x * rstd."""
+    """y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps) over the last dimension. Its gradient
+    is grad_x = rstd * (g - xhat * mean(g * xhat)) with g = grad * weight and xhat = x * rstd. LayerNorm's
+    gradient, given a mean of zero, is that less rstd * mean(g), the term for its mean: so the backward
+    is LayerNorm's fused kernel and one correction, where the formula as written takes eight passes."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
-        xhat = x * rstd
-        ctx.save_for_backward(xhat, weight, rstd)
-        return xhat * weight
+        size = x.size(-1)
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.mul(x, rstd).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        xhat, weight, rstd = ctx.saved_tensors
-        g = grad * weight
-        mean_g_xhat = (g * xhat).sum(-1, keepdim=True).div_(xhat.size(-1))
-        grad_x = g.sub_(xhat * mean_g_xhat).mul_(rstd)
-        grad_weight = (grad * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, None
+        x, weight, rstd = ctx.saved_tensors
+        size = x.size(-1)
+        grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
+            grad, x, [size], torch.zeros_like(rstd), rstd, weight, None, [True, ctx.needs_input_grad[1], False])
+        rstd_mean_g = torch.mv(grad.reshape(-1, size), weight).div_(size).view(rstd.shape).mul_(rstd)
+        return grad_x.add_(rstd_mean_g), grad_weight, None
 
 
-def turn(x, cos, sin, sign=1):
+def turn(x, cos, sin, sign=1, out=None):
     """x (..., T, head_size) with the pair (i, i + head_size/2) turned by sign times its position's
     angle: cos is (T, head_size), [cos, cos]; sin is (T, head_size/2). One product over the head and
-    two multiply-adds over its halves, into one new tensor of x's dtype (computed in float32)."""
+    two multiply-adds over its halves, computed in cos's dtype, into out (x's shape), or a new tensor of
+    x's dtype when out is None."""
     h = x.size(-1) // 2
-    out = x * cos
-    out[..., :h].addcmul_(x[..., h:], sin, value=-sign)  # x1 cos - x2 sin
-    out[..., h:].addcmul_(x[..., :h], sin, value=sign)   # x2 cos + x1 sin
-    return out.to(x.dtype)
+    direct = out is not None and out.dtype == cos.dtype and not torch.compiler.is_compiling()  # no strided out= there
+    turned = torch.mul(x, cos, out=out if direct else None)
+    turned[..., :h].addcmul_(x[..., h:], sin, value=-sign)  # x1 cos - x2 sin
+    turned[..., h:].addcmul_(x[..., :h], sin, value=sign)   # x2 cos + x1 sin
+    if out is None:
+        return turned.to(x.dtype)
+    return turned if direct else out.copy_(turned)
 
 
-class Rotary(torch.autograd.Function):
-    """Rotary embedding of q and k. Its backward is the turn by the opposite angle, where autograd
-    through the formula keeps a concatenation and its split per call: 1.15 against 1.6 ms per layer
-    forward and backward on a CPU (BENCHMARKS.md)."""
+class HeadsWithRotary(torch.autograd.Function):
+    """The attention's projection (B, T, 3 * n_embd) -> queries and keys turned by the rotary
+    embedding, and values, each (B, n_head, T, head_size). Its backward turns the gradients by the
+    opposite angle straight into one gradient of the projection, where autograd through split, turn
+    and unbind concatenates them twice more. A layer's attention, forward and backward, on a CPU:
+    6.16 ms with it, 6.55 with autograd through those, 5.23 without rotary (BENCHMARKS.md)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, qkv, cos, sin, n_head):
+        B, T, three_c = qkv.shape
+        heads = qkv.view(B, T, 3, n_head, three_c // (3 * n_head)).permute(2, 0, 3, 1, 4)
+        q, k = turn(heads[:2], cos, sin).unbind(0)  # queries and keys turned together: half the ops
         ctx.save_for_backward(cos, sin)
-        return turn(x, cos, sin)
+        return q, k, heads[2]
 
     @staticmethod
-    def backward(ctx, grad):  # grad has the output's dtype, which is x's, and turn keeps it
+    def backward(ctx, grad_q, grad_k, grad_v):
         cos, sin = ctx.saved_tensors
-        return turn(grad, cos, sin, sign=-1), None, None
+        B, n_head, T, head_size = grad_v.shape
+        grad = grad_v.new_empty(B, T, 3, n_head, head_size)
+        heads = grad.permute(2, 0, 3, 1, 4)
+        turn(grad_q, cos, sin, sign=-1, out=heads[0])
+        turn(grad_k, cos, sin, sign=-1, out=heads[1])
+        heads[2].copy_(grad_v)
+        return grad.view(B, T, 3 * n_head * head_size), None, None, None
 
 
 class KVCache:
@@ -558,12 +576,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, C = x.shape
-        # split, not indexing: a split's gradient is one concatenation, where an index's gradient
-        # allocates and zero-fills a tensor as large as the whole projection (both are views forward)
-        qk, v = self.c_attn(x).split([2 * C, C], dim=-1)
-        qk = qk.view(B, T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = Rotary.apply(qk, cos, sin).unbind(0)  # queries and keys turned together: half the ops
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = HeadsWithRotary.apply(self.c_attn(x), cos, sin, self.n_head)
         mask, causal = None, True  # causal with T = 1 is one query seeing one key: no need to test T
         if kv_cache is not None:
             k, v, mask, causal = kv_cache.update(self.layer, k, v)

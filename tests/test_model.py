@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import CODES, GPT, GPTConfig, RMSNormCPU, Rotary, code_bits, gf2_inverse, make_norm, sample_next
+from model import CODES, GPT, GPTConfig, HeadsWithRotary, RMSNormCPU, code_bits, gf2_inverse, make_norm, sample_next
 
 V = 65536
 ALL_IDS = torch.arange(V)
@@ -174,19 +174,40 @@ def test_the_same_seed_gives_every_input_code_the_same_decoder():
     assert not torch.equal(other.lm_head.weight, reference["lm_head.weight"])  # and the seed does matter
 
 
-def test_rotary_turns_each_pair_by_its_angle_and_its_backward_is_the_gradient():
+def test_the_heads_are_the_projection_split_with_q_and_k_turned_by_their_angles_and_the_backward_is_the_gradient():
     gpt = GPT(small())
     cos, sin = gpt.rope_cos[:16].double(), gpt.rope_sin[:16].double()
-    qk = torch.randn(2, 3, 4, 16, 16, dtype=torch.float64, requires_grad=True)  # (2, B, heads, T, head_size)
-    x1, x2 = qk.detach().chunk(2, dim=-1)
+    qkv = torch.randn(3, 16, 3 * 64, dtype=torch.float64, requires_grad=True)  # (B, T, 3 n_embd), 4 heads of 16
+    heads = qkv.detach().view(3, 16, 3, 4, 16).permute(2, 0, 3, 1, 4)  # (q k v, B, heads, T, head_size)
+    x1, x2 = heads[:2].chunk(2, dim=-1)
     position = torch.arange(16, dtype=torch.float64)[:, None]
     angle = position * 10000.0 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     textbook = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), dim=-1)
-    assert torch.allclose(Rotary.apply(qk, cos, sin), textbook, atol=1e-6)  # the table is float32
-    assert torch.autograd.gradcheck(lambda x: Rotary.apply(x, cos, sin), (qk,))
+    q, k, v = HeadsWithRotary.apply(qkv, cos, sin, 4)
+    assert torch.allclose(q, textbook[0], atol=1e-6) and torch.allclose(k, textbook[1], atol=1e-6)  # the table is float32
+    assert torch.equal(v, heads[2])
+    assert torch.autograd.gradcheck(lambda x: HeadsWithRotary.apply(x, cos, sin, 4), (qkv,))
     rows = torch.tensor([[3, 4, 5], [0, 1, 2]])  # each row at its own positions, as with a KV cache
-    turned = Rotary.apply(qk[:, :2, :, :3], cos[rows].unsqueeze(1), sin[rows].unsqueeze(1))
-    assert torch.allclose(turned[:, 0], Rotary.apply(qk[:, :1, :, :3], cos[3:6], sin[3:6])[:, 0])
+    turned = HeadsWithRotary.apply(qkv[:2, :3], cos[rows].unsqueeze(1), sin[rows].unsqueeze(1), 4)
+    alone = HeadsWithRotary.apply(qkv[:1, :3], cos[3:6], sin[3:6], 4)
+    assert all(torch.allclose(a[0], b[0]) for a, b in zip(turned, alone))
+
+
+def test_the_heads_keep_bfloat16_forward_and_backward():
+    gpt = GPT(small())
+    cos, sin = gpt.rope_cos[:8], gpt.rope_sin[:8]
+    qkv = torch.randn(2, 8, 3 * 64)
+
+    def weighted_sum_and_gradient(x):
+        x = x.detach().requires_grad_()
+        q, k, v = HeadsWithRotary.apply(x, cos, sin, 4)
+        (q.float() * 2 + k.float() * 3 + v.float()).sum().backward()
+        return q, x.grad
+
+    q16, grad16 = weighted_sum_and_gradient(qkv.bfloat16())
+    q32, grad32 = weighted_sum_and_gradient(qkv)
+    assert q16.dtype == grad16.dtype == torch.bfloat16
+    assert torch.allclose(q16.float(), q32, atol=0.05) and torch.allclose(grad16.float(), grad32, atol=0.05)
 
 
 def test_the_cpu_rmsnorm_is_nn_rmsnorm_with_the_gradient_of_its_formula():
@@ -200,11 +221,12 @@ def test_the_cpu_rmsnorm_is_nn_rmsnorm_with_the_gradient_of_its_formula():
     w = norm.weight.detach().double().requires_grad_()
     x64 = x.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: RMSNormCPU.apply(x, w, 1e-6), (x64, w))
+    assert torch.autograd.gradcheck(lambda x: RMSNormCPU.apply(x, w.detach(), 1e-6), (x64,))  # no weight gradient
 
 
 def test_a_compiled_training_step_has_no_graph_break_and_the_eager_gradients():
     """torch.compile traces the forward and backward (AOTAutograd, without inductor's code generation):
-    the CPU backwards of RMSNorm and rotary step aside for F.rms_norm there and Rotary is traced."""
+    the CPU backwards of RMSNorm and rotary step aside for F.rms_norm there and HeadsWithRotary is traced."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
