@@ -1,8 +1,8 @@
 # Scale study, step 5: the other input codes of model.CODES, on the bytes data of the depth study
 # (config/study_depth.py: width 64, 600 steps of 1,024 tokens, 3 paired seeds), at 1 layer, the depth
 # where fixed_min's gap to learned was smallest (+0.25%, results/depth.jsonl), and at 4 layers, the
-# model the learning rate was chosen on. Every code at 1.2e-2, the rate config/study_lr.py chose for
-# fixed_min, affine and learned; the new codes' rates were not tuned.
+# model the learning rate was chosen on. Every code at 1.2e-2: the rate config/study_lr.py chose for
+# fixed_min, affine and learned, and config/study_codes_lr.py for each of the others.
 #   fixed_min code_layout=repeat  bit k on adjacent channels, as the paper's released checkpoints
 #   gray, permuted                other fixed K-bit codes: the Gray code of the id; a random permutation of ids
 #   random_wide code_width=64     random collision-free 64-bit codes (the author's earlier series; its
