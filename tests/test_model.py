@@ -226,7 +226,7 @@ def test_the_cpu_rmsnorm_is_nn_rmsnorm_with_the_gradient_of_its_formula():
 
 def test_a_compiled_training_step_has_no_graph_break_and_the_eager_gradients():
     """torch.compile traces the forward and backward (AOTAutograd, without inductor's code generation):
-    the CPU backwards of RMSNorm and rotary step aside for F.rms_norm there and HeadsWithRotary is traced."""
+    RMSNorm's CPU backward steps aside for F.rms_norm there, and HeadsWithRotary is traced whole."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
