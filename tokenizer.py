@@ -14,11 +14,11 @@ Token files are uint16, so an encoding with more than 65,536 ids is refused.
 
     python -c "import tokenizer; e = tokenizer.get_encoding('cl100k_4096'); print(e.n_vocab, e.encode('Hello'))"
 """
+import base64
 import functools
 import os
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
 DEFAULT_ENCODING = "cl100k_65536"
 MAX_VOCAB = 2 ** 16  # token ids are stored as uint16
@@ -30,7 +30,10 @@ CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}
 
 @functools.lru_cache(maxsize=1)
 def _bundled_ranks():
-    return load_tiktoken_bpe(BUNDLED_FILE)
+    """The asset's "base64-token rank" lines, read here: tiktoken's loader would keep a copy in its cache
+    keyed by the path and read that copy ever after, even once the file at the path has changed."""
+    with open(BUNDLED_FILE, "rb") as f:
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
 
 
 def _bundled(name):

@@ -124,3 +124,16 @@ def test_derive_script_refuses_a_file_that_is_not_cl100k_base(tmp_path):
                              "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "expected 223921b7" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_the_bundled_file_is_read_where_it_is_not_from_a_cache(tmp_path):
+    """tiktoken's loader copies a local file into TIKTOKEN_CACHE_DIR and reads that copy ever after:
+    an edited or truncated copy there would change the vocabulary with nothing to say so."""
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    code = "import tokenizer; e = tokenizer.get_encoding('cl100k_65536'); print(e.n_vocab, e.encode('Hello world'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TIKTOKEN_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["65536", "[9906,", "1917]"]
+    assert list(cache.iterdir()) == []  # nothing copied, so nothing to go stale
