@@ -22,15 +22,19 @@ stream mixed with the first (see Mixing). With neither, the input is CPython's d
 Documents. A .jsonl / .jsonl.gz line or a .parquet row is one document (its --text_field). Plain
 text, and each pydoc topic of the quickstart, is cut into documents at the first blank line after
 --doc_chars characters, so even one .txt file has documents for a validation split; the blank lines
-at a cut are dropped. On disk the end-of-text token PRECEDES every document: each document, the first
-one too, starts right after eot, which is exactly what a generation prompted with eot sees.
+at a cut are dropped. Text with no blank line for 8 doc_chars is cut at a line end, and a line longer
+than that (a file with no line breaks) after a space. On disk the end-of-text token PRECEDES every
+document: each document, the first one too, starts right after eot, which is exactly what a
+generation prompted with eot sees.
 
 Split. A document goes to val when a hash of (seed, its text) is below --val_fraction, to test when it
 is below val_fraction + --test_fraction, else to train: the same input gives byte-identical files
-whatever --workers is, and a duplicated document lands in one split only. A test split is for choosing
-settings (a learning rate) on other text than the reported val loss is measured on; --test_fraction=0
-(the default) writes no test.bin and exactly the files of a version without test splits. No split is
-empty when there are documents enough (one per split): the last ones go to the splits still empty.
+whatever --workers is, and a duplicated document lands in one split only (but see below). A test
+split is for choosing settings (a learning rate) on other text than the reported val loss is measured
+on; --test_fraction=0 (the default) writes no test.bin and exactly the files of a version without
+test splits. No split is empty when there are documents enough (one per split): the last ones go to
+the splits still empty, with a note, and a copy of such a document earlier in the input stays in the
+split its hash chose.
 
 Mixing. With two streams (--input and --input2, or --hf=fineweb-edu+cosmopedia) the next document
 comes from the stream furthest below its share of tokens (--mix for the first; None: 0.5, equal
@@ -85,7 +89,9 @@ HF_MAX_TOKENS = 17e9      # the paper's training budget
 HF_VAL_FRACTION = 0.0005  # 8.5M val tokens of 17B
 VAL_FRACTION = 0.1
 BATCH_CHARS = 1 << 18     # text per worker task: big enough to amortize the inter-process transfer
-LONG_DOC_FACTOR = 8       # text with no blank line for this many doc_chars is cut at a line end
+SPACE_PIECE = 1 << 16     # whitespace runs longer than this are tokenized in pieces (encode_text)
+LONG_SPACE_RUN = re.compile(r"(?<!\s)\s{%d,}" % (SPACE_PIECE + 1))  # from a run's start only: linear time
+LONG_DOC_FACTOR = 8       # text with no blank line for this many doc_chars is cut at a line end (or a space)
 DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a folder name every filesystem and shell takes
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -118,6 +124,7 @@ SETTINGS = {  # key: (default, meaning)
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 Document = namedtuple("Document", "tokens n_bytes split_key")  # tokens: uint16, eot first
+WRITTEN = ("train.bin", "val.bin", "test.bin", "meta.json")  # all that OUT_ROOT/DATASET ever holds
 
 
 class PrepareError(UserError):
@@ -204,12 +211,29 @@ def load_encoding(name):
 
 # ---- reading: every reader yields document texts lazily ----
 
-def utf8_lines(path):
-    """The lines of a text file (gzipped if .gz); invalid UTF-8 is replaced with U+FFFD and counted."""
+def line_pieces(f, max_bytes):
+    """The lines of binary file f, one longer than max_bytes in pieces of at most that many bytes, each
+    cut after its last space, tab or CR, else before a character: so that a file with no line breaks
+    (text8, say) is read in bounded memory and can be cut into documents."""
+    rest = b""
+    while raw := rest + f.readline(max_bytes - len(rest)):
+        rest = b""
+        if len(raw) == max_bytes and not raw.endswith(b"\n"):
+            cut = max(raw.rfind(b" "), raw.rfind(b"\t"), raw.rfind(b"\r")) + 1
+            if not cut:  # no space: before the last byte that starts a UTF-8 character
+                cut = next((i for i in range(len(raw) - 1, 0, -1) if raw[i] & 0xC0 != 0x80), len(raw))
+            raw, rest = raw[:cut], raw[cut:]
+        yield raw
+
+
+def utf8_lines(path, max_bytes=None):
+    """The lines of a text file (gzipped if .gz), or with max_bytes its line_pieces; invalid UTF-8 is
+    replaced with U+FFFD and counted."""
     replaced = 0
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for raw in f:  # a '\n' byte never occurs inside a UTF-8 sequence, so lines can be decoded alone
+            for raw in f if max_bytes is None else line_pieces(f, max_bytes):
+                # a '\n' byte never occurs inside a UTF-8 sequence, so lines can be decoded alone
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
@@ -226,7 +250,7 @@ def paragraph_documents(lines, doc_chars):
     """Cut lines of plain text into documents at the first blank line after doc_chars characters."""
     doc, size = [], 0
     for line in lines:
-        if not line.strip():
+        if line.endswith("\n") and not line.strip():  # not a piece of a long line that is all spaces
             if size >= doc_chars:
                 yield "".join(doc)
                 doc, size = [], 0
@@ -255,12 +279,14 @@ def record_text(record, field, where):
 
 def jsonl_documents(path, field):
     for number, line in enumerate(utf8_lines(path), 1):
+        line = line.removeprefix("\ufeff") if number == 1 else line  # a byte-order mark some editors write
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{path}:{number}: not JSON ({e.msg}); every line must be one JSON record") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number or nesting past json's limits
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else first_line(e)
+            raise PrepareError(f"{path}:{number}: not JSON ({reason}); every line must be one JSON record") from None
         yield record_text(record, field, f"{path}:{number}")
 
 
@@ -295,7 +321,7 @@ def parquet_documents(path, field):
 
 def file_documents(path, args):
     if path.endswith((".txt", ".txt.gz")):
-        return paragraph_documents(utf8_lines(path), args.doc_chars)
+        return paragraph_documents(utf8_lines(path, max_bytes=LONG_DOC_FACTOR * args.doc_chars), args.doc_chars)
     if path.endswith(".parquet"):
         return parquet_documents(path, args.text_field)
     return jsonl_documents(path, args.text_field)
@@ -309,8 +335,13 @@ def usable_files(path):
     """path itself if it is an input file, or the input files under a directory, in sorted order."""
     if not os.path.isdir(path):
         return [path] if path.endswith(SUFFIXES) else []
-    found = []
-    for folder, subfolders, names in os.walk(path, onerror=walk_error):  # os.walk skips unreadable folders unless told
+    found, walked = [], set()
+    # os.walk skips unreadable folders unless told, and linked folders unless told
+    for folder, subfolders, names in os.walk(path, onerror=walk_error, followlinks=True):
+        if os.path.realpath(folder) in walked:  # a link to a folder already read, or up the tree: a cycle
+            subfolders.clear()
+            continue
+        walked.add(os.path.realpath(folder))
         subfolders.sort()
         found += [os.path.join(folder, name) for name in sorted(names) if name.endswith(SUFFIXES)]
     return found
@@ -323,7 +354,7 @@ def expand_inputs(key, value):
     for pattern in value.split(","):
         if not pattern:
             raise PrepareError(f"--{key}={value!r} has an empty path: separate paths with single commas")
-        if any(c in pattern for c in "*?["):
+        if any(c in pattern for c in "*?[") and not os.path.lexists(pattern):  # a file may be called part[1].txt
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 raise PrepareError(f"no file matches {pattern}")
@@ -443,6 +474,15 @@ def output_dir(args):
                            f"target with --out_root={os.path.dirname(target)} --dataset={os.path.basename(target)}")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise PrepareError(f"{out_dir} exists and is not a folder")
+    if os.path.isdir(out_dir):  # the swap deletes the old folder whole: an input kept there would go with it
+        try:
+            foreign = sorted(set(os.listdir(out_dir)) - set(WRITTEN))
+        except OSError as e:
+            raise PrepareError(f"cannot list {out_dir}: {e.strerror}") from None
+        if foreign:
+            raise PrepareError(f"{out_dir} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, "
+                               f"which prepare.py did not write and would delete with the old data: move "
+                               f"{'them' if len(foreign) > 1 else 'it'} out, or write elsewhere with --dataset or --out_root")
     return out_dir
 
 
@@ -455,13 +495,33 @@ def split_key(data, seed):
     return int.from_bytes(digest, "little") / 2 ** 64
 
 
+def encode_text(enc, text):
+    """enc.encode_ordinary(text), but a whitespace run of more than SPACE_PIECE characters is encoded in
+    pieces of that many: tiktoken's regex overflows its stack on a run of about a million (a Rust panic).
+    Text without such a run, all real text, is encoded whole, as before."""
+    if len(text) <= SPACE_PIECE:
+        return enc.encode_ordinary(text)
+    tokens, start = [], 0
+    for run in LONG_SPACE_RUN.finditer(text):
+        for cut in range(run.start() + SPACE_PIECE, run.end(), SPACE_PIECE):
+            tokens += enc.encode_ordinary(text[start:cut])
+            start = cut
+    return tokens + enc.encode_ordinary(text[start:])
+
+
 def encode_batch(encoding_name, seed, texts):
     """texts -> (their tokens as one uint16 array, eot first in each; token counts; byte counts; split keys)."""
     enc = tokenizer.get_encoding(encoding_name)
     ids, lengths, sizes, keys = [], [], [], []
     for text in texts:
         data = text.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
-        tokens = enc.encode_ordinary(text)  # a literal "<|endoftext|>" in the text stays text
+        try:
+            tokens = encode_text(enc, text)  # a literal "<|endoftext|>" in the text stays text
+        except BaseException as e:  # a Rust panic in tiktoken is a BaseException, and cannot be pickled
+            if type(e).__name__ != "PanicException":
+                raise
+            raise PrepareError(f"tiktoken failed on a document of {len(text):,} characters beginning "
+                               f"{text[:40]!r} ({first_line(e)})") from None
         ids.append(enc.eot_token)
         ids += tokens
         lengths.append(len(tokens) + 1)
@@ -583,9 +643,13 @@ def write_splits(docs, out_dir, val_fraction, test_fraction, max_tokens, n_strea
         if sum(count["documents"] for count in counts.values()) == 0:
             single = "is a single document" if len(pending) == 1 else f"holds {len(pending)} documents"
             raise PrepareError(f"the input {single}, and {' and '.join(splits)} need one each: "
-                               f"add text, or lower --doc_chars to cut plain text into more documents")
+                               f"add text{', raise --max_tokens' if max_tokens is not None else ''}, "
+                               f"or lower --doc_chars to cut plain text into more documents")
         for stream, doc, split in pending:
             empty = [s for s in ("val", "test", "train") if s in counts and counts[s]["documents"] == 0]
+            if empty and empty[0] != split:
+                note(f"no document's hash chose {empty[0]}, so one of the last documents fills it (a copy of it "
+                     f"earlier in the input stays where it is)")
             put(stream, doc, empty[0] if empty else split)
         for f in files.values():
             f.flush()
@@ -618,7 +682,8 @@ def swap_in(tmp_dir, out_dir):
     with signals_deferred():
         old_dir = None
         if os.path.exists(out_dir):
-            old_dir = tmp_dir.replace(".tmp-", ".old-")  # unique, as tmp_dir is
+            parent, name = os.path.split(tmp_dir)
+            old_dir = os.path.join(parent, name.replace(".tmp-", ".old-"))  # unique, as tmp_dir is
             os.rename(out_dir, old_dir)
         try:
             os.rename(tmp_dir, out_dir)

@@ -4,6 +4,7 @@ killed tokenizer process."""
 import glob
 import gzip
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -224,7 +225,8 @@ def test_both_splits_get_documents_and_duplicates_stay_in_one(tmp_path, val_frac
     paragraphs = shakespeare_text().split("\n\n")[:30]
     with open(tmp_path / "docs.jsonl", "w") as f:
         f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs + paragraphs)
-    prepared(tmp_path, f"--input={tmp_path / 'docs.jsonl'}", "--dataset=d", f"--val_fraction={val_fraction}")
+    result = prepared(tmp_path, f"--input={tmp_path / 'docs.jsonl'}", "--dataset=d", f"--val_fraction={val_fraction}")
+    assert f"no document's hash chose {empty_by_hash}" in result.stderr
     meta, tokens = load(tmp_path / "d")
     assert meta[f"{empty_by_hash}_documents"] == 1  # the last document, which the hash sent to the other split
     train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
@@ -365,6 +367,10 @@ def bad_inputs(tmp_path, case):
             "".join(json.dumps({"text": text[i:i + 5000]}) + "\n" for i in range(0, 600_000, 5000)))
         (tmp_path / "shards" / "b.jsonl").write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
         return [f"--input={tmp_path / 'shards'}", "--workers=1"], f"{tmp_path / 'shards' / 'b.jsonl'}:2: not JSON"
+    if case in ("json number past its limit", "json nested too deep"):  # json raises ValueError, RecursionError
+        value = "1" * 5000 if case == "json number past its limit" else "[" * 100_000 + "]" * 100_000
+        other.write_text(json.dumps({"text": "ok"}) + "\n" + '{"text": "a", "x": ' + value + "}\n")
+        return [f"--input={good},{other}"], f"{other}:2: not JSON ("
     if case == "no text field":
         other.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
         return [f"--input={good},{other}"], f"{other}:2: the record has no 'text'"
@@ -380,7 +386,8 @@ def bad_inputs(tmp_path, case):
 
 FILE_ERRORS = ["missing", "a path with a comma", "empty", "no usable files", "glob matches nothing",
                "a broken link in a folder", "not gzip", "truncated gzip", "parquet without the text column",
-               "not parquet", "not json", "no text field", "one document", "dataset folder that is a link"]
+               "not parquet", "not json", "json number past its limit", "json nested too deep", "no text field",
+               "one document", "dataset folder that is a link"]
 
 
 @pytest.mark.parametrize("case", [*REFUSED_SETTINGS, *FILE_ERRORS])
@@ -447,6 +454,74 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
     assert_cut_from([raw.decode("utf-8", errors="replace")], train_docs, val_docs)
     assert "".join(train_docs + val_docs).count("\ufffd") == 3
+
+
+def test_a_file_with_no_line_breaks_is_cut_after_spaces_into_documents(tmp_path):
+    text = " ".join(shakespeare_text().split())  # text8's shape: one line of words
+    (tmp_path / "oneline.txt").write_text(text)
+    prepared(tmp_path, f"--input={tmp_path / 'oneline.txt'}", "--dataset=o", "--encoding=bytes", "--doc_chars=1000")
+    meta, tokens = load(tmp_path / "o")
+    train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
+    assert_cut_from([text], train_docs, val_docs)  # every character kept, in order
+    assert len(train_docs + val_docs) > 50 and val_docs
+    assert all(doc.endswith(" ") and len(doc) <= 2 * 8 * 1000 for doc in train_docs + val_docs if doc != text[-len(doc):])
+
+
+def test_long_lines_come_in_pieces_cut_after_a_space_or_between_characters():
+    line = "ab 日本語 🙂 " * 50 + "x" * 100 + "é" * 100 + "\n" + "short\n" + "🙂" * 30
+    pieces = list(prepare.line_pieces(io.BytesIO(line.encode()), max_bytes=64))
+    assert b"".join(pieces) == line.encode()
+    assert all(len(piece) <= 64 for piece in pieces)
+    texts = [piece.decode("utf-8") for piece in pieces]  # each one whole characters
+    assert texts[0].endswith(" ") and "short\n" in texts
+
+
+def test_a_very_long_run_of_spaces_is_encoded_exactly_and_other_text_as_before(monkeypatch):
+    enc = tokenizer.get_encoding("cl100k_4096")
+    spaces = "a" + " " * 1_000_000 + "b\n" + " \t" * 300_000 + "end"  # tiktoken's own regex overflows on these
+    assert enc.decode(prepare.encode_text(enc, spaces)) == spaces
+    text = shakespeare_text()[:300_000]  # long, but without such a run: encoded whole
+    assert prepare.encode_text(enc, text) == enc.encode_ordinary(text)
+    monkeypatch.setattr(prepare, "SPACE_PIECE", 10 ** 7)  # as if the pieces were too long: the panic itself
+    with pytest.raises(prepare.PrepareError, match="tiktoken failed on a document of 1,000,002 characters beginning 'a "):
+        prepare.encode_batch("cl100k_4096", 0, ["a" + " " * 1_000_000 + "b"])
+
+
+def test_an_input_kept_in_the_dataset_folder_is_refused_not_deleted(tmp_path, shakespeare_file):
+    """nanoGPT's layout, data/NAME/input.txt: the swap replaces data/NAME whole, input and all."""
+    folder = tmp_path / "data" / "mine"
+    folder.mkdir(parents=True)
+    shutil.copy(shakespeare_file, folder / "input.txt")
+    result = run_prepare(tmp_path / "data", f"--input={folder / 'input.txt'}", "--dataset=mine", "--encoding=bytes")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"{folder} holds input.txt, which prepare.py did not write" in result.stderr
+    assert os.listdir(folder) == ["input.txt"]
+    (folder / "input.txt").rename(tmp_path / "input.txt")
+    for _ in range(2):  # and a rerun replaces what an earlier run wrote
+        prepared(tmp_path / "data", f"--input={tmp_path / 'input.txt'}", "--dataset=mine", "--encoding=bytes")
+    assert sorted(os.listdir(folder)) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_linked_folders_are_read_once_and_odd_paths_work(tmp_path):
+    """A folder linked from the input tree is read (once, even in a cycle); a file whose name holds glob
+    characters can be named as it is; an out_root whose path holds '.tmp-' takes a rerun; a .jsonl file
+    may start with a byte-order mark."""
+    records = lambda name: "".join(json.dumps({"text": f"{name} {i}\n"}) + "\n" for i in range(10))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "c.jsonl").write_text(records("linked"))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "b.jsonl").write_text("\ufeff" + records("own"))  # and a byte-order mark is no text
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "corpus" / "loop").symlink_to(tmp_path / "corpus")
+    (tmp_path / "part[1].jsonl").write_text(records("bracketed"))
+    root = tmp_path / "my.tmp-root"
+    for _ in range(2):
+        prepared(root, f"--input={tmp_path / 'corpus'},{tmp_path / 'part[1].jsonl'}", "--dataset=d")
+    meta, tokens = load(root / "d")
+    assert meta["source"] == [str(tmp_path / "corpus" / "b.jsonl"), str(tmp_path / "corpus" / "linked" / "c.jsonl"),
+                              str(tmp_path / "part[1].jsonl")]
+    docs = documents(tokens["train"], meta) + documents(tokens["val"], meta)
+    assert sorted(docs) == sorted(f"{name} {i}\n" for name in ("own", "linked", "bracketed") for i in range(10))
 
 
 def start_on_a_pipe(tmp_path, out_root, *args):
