@@ -52,7 +52,8 @@ SETTINGS = {  # key: (default, meaning)
     "x": ("", "with results: the setting the figure's x axis shows, a grid key or tokens_seen ('': the one that varies)"),
     "plot": ("", "also write a figure to this .png ('': none): with runs, val loss against tokens; with "
                  "results, the paired gap to learned against the setting"),
-    "allow_mixed": (False, "True: report runs of different data or model shapes (what differs makes separate rows)"),
+    "allow_mixed": (False, "True: report runs of different data or model shapes (what differs makes separate rows), "
+                           "or results tables scored on different data or splits"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
@@ -239,13 +240,18 @@ def plot(variants, title, path):
 # ---------------------------------------------------------------- a sweep's results, paired seeds
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom; between entries, the smaller df's
-# (a slightly wider interval), and past 30 the normal's.
+# (a slightly wider interval), and past 30 the Cornish-Fisher expansion about the normal's 1.96.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+Z_975 = 1.959964
 
 
 def t_975(df):
-    return 1.96 if df > 30 else T_975[max(k for k in T_975 if k <= df)]
+    if df <= 30:
+        return T_975[max(k for k in T_975 if k <= df)]
+    z = Z_975  # within 1e-4 of the exact quantile from df = 30 on
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
 def load_results(paths):
@@ -265,6 +271,10 @@ def load_results(paths):
             rows.append(row)
     if not rows:
         fail(f"no results rows in {', '.join(paths)}: run the study first (python sweep.py config/study_...py)")
+    grid_keys = {k for row in rows for k in row["cell"]}
+    for row in rows:  # a row kept from before its grid gained a key: its value is the one it trained with
+        for k in grid_keys - set(row["cell"]):
+            row["cell"][k] = row.get("config", {}).get(k, TRAIN_DEFAULTS.get(k))
     return rows
 
 
@@ -277,10 +287,11 @@ def code_label(cell):
 
 
 def setting_keys(rows):
-    """The grid keys that make a setting: all but the code's own (input_code and the code fields), seed,
-    the keys that take one value per code (a per-code learning rate belongs to the code) and those
-    with one value in all rows."""
-    keys = sorted({k for row in rows for k in row["cell"]} - CODE_KEYS - {"seed"})
+    """The grid keys that make a setting: all but the code's own (input_code and the code fields, but
+    code_seed, which pairs a code's runs with learned's when the grid sets it), seed, the keys that
+    take one value per code (a per-code learning rate belongs to the code) and those with one value
+    in all rows."""
+    keys = sorted({k for row in rows for k in row["cell"]} - (CODE_KEYS - {"code_seed"}) - {"seed"})
     by_code = {}
     for row in rows:
         for k in keys:
@@ -289,6 +300,23 @@ def setting_keys(rows):
                 len(set.union(*codes.values())) > 1}
     constant = {k for k, codes in by_code.items() if len(set.union(*codes.values())) == 1}  # says nothing
     return [k for k in keys if k not in per_code | constant]
+
+
+def differing(a, b):
+    """Why two rows of one cell are in a table: what sets them apart, as the end of the error saying so."""
+    keys = sorted(k for k in {**a.get("config", {}), **b.get("config", {})}
+                  if k != "out_dir" and a.get("config", {}).get(k) != b.get("config", {}).get(k))
+    keys += ["split"] if a.get("split") != b.get("split") else []
+    if not keys:
+        return ": the same run twice; remove one of the rows"
+    return (f", which differ in {', '.join(keys)}, not a grid key: the table also holds rows of an earlier study "
+            f"config (sweep.py keeps them); move those out of it, or make {keys[0]} a grid key")
+
+
+def setting_order(setting):
+    """Numbers by value (2 before 16), other values by their text, after the numbers."""
+    return [(0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, json.dumps(v))
+            for _, v in setting]
 
 
 def paired_gaps(rows):
@@ -300,11 +328,11 @@ def paired_gaps(rows):
         setting = tuple((k, row["cell"].get(k)) for k in keys)
         seen = cells.setdefault(setting, {}).setdefault(code_label(row["cell"]), {})
         if row["cell"]["seed"] in seen:
-            fail(f"two results rows for {row['cell']}: one results table per study, each cell once")
+            fail(f"two results rows for {row['cell']}{differing(seen[row['cell']['seed']], row)}")
         seen[row["cell"]["seed"]] = row
     order = {code: i for i, code in enumerate(INPUT_CODES)}
     gaps = []
-    for setting in sorted(cells, key=lambda s: [json.dumps(v) for _, v in s]):
+    for setting in sorted(cells, key=setting_order):
         baseline = cells[setting].get(BASELINE_CODE, {})
         for code in sorted(cells[setting], key=lambda c: (order.get(c.split()[0], len(order)), c)):
             runs = cells[setting][code]
@@ -354,16 +382,37 @@ def x_of(setting, runs, x):
     return value
 
 
+def line_keys(gaps, x):
+    """The settings x does not fix: with depth and tokens both in the grid, x = tokens_seen leaves
+    n_layer, and each n_layer is a line of its own (max_iters moves with the tokens: no line of its own)."""
+    points = [(x_of(setting, runs, x), dict(setting)) for setting, _, runs, _ in gaps]
+    keys = dict.fromkeys(k for _, setting in points for k in setting if k != x)
+    return [k for k in keys if any(len({json.dumps(s.get(k)) for at, s in points if at == x0}) > 1
+                                   for x0 in {at for at, _ in points})]
+
+
 def plot_gaps(gaps, x, title, path):
-    """The paired gap to learned (mean and 95% interval over seeds) against the setting, a line per code."""
+    """The paired gap to learned (mean and 95% interval over seeds) against the setting, a line per code
+    and per value of the settings that x does not fix."""
+    others = line_keys(gaps, x)
+    lines = {}
+    for setting, code, runs, pairs in gaps:
+        if code != BASELINE_CODE:
+            label = " ".join([code, *(f"{k}={v}" for k, v in setting if k in others)])
+            lines.setdefault(label, [])
+            if pairs:
+                lines[label].append((x_of(setting, runs, x), *gap_stats(pairs)))
+    unpaired = [label for label, points in lines.items() if not points]
+    if unpaired:
+        print(f"note: no {BASELINE_CODE} run of the same seeds for {', '.join(unpaired)}: not drawn", file=sys.stderr)
+    lines = {label: sorted(points) for label, points in lines.items() if points}
+    if not lines:
+        fail(f"nothing to draw: no code has a {BASELINE_CODE} run of its seeds at its setting")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    codes = [code for code in dict.fromkeys(code for _, code, _, _ in gaps) if code != BASELINE_CODE]
-    for i, code in enumerate(codes):
-        points = sorted((x_of(setting, runs, x), *gap_stats(pairs)) for setting, c, runs, pairs in gaps
-                        if c == code and pairs)
+    for i, (label, points) in enumerate(lines.items()):
         xs, means, halves = zip(*points)
-        ax.errorbar(xs, means, yerr=[h or 0 for h in halves], marker="o", capsize=3, label=code,
+        ax.errorbar(xs, means, yerr=[h or 0 for h in halves], marker="o", capsize=3, label=label,
                     color=plt.get_cmap("tab10")(i % 10))
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
@@ -377,7 +426,12 @@ def plot_gaps(gaps, x, title, path):
 
 
 def report_results(cfg):
-    gaps = paired_gaps(load_results([p for p in (item.strip() for item in cfg["results"].split(",")) if p]))
+    rows = load_results([p for p in (item.strip() for item in cfg["results"].split(",")) if p])
+    kinds = sorted({f"{row.get('dataset')} ({row.get('split')})" for row in rows})
+    if len(kinds) > 1 and not cfg["allow_mixed"]:
+        fail(f"these results were scored on different data: {', '.join(kinds[:3])}{' ...' if len(kinds) > 3 else ''}; "
+             f"report one study at a time, or pass --allow_mixed=True")
+    gaps = paired_gaps(rows)
     varying = [k for k in dict.fromkeys(k for setting, _, _, _ in gaps for k, _ in setting)
                if len({dict(s).get(k) for s, _, _, _ in gaps}) > 1]
     x = cfg["x"] or ("tokens_seen" if {"max_iters"} & set(varying) or not varying else varying[0])

@@ -26,13 +26,16 @@ python and the commit.
 
 Resuming. A cell is finished when `results` holds a row of exactly its train config and eval split;
 a rerun skips it, so a killed study goes on where it stopped. Any other cell runs from scratch (the
-folder a kill or a failure left is cleared first). Rows of settings no longer in the grid are kept
+folder a kill or a failure left is cleared first). On Linux a cell's processes die with sweep.py, even
+by kill -9, so none goes on writing into a folder that the resumed study clears. Rows of settings no longer in the grid are kept
 and said so. A cell that fails is reported with its log and the others go on; the exit status is 1
 when any failed. Ctrl-C or SIGTERM launches nothing more and stops the running cells (their folders
 are not results): exit 130 or 143, and the same command resumes.
 """
+import ctypes
 import difflib
 import fcntl
+import functools
 import itertools
 import json
 import os
@@ -44,6 +47,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import torch
@@ -72,6 +76,9 @@ DEFAULTS, MEANINGS = split_settings(SETTINGS)
 RUNNER_KEYS = ("out_dir", "init_from", "overwrite", "dataset")  # set by the study, not per cell
 EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}     # as eval.py names them
 POLL_S = 0.2
+PR_SET_PDEATHSIG = 1  # prctl's option, from linux/prctl.h
+LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 # ------------------------------------------------------------------------------- the study config
@@ -283,6 +290,29 @@ def child_env(threads):
     return env
 
 
+@contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait while a cell's process is forked: raised in one of Python's fork hooks,
+    the KeyboardInterrupt of common.interrupt is ignored there, and the signal would be lost."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def in_cell_process(parent):
+    """Run in a cell's process before it starts: the signals held again as they were (a process keeps
+    its mask across exec), and, on Linux, a SIGKILL for it when sweep.py dies, even by kill -9, so that
+    no orphan goes on writing into a folder that the resumed study clears. Elsewhere a sweep.py that
+    is killed outright leaves its cells running: stop them before resuming."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if LIBC is not None:
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # sweep.py died before the line above took effect
+            os._exit(1)
+
+
 def start(job, phase, env, split):
     """Launch the job's train.py or eval.py, its output appended to the cell's log."""
     script = [os.path.join(REPO, "train.py"), *job["args"]] if phase == "train" else \
@@ -290,14 +320,19 @@ def start(job, phase, env, split):
     with open(job["log"], "a") as log:
         log.write(f"$ {' '.join(['python', *script])}\n")
         log.flush()
-        job["proc"] = subprocess.Popen([sys.executable, *script], stdout=log, stderr=subprocess.STDOUT, env=env)
+        with signals_held():
+            job["proc"] = subprocess.Popen([sys.executable, *script], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           preexec_fn=functools.partial(in_cell_process, os.getpid()))
     job["phase"], job["started"] = phase, time.time()
 
 
 def last_error(log):
     """The line of the log that says why: its last `error: ...`, else its last line."""
-    with open(log, errors="replace") as f:
-        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    try:
+        with open(log, errors="replace") as f:
+            lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    except OSError as e:
+        return f"(cannot read its log: {e.strerror})"
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or ["(no output)"])[-1]
 
@@ -317,7 +352,7 @@ class Progress:
     def line(self, message, running):
         finished = self.done + len(self.failed)
         left = self.total - finished
-        eta = (f"about {duration(sum(self.walls) / len(self.walls) * left / self.jobs)} left" if self.walls and left
+        eta = (f"about {duration(sum(self.walls) / len(self.walls) * -(-left // self.jobs))} left" if self.walls and left
                else "time left unknown" if left else "all done")
         print(f"[{finished}/{self.total}] {message}; {len(self.failed)} failed, {running} running, "
               f"{duration(time.time() - self.start)} elapsed, {eta}", file=sys.stderr, flush=True)
@@ -333,7 +368,8 @@ def run_cells(todo, study, extra):
         while pending or running:
             while pending and len(running) < study["jobs"]:
                 job = pending.popleft()
-                shutil.rmtree(job["out_dir"], ignore_errors=True)  # not a result: a kill or failure left it
+                if os.path.lexists(job["out_dir"]):
+                    shutil.rmtree(job["out_dir"])  # not a result: a kill or failure left it
                 os.makedirs(job["out_dir"])
                 running.append(job)  # before it starts: an interrupt from here on stops it too
                 start(job, "train", env, split)
@@ -359,7 +395,11 @@ def run_cells(todo, study, extra):
                     progress.failed.append(job)
                     progress.line(f"FAILED {job['name']}: {job['phase']}.py exit {code}: {last_error(job['log'])} "
                                   f"(log: {job['log']})", len(running))
-    except KeyboardInterrupt:
+    except OSError as e:  # a cell's folder that cannot be cleared or made, a full disk, ...
+        stop(running)
+        raise UserError(f"the study stopped: {e}; the running cells were stopped, finished rows are in "
+                        f"{study['results']}; fix that and rerun the same command") from None
+    except BaseException:  # Ctrl-C or SIGTERM (KeyboardInterrupt), or anything else: no cell is left running
         stop(running)
         raise
     return progress.failed
@@ -417,8 +457,9 @@ def main(argv):
         return
     ensure_dataset(study)
     for c in todo:
-        if os.path.lexists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
-            raise UserError(f"{c['out_dir']} is a file, not a cell's folder: move it away")
+        if os.path.islink(c["out_dir"]) or os.path.lexists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
+            raise UserError(f"{c['out_dir']} is a {'link' if os.path.islink(c['out_dir']) else 'file'}, not a "
+                            f"cell's folder (sweep.py clears and refills it): move it away")
         c["log"] = os.path.join(c["out_dir"], "log.txt")
     try:
         os.makedirs(study["runs_dir"], exist_ok=True)

@@ -147,3 +147,87 @@ def test_a_run_without_eval_json_or_checkpoint_is_one_clear_error(runs, tmp_path
     result = report(empty)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "no checkpoint" in result.stderr and "train" in result.stderr
+
+
+# ------------------------------------------------------- sweep results: the committed tables, and variants of them
+
+def committed(name):
+    with open(os.path.join(REPO, "results", f"{name}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def report_results(tmp_path, table, *args):
+    """report.py --results on rows written to a file of their own (or on committed files named by a str)."""
+    if not isinstance(table, str):
+        path = tmp_path / f"results{len(list(tmp_path.iterdir()))}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in table))
+        table = str(path)
+    return subprocess.run([sys.executable, "report.py", f"--results={table}", *args], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def table_lines(result):
+    assert result.returncode == 0, result.stderr
+    return [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith("| n_layer") or line.startswith("| max_iters")]
+
+
+def test_settings_are_in_numeric_order(tmp_path):
+    depth = committed("depth")
+    for row in depth:  # as if the deepest were 16 layers: as text, 16 would come before 2
+        row["cell"]["n_layer"] = 16 if row["cell"]["n_layer"] == 8 else row["cell"]["n_layer"]
+    order = list(dict.fromkeys(line[0] for line in table_lines(report_results(tmp_path, depth))))
+    assert order == ["n_layer=1", "n_layer=2", "n_layer=4", "n_layer=16"]
+
+
+def test_rows_kept_from_before_the_grid_gained_a_key_report_the_value_they_trained_with(tmp_path):
+    depth = committed("depth")
+    for row in depth:  # the 1-layer rows of a first study whose base set n_layer=1 and whose grid did not
+        if row["cell"]["n_layer"] == 1:
+            del row["cell"]["n_layer"]
+    assert report_results(tmp_path, depth).stdout == report_results(tmp_path, "results/depth.jsonl").stdout
+
+
+def test_two_rows_of_one_cell_say_what_sets_them_apart(tmp_path):
+    depth = committed("depth")
+    changed = json.loads(json.dumps(depth[0]))
+    changed["config"]["learning_rate"] = 0.024  # an earlier study's base
+    result = report_results(tmp_path, depth + [changed])
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "which differ in learning_rate, not a grid key" in result.stderr
+    result = report_results(tmp_path, depth + depth[:1])
+    assert "the same run twice" in result.stderr
+
+
+def test_tables_of_different_data_are_refused_unless_allowed(tmp_path):
+    mixed = "results/depth.jsonl,results/bpe.jsonl"  # bytes and BPE
+    result = report_results(tmp_path, mixed)
+    assert result.returncode == 1 and "these results were scored on different data" in result.stderr
+    assert report_results(tmp_path, mixed, "--allow_mixed=True").returncode == 0
+
+
+def test_a_figure_without_learned_runs_is_one_line_and_two_varying_settings_are_separate_lines(tmp_path):
+    result = report_results(tmp_path, "results/codes_lr.jsonl", f"--plot={tmp_path / 'none.png'}")  # no learned rows
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "note: no learned run of the same seeds" in result.stderr and "error: nothing to draw" in result.stderr
+    import report
+    depth, longer = committed("depth"), committed("depth")
+    for row in longer:  # the same grid at twice the steps: depth and tokens both vary
+        row["cell"]["max_iters"], row["tokens_seen"] = 2 * row["config"]["max_iters"], 2 * row["tokens_seen"]
+    gaps = report.paired_gaps(depth + longer)
+    assert report.line_keys(gaps, "tokens_seen") == ["n_layer"]  # max_iters moves with the tokens
+    assert report.line_keys(gaps, "n_layer") == ["max_iters"]
+    assert report.line_keys(report.paired_gaps(depth), "n_layer") == []
+    assert report_results(tmp_path, depth + longer, f"--plot={tmp_path / 'two.png'}").returncode == 0
+
+
+@pytest.mark.parametrize("df", [31, 45, 120])
+def test_the_t_quantile_past_the_table_covers_95_percent(df):
+    import math
+    import report
+    q = report.t_975(df)
+    density = lambda t: math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)
+                                 - (df + 1) / 2 * math.log1p(t * t / df)) / math.sqrt(df * math.pi)
+    n = 2000  # Simpson's rule on [0, q], even n
+    inner = sum((4 if i % 2 else 2) * density(q * i / n) for i in range(1, n))
+    assert abs(2 * (density(0) + inner + density(q)) * q / (3 * n) - 0.95) < 1e-5

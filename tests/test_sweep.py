@@ -138,6 +138,51 @@ def test_sigterm_stops_the_running_cell_and_leaves_the_table_as_it_was(study, da
     assert not (root / "runs" / "learned-seed3").exists()  # launched nothing after the signal
 
 
+def cell_processes(runs_dir):
+    """The pids of the train.py processes writing under runs_dir (from /proc: a zombie's command line is empty)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        if b"train.py" in command and str(runs_dir).encode() in command:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_sweep_killed_outright_takes_its_running_cells_with_it(tmp_path, dataset):
+    """An orphaned train.py would go on writing into the folder that the resumed study clears and reruns."""
+    endless = {**TINY_BASE, "max_iters": 10 ** 6, "lr_decay_iters": 10 ** 6, "eval_interval": 10 ** 6}
+    proc = subprocess.Popen([sys.executable, "sweep.py", write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS,
+                                                                     base=endless)],
+                            cwd=REPO, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(cell_processes(tmp_path / "runs")) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(cell_processes(tmp_path / "runs")) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while cell_processes(tmp_path / "runs") and time.time() < deadline:
+        time.sleep(0.1)
+    orphans = cell_processes(tmp_path / "runs")
+    for pid in orphans:  # so that a failure here does not leave them running
+        os.kill(pid, signal.SIGKILL)
+    assert orphans == []
+
+
+def test_a_cell_folder_that_is_a_link_is_refused_before_anything_runs(tmp_path, dataset):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "fixed_min-seed1").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="fixed_min-seed1 is a link, not a cell's folder"):
+        sweep.main([write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)])
+    assert sorted(os.listdir(tmp_path / "runs")) == ["fixed_min-seed1"] and not os.listdir(tmp_path / "elsewhere")
+
+
 @pytest.mark.parametrize("grid, keys, message", [
     ({"input_code": ["learned"], "seed": [1], "n_layers": [2]}, {},
      "'n_layers' is not a train.py key (did you mean 'n_layer'?)"),
