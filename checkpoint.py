@@ -22,7 +22,7 @@ from dataclasses import fields
 
 import torch
 
-from common import UserError
+from common import UserError, first_line
 from model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.pt"
@@ -34,7 +34,8 @@ class CheckpointError(UserError):
 
 
 def atomic_write(path, write):
-    """write(f) into a temp file beside path, fsync, rename: readers see the old file or the new one."""
+    """write(f) into a temp file beside path, fsync, rename: readers see the old file or the new one.
+    A write that fails (a full disk) is a UserError, with the old file kept and no temp file left."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -44,6 +45,10 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"is the disk full? torch: {first_line(e)}"
+        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+        raise UserError(f"cannot write {path} ({reason}): {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

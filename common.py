@@ -44,6 +44,11 @@ def run_main(main, argv=None):
         sys.exit(1)
 
 
+def first_line(error):
+    """An exception's message as one line (its type's name when it has none), for an `error:` line."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def interrupt(signum, frame):
     """SIGTERM, handled as Ctrl-C is: the files being written are temp files, cleaned up on the way out."""
     raise KeyboardInterrupt(signum)

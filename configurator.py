@@ -6,7 +6,8 @@ files of plain Python assignments, then --key=value, applied in the order given.
     python train.py config/fixed_min.py --help     # every key, its value after config/fixed_min.py, its meaning
 
 Every key must already exist in the script's defaults and keep its type (an int is accepted where a
-float is expected; a key whose default is None takes any value). Unlike nanoGPT's configurator, a
+float is expected; a key whose default is None takes any value; None is taken only there and for the
+keys a script names as nullable). Unlike nanoGPT's configurator, a
 typo is an error that names the closest key. Booleans are True/False (true/false, 1/0 also work).
 """
 import ast
@@ -26,11 +27,11 @@ def _closest(key, known):
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _checked(key, value, defaults, where):
+def _checked(key, value, defaults, where, nullable):
     if key not in defaults:
         raise ConfigError(f"unknown config key '{key}' {where}{_closest(key, list(defaults))}")
     default = defaults[key]
-    if default is None or value is None:
+    if default is None or value is None and key in nullable:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
@@ -64,12 +65,12 @@ def _parse_value(text, default):
         return text  # a bare word is a string: --device=cuda
 
 
-def _apply(config, defaults, arg):
+def _apply(config, defaults, arg, nullable):
     if arg.startswith("--"):
         if "=" not in arg:
             raise ConfigError(f"argument '{arg}' must be --key=value{_closest(arg[2:], list(defaults))}")
         key, text = arg[2:].split("=", 1)
-        config[key] = _checked(key, _parse_value(text, defaults.get(key)), defaults, "on the command line")
+        config[key] = _checked(key, _parse_value(text, defaults.get(key)), defaults, "on the command line", nullable)
         return
     if not os.path.isfile(arg):
         raise ConfigError(f"config file '{arg}' not found")
@@ -84,7 +85,7 @@ def _apply(config, defaults, arg):
     for key, value in namespace.items():
         if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
             continue
-        config[key] = _checked(key, value, defaults, f"in {arg}")
+        config[key] = _checked(key, value, defaults, f"in {arg}", nullable)
 
 
 def split_settings(settings):
@@ -104,14 +105,15 @@ def help_text(config, meanings, usage):
     return "\n".join(line.rstrip() for line in lines)
 
 
-def parse_config(defaults, argv, meanings=None, usage=""):
-    """defaults (dict) updated by config files and --key=value arguments, in the order given.
-    --help (anywhere) prints each key's value after the other arguments, with its meaning, and exits."""
+def parse_config(defaults, argv, meanings=None, usage="", nullable=()):
+    """defaults (dict) updated by config files and --key=value arguments, in the order given; the keys
+    in nullable also take None. --help (anywhere) prints each key's value after the other arguments,
+    with its meaning, and exits."""
     config = dict(defaults)
     wants_help = any(arg in ("-h", "--help") for arg in argv)
     for arg in argv:
         if arg not in ("-h", "--help"):
-            _apply(config, defaults, arg)
+            _apply(config, defaults, arg, nullable)
     if wants_help:
         print(help_text(config, meanings or {}, usage))
         raise SystemExit(0)

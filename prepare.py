@@ -79,7 +79,7 @@ import numpy as np
 from tqdm import tqdm
 
 import tokenizer
-from common import UserError, run_main
+from common import UserError, first_line, run_main
 from configurator import parse_config, split_settings
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -426,10 +426,6 @@ def hf_records(spec, dataset):
             yield number, record
     except Exception as e:  # the network can fail hours into a stream
         raise PrepareError(f"streaming {spec} failed after {number:,} records: {first_line(e)}") from None
-
-
-def first_line(error):
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def open_streams(args):

@@ -20,6 +20,8 @@ import os
 
 import tiktoken
 
+from common import first_line
+
 DEFAULT_ENCODING = "cl100k_65536"
 MAX_VOCAB = 2 ** 16  # token ids are stored as uint16
 BUNDLED = {f"cl100k_{2 ** k}": 2 ** k for k in range(9, 17)}  # name: V, from cl100k_512 to cl100k_65536
@@ -60,8 +62,7 @@ def get_encoding(name=DEFAULT_ENCODING):
         try:
             enc = tiktoken.get_encoding(name)
         except Exception as e:  # unknown name, or no network to fetch its BPE file
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"cannot load tiktoken encoding '{name}' ({reason}); offline, use one of "
+            raise ValueError(f"cannot load tiktoken encoding '{name}' ({first_line(e)}); offline, use one of "
                              f"{', '.join(BUNDLED)} (bundled) or 'bytes'") from None
     check_encoding(enc)
     return enc

@@ -24,6 +24,7 @@ overwrite=True. Ctrl-C or SIGTERM (what clusters send before a kill) checkpoints
 and says how to resume; a second one stops at once. Checkpoints are written atomically, so a kill at
 any moment leaves the last one whole.
 """
+import importlib.util
 import inspect
 import json
 import math
@@ -41,7 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, atomic_write, load_checkpoint, save_checkpoint
 from common import UserError, data_dir, load_meta, resolve_device, resolve_dtype, run_main
 from configurator import parse_config
 from model import GPT, GPTConfig, peak_flops
@@ -49,6 +50,7 @@ from training import (DEFAULTS, MEANINGS, MODEL_KEYS, dropout_seed, learning_rat
                       make_optimizer, read_batch, setup_precision, to_device, train_step)
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
+RUN_FILES = (CKPT_NAME, "metrics.jsonl", "eval.json", "eval_test.json")  # what a run replaced by overwrite=True leaves
 SHARED = "every node must see the same config files, data/ and out_dir: a shared filesystem, or copies"
 # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning
 NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
@@ -101,6 +103,11 @@ def check_settings(cfg):
         (cfg["grad_clip"] >= 0, f"grad_clip must be 0 (off) or more, got {cfg['grad_clip']}"),
         (0 <= cfg["dropout"] < 1, f"dropout must be in [0, 1), got {cfg['dropout']}"),
         (cfg["collective_timeout"] > 0, f"collective_timeout must be above 0 minutes, got {cfg['collective_timeout']}"),
+        (all(0 <= cfg[k] < 2 ** 64 for k in ("seed", "code_seed")),
+         f"seed and code_seed must be whole numbers from 0 to 2^64 - 1, got {cfg['seed']} and {cfg['code_seed']}"),
+        (cfg["rope_theta"] > 0, f"rope_theta must be above 0, got {cfg['rope_theta']}"),
+        (not cfg["wandb_log"] or importlib.util.find_spec("wandb") is not None,
+         "wandb_log=True needs wandb: pip install wandb"),
         (min(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]) >= 1,
          "n_layer, n_head, n_embd and block_size must be at least 1"),
     ]
@@ -140,6 +147,10 @@ def check_resume(cfg, meta, checkpoint):
     if saved["vocab_size"] != meta["vocab_size"]:
         raise UserError(f"cannot resume: the checkpoint's vocab_size is {saved['vocab_size']} but dataset "
                         f"'{cfg['dataset']}' has {meta['vocab_size']} (meta.json): use the dataset it was trained on")
+    trained_on = checkpoint.get("meta", {}).get("encoding", meta["encoding"])
+    if trained_on != meta["encoding"]:
+        raise UserError(f"cannot resume: the checkpoint was trained on encoding {trained_on} but dataset "
+                        f"'{cfg['dataset']}' is {meta['encoding']} (meta.json): use the dataset it was trained on")
     changed = [f"{k}={cfg[k]!r} (checkpoint: {saved[k]!r})" for k in MODEL_KEYS if saved[k] != cfg[k]]
     if changed:
         raise UserError(f"cannot resume with another model: {', '.join(changed)}")
@@ -154,8 +165,12 @@ def check_out_dir(cfg):
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
         raise UserError(f"cannot write out_dir '{out_dir}' ({e.strerror}): pick another --out_dir") from None
-    held = [name for name in (CKPT_NAME, "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
+    held = [name for name in (CKPT_NAME, "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))
+            and os.path.getsize(os.path.join(out_dir, name)) > 0]  # an empty log: a run that wrote nothing
     if cfg["init_from"] == "scratch" and held and not cfg["overwrite"]:
+        if CKPT_NAME not in held:
+            raise UserError(f"out_dir '{out_dir}' holds the metrics.jsonl of a run that wrote no checkpoint (killed "
+                            f"before its first?): start over with --overwrite=True, or pick another --out_dir")
         raise UserError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}): continue it with "
                         f"--init_from=resume, pick another --out_dir, or start over with --overwrite=True")
 
@@ -268,8 +283,7 @@ def prepare_out_dir(cfg, iter_num):
     out_dir = cfg["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):
-        if name.startswith(f"{CKPT_NAME}.tmp.") or (cfg["init_from"] == "scratch" and
-                                                    name in (CKPT_NAME, "metrics.jsonl", "eval.json")):
+        if name.startswith(f"{CKPT_NAME}.tmp.") or (cfg["init_from"] == "scratch" and name in RUN_FILES):
             os.remove(os.path.join(out_dir, name))
     keep_metrics_until(os.path.join(out_dir, "metrics.jsonl"), iter_num)
 
@@ -286,10 +300,7 @@ def keep_metrics_until(path, iter_num):
                     records.append(line)
             except (ValueError, KeyError):  # a line cut short by a kill
                 continue
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(records)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("".join(records).encode()))
 
 
 def start_wandb(cfg):
@@ -315,9 +326,13 @@ def main(argv):
     B, T, G = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
     tokens_per_step = B * G * T
     my_micro_steps = range(rank, G, world_size)
-    iter_num, best_val_loss, val_loss = 0, float("inf"), None
-    if checkpoint is not None:
+    iter_num, tokens_seen, best_val_loss, val_loss = 0, 0, float("inf"), None
+    resumed = checkpoint is not None
+    if resumed:
         iter_num, best_val_loss, val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["val_loss"]
+        tokens_seen = checkpoint["tokens_seen"]  # not iter_num * tokens_per_step: a resume may change the batch
+        if checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale, as the run left it
+            scaler.load_state_dict(checkpoint["scaler"])
         del checkpoint
     start_iter = iter_num
 
@@ -335,8 +350,12 @@ def main(argv):
 
     def log(record):
         if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                bar.close()
+                raise UserError(f"cannot append to {metrics_path} ({e.strerror}); the last checkpoint is kept") from None
             if wandb:
                 wandb.log(record, step=record["iter"])
 
@@ -364,40 +383,49 @@ def main(argv):
         return out
 
     def save():
-        if master:
+        if not master:
+            return
+        try:
             save_checkpoint({
                 "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "iter_num": iter_num, "tokens_seen": iter_num * tokens_per_step,
-                "best_val_loss": best_val_loss, "val_loss": val_loss, "config": cfg, "meta": meta,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+                "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "val_loss": val_loss,
+                "config": cfg, "meta": meta,
                 # no data or RNG state: the batches and dropout masks are a pure function of (seed, iter_num)
             }, cfg["out_dir"])
+        except UserError:  # a full disk: the bar's line ends before the error's
+            bar.close()
+            raise
 
     def check_finite(value, what):
         """The one divergence check: stop with the last good checkpoint kept."""
         if not math.isfinite(value):
             bar.close()
-            raise UserError(f"{what} is {value} at iter {iter_num}: training diverged; the last good checkpoint in "
-                            f"{cfg['out_dir']} is kept (try a lower learning_rate)")
+            kept = (f"the last good checkpoint in {cfg['out_dir']} is kept" if os.path.exists(
+                os.path.join(cfg["out_dir"], CKPT_NAME)) else "no checkpoint was written")
+            raise UserError(f"{what} is {value} at iter {iter_num}: training diverged; {kept} (try a lower "
+                            f"learning_rate)")
 
     # the loop: evaluate and checkpoint, one optimizer step, log
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, file=sys.stderr)
     window_start, window_steps = time.time(), 0
     while True:
-        if (iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]) and not (iter_num == start_iter and iter_num > 0):
+        # a resumed run's first step was evaluated before its checkpoint was saved
+        if (iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]) and not (resumed and iter_num == start_iter):
             losses = estimate_loss()
             check_finite(losses["train"], "the eval loss on train")
             check_finite(losses["val"], "the eval loss on val")
             val_loss, best_val_loss = losses["val"], min(best_val_loss, losses["val"])
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                 "tokens": iter_num * tokens_per_step})
+            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "tokens": tokens_seen})
             if master:
                 bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if iter_num > start_iter:
+            if iter_num > start_iter or iter_num >= cfg["max_iters"]:  # max_iters=0 too: a checkpoint of the init
                 save()
             window_start, window_steps = time.time(), 0
         if iter_num >= cfg["max_iters"]:
             break
         if stop.agreed(world_size, device):
+            check_finite(sum(p.float().abs().sum().item() for p in raw_model.parameters()), "the sum of the weights")
             save()
             bar.close()
             if master:
@@ -410,6 +438,7 @@ def main(argv):
         loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp, micro_batches(iter_num),
                               cfg["grad_clip"], lr)
         iter_num += 1
+        tokens_seen += tokens_per_step
         window_steps += 1
         bar.update(1)
 
@@ -421,7 +450,7 @@ def main(argv):
             tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
             mfu = flops_per_token * tokens_per_s / (world_size * peak) if peak else None
             log({"iter": iter_num, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                 "tokens": iter_num * tokens_per_step})
+                 "tokens": tokens_seen})
             bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else ""))
             window_start, window_steps = time.time(), 0
     bar.close()

@@ -5,6 +5,7 @@ The tools run in this process through common.run_main, exactly as their `__main_
 so that dozens of cases cost seconds; test_every_tool_speaks_the_same_way_as_a_subprocess checks that
 the same holds for real processes. The server's flags are here too; its HTTP errors are in test_serve.py."""
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -91,6 +92,12 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("train", [*TRAIN, "{root}/raises.py"], "ZeroDivisionError"),
     ("train", [*TRAIN, "{root}/typo.py"], "learning_rate"),
     ("train", [*TRAIN, "{root}/missing.py"], "not found"),
+    ("train", [*TRAIN, "--batch_size=None"], "batch_size"),
+    ("train", [*TRAIN, "--seed=-1"], "seed"),
+    ("train", [*TRAIN, f"--seed={2 ** 64}"], "seed"),
+    ("train", [*TRAIN, "--rope_theta=0"], "rope_theta"),
+    *([("train", [*TRAIN, "--out_dir={root}/run", "--overwrite=True", "--wandb_log=True"], "pip install wandb")]
+      if importlib.util.find_spec("wandb") is None else []),  # refused before the run it would replace is cleared
     ("train", ["--init_from=resume", "--out_dir={root}/nowhere"], "resume"),
     ("train", ["--init_from=resume", "--out_dir={root}/run", "--n_layer=3"], "another model"),
     ("eval", ["--out_dir={root}/run", "--batch_size=-1"], "batch_size"),
@@ -104,6 +111,7 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("sample", ["--out_dir={root}/run", "--temperature=-1"], "temperature"),
     ("sample", ["--out_dir={root}/run", "--top_p=0"], "top_p"),
     ("sample", ["--out_dir={root}/run", "--top_p=2"], "top_p"),
+    ("sample", ["--out_dir={root}/run", "--top_p=None"], "top_p"),  # None only where a key takes it (top_k)
     ("sample", ["--out_dir={root}/run", "--top_k=-3"], "top_k"),
     ("sample", ["--out_dir={root}/run", "--max_new_tokens=-1"], "max_new_tokens"),
     ("sample", ["--out_dir={root}/run", "--start=FILE:{root}/no_prompt.txt"], "prompt file"),

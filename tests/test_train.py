@@ -251,3 +251,101 @@ def test_a_second_signal_stops_at_once_and_leaves_the_checkpoint_whole(shakespea
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in stderr, stderr
     load_checkpoint(str(out))  # whole, whichever write the second signal cut
+
+
+def resume(out_dir, *args):
+    return subprocess.run([sys.executable, "train.py", f"--out_dir={out_dir}", "--init_from=resume", *args],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def test_resume_carries_float16s_loss_scale_and_the_tokens_seen(shakespeare_bytes, tmp_path):
+    """A learning rate this high overflows float16 gradients, so the GradScaler lowers its scale and
+    skips steps: a resume that restarted it at 65,536 would skip others and part from the full run."""
+    args = ["--dtype=float16", "--learning_rate=0.5", "--grad_clip=0", "--warmup_iters=0", "--decay_lr=False",
+            "--batch_size=4", "--gradient_accumulation_steps=1", "--eval_interval=10", "--eval_iters=1",
+            "--log_interval=1"]
+    train(tmp_path / "full", shakespeare_bytes, *args, "--max_iters=20")
+    train(tmp_path / "half", shakespeare_bytes, *args, "--max_iters=10")
+    assert load_checkpoint(str(tmp_path / "half"))["scaler"]["scale"] < 65536.0  # it did overflow
+    result = resume(tmp_path / "half", "--max_iters=20")
+    assert result.returncode == 0, result.stderr
+    assert metrics(tmp_path / "full", "loss") == metrics(tmp_path / "half", "loss")
+    # a resume may change the batch: the tokens seen are counted, not iter_num times today's batch
+    result = resume(tmp_path / "half", "--max_iters=25", "--batch_size=8")
+    assert result.returncode == 0, result.stderr
+    block = int(TINY[TINY.index("--block_size=64")].split("=")[1])
+    assert load_checkpoint(str(tmp_path / "half"))["tokens_seen"] == (20 * 4 + 5 * 8) * block
+    assert metrics(tmp_path / "half", "tokens")[-1] == (25, (20 * 4 + 5 * 8) * block)
+
+
+def test_max_iters_0_checkpoints_the_init_and_a_resume_logs_its_evaluation_once(shakespeare_bytes, tmp_path):
+    args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_interval=2", "--eval_iters=1"]
+    train(tmp_path, shakespeare_bytes, *args, "--max_iters=0")
+    assert load_checkpoint(str(tmp_path))["iter_num"] == 0
+    assert resume(tmp_path, "--max_iters=4").returncode == 0
+    assert [i for i, _ in metrics(tmp_path, "val_loss")] == [0, 2, 4]
+
+
+def test_a_log_without_a_checkpoint_is_named_and_overwrite_clears_every_eval_file(shakespeare_bytes, tmp_path):
+    args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]
+    (tmp_path / "metrics.jsonl").write_text("")  # a run that died before it logged: nothing to protect
+    train(tmp_path, shakespeare_bytes, *args)
+    (tmp_path / "ckpt.pt").unlink()  # as if killed before its first checkpoint
+    line = error_line(train(tmp_path, shakespeare_bytes, *args, check=False))
+    assert "holds the metrics.jsonl of a run that wrote no checkpoint" in line and "--overwrite=True" in line
+    (tmp_path / "eval_test.json").write_text("{}")  # eval.py --split=test scored the run being replaced
+    train(tmp_path, shakespeare_bytes, *args, "--overwrite=True")
+    assert not (tmp_path / "eval_test.json").exists()
+
+
+def last_error_line(result):
+    """The `error:` line that ends a run which failed mid-way (after its progress bar), with no traceback."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), result.stderr
+    return line
+
+
+def limited_file_size(limit):
+    """In the child before exec: files it writes may not grow past limit bytes (EFBIG, as a full disk)."""
+    def apply():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(shakespeare_bytes, tmp_path):
+    args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_interval=2", "--eval_iters=1"]
+    train(tmp_path, shakespeare_bytes, *args, "--max_iters=2")
+    kept = load_checkpoint(str(tmp_path))
+    result = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4"],
+                            cwd=REPO, capture_output=True, text=True, preexec_fn=limited_file_size(100_000))
+    line = last_error_line(result)
+    assert line.startswith(f"error: cannot write {tmp_path / 'ckpt.pt'}") and "the previous one is kept" in line
+    assert load_checkpoint(str(tmp_path))["iter_num"] == kept["iter_num"] == 2
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+    result = subprocess.run([sys.executable, "eval.py", f"--out_dir={tmp_path}"], cwd=REPO, capture_output=True,
+                            text=True, preexec_fn=limited_file_size(50))  # eval.json is longer than that
+    assert last_error_line(result).startswith(f"error: cannot write {tmp_path / 'eval.json'}")
+    assert not (tmp_path / "eval.json").exists() and not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+
+
+def test_divergence_before_any_checkpoint_says_so_and_a_signal_never_saves_diverged_weights(shakespeare_bytes,
+                                                                                            tmp_path):
+    diverge = ["--learning_rate=1e30", "--grad_clip=0", "--warmup_iters=0", "--decay_lr=False"]
+    args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_iters=1"]
+    line = last_error_line(train(tmp_path / "fresh", shakespeare_bytes, *args, *diverge, "--max_iters=50",
+                            "--eval_interval=1000", "--log_interval=1", check=False))
+    assert "diverged; no checkpoint was written" in line
+    train(tmp_path / "run", shakespeare_bytes, *args, "--max_iters=2", "--eval_interval=2")
+    proc = subprocess.Popen([sys.executable, "train.py", f"--out_dir={tmp_path / 'run'}", "--init_from=resume",
+                             "--max_iters=100000", "--eval_interval=100000", "--log_interval=100000", *diverge],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    while "tokens/step" not in proc.stderr.readline():  # training has begun, and soon diverged
+        assert proc.poll() is None
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "the sum of the weights is nan" in stderr and "last good checkpoint" in stderr
+    assert load_checkpoint(str(tmp_path / "run"))["iter_num"] == 2  # not replaced by the diverged weights
