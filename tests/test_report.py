@@ -168,8 +168,8 @@ def report_results(tmp_path, table, *args):
 
 def table_lines(result):
     assert result.returncode == 0, result.stderr
-    return [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
-            if line.startswith("| n_layer") or line.startswith("| max_iters")]
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")][2:]  # past header and rule
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table]
 
 
 def test_settings_are_in_numeric_order(tmp_path):
@@ -231,3 +231,16 @@ def test_the_t_quantile_past_the_table_covers_95_percent(df):
     n = 2000  # Simpson's rule on [0, q], even n
     inner = sum((4 if i % 2 else 2) * density(q * i / n) for i in range(1, n))
     assert abs(2 * (density(0) + inner + density(q)) * q / (3 * n) - 0.95) < 1e-5
+
+
+def test_a_grid_over_code_seed_pairs_each_code_seed_with_learned(tmp_path):
+    """code_seed in the grid (the affine map drawn twice per seed): each draw is a setting of its own."""
+    rows = []
+    for code_seed in (1, 2):
+        for row in committed("depth"):
+            row["cell"]["code_seed"] = row["config"]["code_seed"] = code_seed
+            row["loss"] += 0.01 * code_seed * (row["cell"]["input_code"] == "affine")
+            rows.append(row)
+    lines = table_lines(report_results(tmp_path, rows))
+    affine = {line[0]: float(line[5].split()[0]) for line in lines if line[1] == "affine"}
+    assert len(affine) == 8 and affine["code_seed=2, n_layer=4"] - affine["code_seed=1, n_layer=4"] == pytest.approx(0.01)
