@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
+from common import run_main
 from conftest import REPO, SHAKESPEARE, run
 
 
@@ -156,14 +157,26 @@ def committed(name):
         return [json.loads(line) for line in f]
 
 
-def report_results(tmp_path, table, *args):
-    """report.py --results on rows written to a file of their own (or on committed files named by a str)."""
-    if not isinstance(table, str):
-        path = tmp_path / f"results{len(list(tmp_path.iterdir()))}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in table))
-        table = str(path)
-    return subprocess.run([sys.executable, "report.py", f"--results={table}", *args], cwd=REPO,
-                          capture_output=True, text=True)
+@pytest.fixture
+def report_results(tmp_path, capsys, monkeypatch):
+    """report_results(table, *args): report.py --results on rows written to a file of their own (or on
+    committed files named by a str), run in this process as its __main__ block runs it."""
+    import report
+    monkeypatch.chdir(REPO)
+
+    def run(table, *args):
+        if not isinstance(table, str):
+            path = tmp_path / f"results{len(list(tmp_path.iterdir()))}.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in table))
+            table = str(path)
+        code = 0
+        try:
+            run_main(report.main, [f"--results={table}", *args])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run
 
 
 def table_lines(result):
@@ -172,42 +185,42 @@ def table_lines(result):
     return [[c.strip() for c in line.strip("|").split("|")] for line in table]
 
 
-def test_settings_are_in_numeric_order(tmp_path):
+def test_settings_are_in_numeric_order(tmp_path, report_results):
     depth = committed("depth")
     for row in depth:  # as if the deepest were 16 layers: as text, 16 would come before 2
         row["cell"]["n_layer"] = 16 if row["cell"]["n_layer"] == 8 else row["cell"]["n_layer"]
-    order = list(dict.fromkeys(line[0] for line in table_lines(report_results(tmp_path, depth))))
+    order = list(dict.fromkeys(line[0] for line in table_lines(report_results(depth))))
     assert order == ["n_layer=1", "n_layer=2", "n_layer=4", "n_layer=16"]
 
 
-def test_rows_kept_from_before_the_grid_gained_a_key_report_the_value_they_trained_with(tmp_path):
+def test_rows_kept_from_before_the_grid_gained_a_key_report_the_value_they_trained_with(tmp_path, report_results):
     depth = committed("depth")
     for row in depth:  # the 1-layer rows of a first study whose base set n_layer=1 and whose grid did not
         if row["cell"]["n_layer"] == 1:
             del row["cell"]["n_layer"]
-    assert report_results(tmp_path, depth).stdout == report_results(tmp_path, "results/depth.jsonl").stdout
+    assert report_results(depth).stdout == report_results("results/depth.jsonl").stdout
 
 
-def test_two_rows_of_one_cell_say_what_sets_them_apart(tmp_path):
+def test_two_rows_of_one_cell_say_what_sets_them_apart(tmp_path, report_results):
     depth = committed("depth")
     changed = json.loads(json.dumps(depth[0]))
     changed["config"]["learning_rate"] = 0.024  # an earlier study's base
-    result = report_results(tmp_path, depth + [changed])
+    result = report_results(depth + [changed])
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "which differ in learning_rate, not a grid key" in result.stderr
-    result = report_results(tmp_path, depth + depth[:1])
+    result = report_results(depth + depth[:1])
     assert "the same run twice" in result.stderr
 
 
-def test_tables_of_different_data_are_refused_unless_allowed(tmp_path):
+def test_tables_of_different_data_are_refused_unless_allowed(tmp_path, report_results):
     mixed = "results/depth.jsonl,results/bpe.jsonl"  # bytes and BPE
-    result = report_results(tmp_path, mixed)
+    result = report_results(mixed)
     assert result.returncode == 1 and "these results were scored on different data" in result.stderr
-    assert report_results(tmp_path, mixed, "--allow_mixed=True").returncode == 0
+    assert report_results(mixed, "--allow_mixed=True").returncode == 0
 
 
-def test_a_figure_without_learned_runs_is_one_line_and_two_varying_settings_are_separate_lines(tmp_path):
-    result = report_results(tmp_path, "results/codes_lr.jsonl", f"--plot={tmp_path / 'none.png'}")  # no learned rows
+def test_a_figure_without_learned_runs_is_one_line_and_two_varying_settings_are_separate_lines(tmp_path, report_results):
+    result = report_results("results/codes_lr.jsonl", f"--plot={tmp_path / 'none.png'}")  # no learned rows
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "note: no learned run of the same seeds" in result.stderr and "error: nothing to draw" in result.stderr
     import report
@@ -218,7 +231,7 @@ def test_a_figure_without_learned_runs_is_one_line_and_two_varying_settings_are_
     assert report.line_keys(gaps, "tokens_seen") == ["n_layer"]  # max_iters moves with the tokens
     assert report.line_keys(gaps, "n_layer") == ["max_iters"]
     assert report.line_keys(report.paired_gaps(depth), "n_layer") == []
-    assert report_results(tmp_path, depth + longer, f"--plot={tmp_path / 'two.png'}").returncode == 0
+    assert report_results(depth + longer, f"--plot={tmp_path / 'two.png'}").returncode == 0
 
 
 @pytest.mark.parametrize("df", [31, 45, 120])
@@ -233,7 +246,7 @@ def test_the_t_quantile_past_the_table_covers_95_percent(df):
     assert abs(2 * (density(0) + inner + density(q)) * q / (3 * n) - 0.95) < 1e-5
 
 
-def test_a_grid_over_code_seed_pairs_each_code_seed_with_learned(tmp_path):
+def test_a_grid_over_code_seed_pairs_each_code_seed_with_learned(tmp_path, report_results):
     """code_seed in the grid (the affine map drawn twice per seed): each draw is a setting of its own."""
     rows = []
     for code_seed in (1, 2):
@@ -241,6 +254,6 @@ def test_a_grid_over_code_seed_pairs_each_code_seed_with_learned(tmp_path):
             row["cell"]["code_seed"] = row["config"]["code_seed"] = code_seed
             row["loss"] += 0.01 * code_seed * (row["cell"]["input_code"] == "affine")
             rows.append(row)
-    lines = table_lines(report_results(tmp_path, rows))
+    lines = table_lines(report_results(rows))
     affine = {line[0]: float(line[5].split()[0]) for line in lines if line[1] == "affine"}
     assert len(affine) == 8 and affine["code_seed=2, n_layer=4"] - affine["code_seed=1, n_layer=4"] == pytest.approx(0.01)
