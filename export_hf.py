@@ -195,8 +195,12 @@ def export(out_dir, hf_dir):
     model = build_model(checkpoint)
     enc = exportable_encoding(checkpoint["meta"].get("encoding", ""), model.config.vocab_size)
     parent = os.path.dirname(hf_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(hf_dir)}.tmp.", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(hf_dir)}.tmp.", dir=parent)
+    except OSError as e:  # a file where a folder must be, a folder we may not write, a pseudo file system (/proc)
+        reason = "a file is in the way of" if isinstance(e, (FileExistsError, NotADirectoryError)) else f"{e.strerror} in"
+        raise UserError(f"cannot create --hf_dir '{hf_dir}': {reason} '{parent}': pick another --hf_dir") from None
     try:
         write_folder(staging, checkpoint, model, enc, save_safetensors)
         for name in os.listdir(staging):  # mkdtemp (and safetensors) make them private to us

@@ -727,14 +727,19 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     top_k most likely ids and the smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # The top logit moved to 0 first, so that dividing gives 0 or less, never inf or nan: a temperature
+    # too small for float32 (below its smallest normal, or rounding to 0) samples the top token, as greedy.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the top one always stays
+        drop = before >= top_p
+        drop[:, 0] = False  # the top one always stays, also when top_p rounds to 0 in float32
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 

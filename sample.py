@@ -64,6 +64,8 @@ def check_settings(config):
         (config["temperature"] >= 0, "temperature must be 0 (greedy) or more"),
         (config["top_k"] is None or config["top_k"] >= 0, "top_k must be None, 0 (both: off) or a positive count"),
         (0 < config["top_p"] <= 1, "top_p must be in (0, 1]"),
+        (config["seed"] is None or -2 ** 63 <= config["seed"] < 2 ** 64,  # what torch.manual_seed takes
+         f"seed must be None or an integer from {-2 ** 63} to {2 ** 64 - 1}, got {config['seed']}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -106,7 +108,7 @@ def log(message):
 
 
 def main(argv):
-    config = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
+    config = parse_config(DEFAULTS, argv, MEANINGS, __doc__, nullable=("top_k", "seed"))
     check_settings(config)
     start = read_start(config["start"])
     device = resolve_device(config["device"])

@@ -31,7 +31,8 @@ What the answers mean:
   still counts all its tokens); with logprobs it is refused, since scores of cropped tokens would
   silently be missing.
 - Choice i of a request with seed s samples with its own generator seeded s + i, so the same request
-  gives the same choices however many others share its batch.
+  gives the same choices however many others share its batch; each s + i must be a seed torch takes,
+  -2**63 to 2**64 - 1.
 - Unknown fields are ignored, as OpenAI-compatible servers do; known fields of the wrong type or out
   of range, and features this server lacks (suffix, logit_bias, penalties, best_of), get a 400.
 
@@ -40,7 +41,7 @@ rows (fewer if kv_cache_mib cannot hold that many). One engine thread loops: eve
 decodes its next token in one batched forward pass, then new sequences are prefilled together
 (right-padded, up to prefill_tokens per step) and decode from the next step on; a finished sequence
 frees its row at once, and so does one whose client went away (noticed at its next write, or within
-a second while it waits). Sequences that find every row taken wait in a first-come queue, so a stream
+a second, busy or not). Sequences that find every row taken wait in a first-come queue, so a stream
 of newcomers cannot starve them; past max_queue a request gets a 503 "queue_full" (and one that could
 never fit, a 400). Each sequence keeps its own sampling settings, seed, stop strings and logprobs. A request alone runs the same forward passes as sample.py; in a batch the padded and
 per-row attention can move a logit by float32 rounding (under 1e-5 nats here), which could only flip
@@ -101,6 +102,7 @@ UNSUPPORTED = {  # fields this server does not implement -> the values that mean
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "best_of": (None, 1),
 }
+SEEDS = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 ROUTES = "GET /v1/models, POST /v1/completions, GET /tokenizer_info, POST /tokenize and POST /detokenize"
 
 
@@ -221,6 +223,11 @@ def parse_completion(body, encoding, block_size, max_tokens_cap):
     require(0 < request.top_p <= 1, "top_p", "must be in (0, 1]")
     require(request.top_k >= -1, "top_k", "must be -1 or 0 (off) or a positive count")
     require(1 <= request.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
+    if request.seed is not None:  # choice i samples with seed + i: the last one must be a seed torch takes too
+        choices = len(request.prompts) * request.n
+        require(SEEDS[0] <= request.seed <= SEEDS[1] - (choices - 1), "seed",
+                f"must be between {SEEDS[0]} and {SEEDS[1] - (choices - 1)} (torch's seeds go up to {SEEDS[1]}, "
+                f"and choice i of {choices} samples with seed + i)")
     if request.logprobs is not None:
         require(0 <= request.logprobs <= MAX_LOGPROBS, "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
         require(not request.stream, "logprobs", "is not supported with stream=true")
@@ -273,10 +280,20 @@ class Engine:
         self.running = []  # running[r] is the sequence in row r of the cache
         self.waiting = collections.deque()
         self.wake = threading.Condition()
+        self.stopping = False
 
     def start(self):
-        threading.Thread(target=self.loop, daemon=True, name="engine").start()
+        self.thread = threading.Thread(target=self.loop, daemon=True, name="engine")
+        self.thread.start()
         return self
+
+    def stop(self):
+        """Ends the loop after the step in progress and waits for it: an interpreter that exits while the
+        engine thread is inside torch aborts (SIGABRT, 'terminate called without an active exception')."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
 
     def submit(self, sequences):
         with self.wake:
@@ -289,8 +306,10 @@ class Engine:
     def loop(self):
         while True:
             with self.wake:
-                while not self.waiting and not self.running:
+                while not self.waiting and not self.running and not self.stopping:
                     self.wake.wait()
+                if self.stopping:
+                    return
                 newcomers = self.admit()
             try:
                 with torch.no_grad(), autocast(self.device, self.dtype):
@@ -361,22 +380,29 @@ class Engine:
         s.events.put((s.index, ("prompt", picked, tops)))
 
     def advance(self, sequences, logits):
-        """Each sequence's next token from its row of logits (B, V); sequences that are done leave."""
+        """Each sequence's next token from its row of logits (B, V); sequences that are done leave, and so
+        does one whose sampling fails, with the error: one request's settings never fail the others."""
         done, greedy = [], logits.argmax(dim=-1).tolist()  # one call for the whole batch: most rows are greedy
         for s, row, best_id in zip(sequences, logits, greedy):
             if s.made == s.max_tokens:
                 s.events.put((s.index, ("end", "length")))
                 done.append(s)
                 continue
-            token = best_id
-            if s.temperature > 0:
-                top_k = s.top_k if s.top_k > 0 else None
-                token = sample_next(row[None], s.temperature, top_k, s.top_p, s.generator).item()
-            logprob = top = None
-            if s.logprobs is not None:
-                scores = row.float().log_softmax(dim=-1)
-                best = scores.topk(s.logprobs)
-                logprob, top = scores[token].item(), list(zip(best.indices.tolist(), best.values.tolist()))
+            try:
+                token = best_id
+                if s.temperature > 0:
+                    top_k = s.top_k if s.top_k > 0 else None
+                    token = sample_next(row[None], s.temperature, top_k, s.top_p, s.generator).item()
+                logprob = top = None
+                if s.logprobs is not None:
+                    scores = row.float().log_softmax(dim=-1)
+                    best = scores.topk(s.logprobs)
+                    logprob, top = scores[token].item(), list(zip(best.indices.tolist(), best.values.tolist()))
+            except Exception as e:  # a bug, in this sequence alone
+                traceback.print_exc()
+                s.events.put((s.index, ("error", f"{type(e).__name__}: {e}")))
+                done.append(s)
+                continue
             s.events.put((s.index, ("token", token, logprob, top)))
             s.made, s.pending = s.made + 1, token
             if token == self.eot or s.made == s.max_tokens:
@@ -566,7 +592,7 @@ class Handler(BaseHTTPRequestHandler):
                                f"(--max_body_bytes)", status=413, code="request_too_large")
         try:
             body = json.loads(self.rfile.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise RequestError(f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise RequestError("request body must be a JSON object")
@@ -602,14 +628,19 @@ class Handler(BaseHTTPRequestHandler):
                 s.cancelled = True
 
     def events(self, choices, sequences, events):
-        """(choice, text piece) as events arrive, until every choice has finished; OSError if the client left."""
-        open_ = len(choices)
+        """(choice, text piece) as events arrive, until every choice has finished; OSError if the client
+        left (looked at every second, by the clock: while the engine is busy, events never stop coming)."""
+        open_, looked = len(choices), time.monotonic()
         while open_:
             try:
                 index, event = events.get(timeout=1.0)
             except queue.Empty:
+                event = None
+            if time.monotonic() - looked >= 1.0:
                 if self.client_gone():
                     raise ConnectionAbortedError("client disconnected")
+                looked = time.monotonic()
+            if event is None:
                 continue
             choice = choices[index]
             if choice.finish is not None:
@@ -769,8 +800,9 @@ def main(argv):
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()
-    finally:
+    finally:  # as when idle: the engine thread ends (after its step) before the interpreter does
         server.server_close()
+        server.engine.stop()
 
 
 if __name__ == "__main__":

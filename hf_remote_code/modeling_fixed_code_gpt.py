@@ -7,8 +7,9 @@ imported from the repository itself (the relative import only resolves inside an
 
 Generation recomputes the whole window at every step (no key/value cache through transformers),
 cropped to the last block_size tokens as model.GPT.generate does, so greedy decoding gives the same
-tokens as ours. Padding is supported on the right only: the model has no attention mask, and with
-causal attention right padding cannot change the logits of the real tokens before it.
+tokens as ours. Padding is supported on the right only, and for scoring (forward) only: the model has
+no attention mask, and with causal attention right padding cannot change the logits of the real tokens
+before it; generate() refuses a padded batch, since its new tokens would come after the padding.
 """
 from dataclasses import fields, replace
 
@@ -55,8 +56,9 @@ class FixedCodeGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, **kwargs):
         """Logits of every position; with labels (the inputs, -100 where ignored), the mean next-token loss."""
         if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            raise ValueError("this model has no attention mask: pad batches on the right (tokenizer.padding_side = "
-                             "'right'), or run rows of different lengths one at a time")
+            raise ValueError("this model has no attention mask, so no token may follow padding: pad batches on the "
+                             "right (tokenizer.padding_side = 'right') to score them, or run rows of different "
+                             "lengths one at a time")
         logits, _ = self.gpt(input_ids, all_logits=True)
         loss = None
         if labels is not None:  # transformers' convention: position t is scored on labels[t + 1]
@@ -64,6 +66,10 @@ class FixedCodeGPTForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):  # at the first step, before a wrong token
+            raise ValueError("generate() cannot take a padded batch: this model has no attention mask, and the new "
+                             "tokens would follow the padding (on either side); generate from rows of different "
+                             "lengths one at a time, or in batches of equal length")
         window = self.config.block_size
         return {"input_ids": input_ids[:, -window:],
                 "attention_mask": None if attention_mask is None else attention_mask[:, -window:]}

@@ -1,9 +1,10 @@
 """Decoding contracts of model.py's KVCache: rows of different lengths in one cache decode as each
 alone (what serve.py's batches rely on), and compiled generation neither breaks its graph nor compiles
-again for each new prompt length or window refill."""
+again for each new prompt length or window refill; and sample_next gives valid draws for any
+temperature > 0 and top_p in (0, 1]."""
 import torch
 
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, sample_next
 
 
 def small():
@@ -45,3 +46,12 @@ def test_compiled_generation_has_no_graph_break_and_few_graphs():
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] <= 4 and counters["frames"]["total"] == counters["frames"]["ok"]
     torch._dynamo.reset()
+
+
+def test_temperature_and_top_p_too_small_for_float32_pick_the_top_token():
+    """logits / 1e-40 overflows float32 and 1e-50 is 0 there: either would make no probabilities at all
+    (multinomial's 'inf, nan or element < 0'); both are the limit of ever smaller values, the top token."""
+    logits = torch.randn(4, 257, generator=torch.Generator().manual_seed(0)) * 20
+    greedy = sample_next(logits, temperature=0)
+    for temperature, top_k, top_p in ((1e-40, None, None), (1e-300, 5, 0.5), (1.0, None, 1e-50), (1e-40, None, 1e-50)):
+        assert torch.equal(sample_next(logits, temperature, top_k, top_p, torch.Generator().manual_seed(1)), greedy)

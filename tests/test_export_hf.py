@@ -160,6 +160,15 @@ def test_right_padding_keeps_logits_and_left_padding_is_refused(exported):
         tokenizer.padding_side = "right"
 
 
+def test_generate_refuses_a_padded_batch_at_once_and_says_why(exported):
+    """Right padding keeps the logits of the tokens before it, but generate() would put its new tokens
+    after the padding: refused before the first (wrong) token, with what to do instead."""
+    _, theirs, tokenizer, _ = exported("learned")
+    batch = tokenizer([shakespeare(0, 12), shakespeare(500, 30)], padding=True, return_tensors="pt")
+    with pytest.raises(ValueError, match=r"generate\(\) cannot take a padded batch.*one at a time"):
+        theirs.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
 @pytest.mark.parametrize("name, encoding", [("fixed_min", "bytes"), ("cl100k", "cl100k_65536")])
 def test_tokenizer_is_tiktoken(exported, transformers, name, encoding, tmp_path):
     _, _, tokenizer, hf_dir = exported(name)
@@ -225,6 +234,20 @@ def test_cli_errors_are_one_line_and_write_nothing(trained_checkpoint, tmp_path)
     message = error_of(run("export_hf.py", f"--out_dir={trained_checkpoint('fixed_min')}", f"--hf_dir={occupied}"))
     assert "not an earlier export" in message
     assert os.listdir(occupied) == ["notes.txt"] and (occupied / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_that_cannot_be_made_is_one_line_and_writes_nothing(trained_checkpoint, tmp_path):
+    import export_hf
+    (tmp_path / "file").write_text("mine")
+    message = error_of(run("export_hf.py", f"--out_dir={trained_checkpoint('fixed_min')}",
+                           f"--hf_dir={tmp_path / 'file' / 'hf'}"))
+    assert f"a file is in the way of '{tmp_path / 'file'}'" in message
+    with pytest.raises(ValueError, match="cannot create --hf_dir"):  # a deeper path through the file
+        export_hf.export(trained_checkpoint("fixed_min"), str(tmp_path / "file" / "sub" / "hf"))
+    assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "mine"
+    if os.path.isdir("/proc"):  # a pseudo file system: no folder can be made there
+        with pytest.raises(ValueError, match="cannot create --hf_dir '/proc/hf'"):
+            export_hf.export(trained_checkpoint("fixed_min"), "/proc/hf")
 
 
 def test_an_encoding_the_folder_cannot_hold_is_refused(trained_checkpoint, tmp_path):

@@ -92,6 +92,13 @@ def test_seed_makes_sampling_reproducible(trained_checkpoint, prompt):
     assert first == reference(out_dir, prompt, torch.Generator().manual_seed(7), num_samples=2, temperature=1.0)
 
 
+def test_temperature_and_top_p_too_small_for_float32_are_greedy(trained_checkpoint, greedy, prompt):
+    """1e-40 makes logits / temperature overflow float32 and 1e-50 is 0 in float32: the top token is picked."""
+    result = run_sample(f"--out_dir={trained_checkpoint('fixed_min')}", f"--start={prompt}", "--temperature=1e-40",
+                        "--top_p=1e-50", f"--max_new_tokens={NEW_TOKENS}")
+    assert samples_of(result) == greedy("fixed_min")
+
+
 def test_long_prompt_keeps_its_last_block_size_tokens(trained_checkpoint):
     out_dir = trained_checkpoint("fixed_min")
     long_prompt = shakespeare_text()[5000:5100]  # 100 byte tokens; the model's context is 64
@@ -133,6 +140,8 @@ ERRORS = {
     "unreadable checkpoint": (lambda tmp_path, run: [garbage_checkpoint(tmp_path)], "cannot read checkpoint"),
     "unknown flag": (lambda tmp_path, run: [f"--out_dir={run}", "--temprature=0"], "did you mean 'temperature'"),
     "negative temperature": (lambda tmp_path, run: [f"--out_dir={run}", "--temperature=-1"], "temperature"),
+    "seed beyond torch's": (lambda tmp_path, run: [f"--out_dir={run}", "--seed=99999999999999999999999"],
+                            "seed must be None or an integer from -9223372036854775808 to 18446744073709551615"),
     "missing prompt file": (lambda tmp_path, run: [f"--out_dir={run}", f"--start=FILE:{tmp_path / 'no.txt'}"],
                             "prompt file"),
 }

@@ -7,9 +7,11 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -170,6 +172,15 @@ def test_seed_makes_sampling_reproducible(prompt, server):
     assert len(first) == 2 and first[0] != first[1]
 
 
+def test_seeds_are_those_torch_takes_for_every_choice(server):
+    """Choice i samples with seed + i, so the last choice's seed must be one torch.Generator takes too."""
+    answer = server.complete(prompt="a", max_tokens=1, temperature=1.0, seed=2 ** 64 - 2, n=2)
+    assert len(answer.choices) == 2
+    with pytest.raises(openai.BadRequestError) as error:
+        server.complete(prompt="a", max_tokens=1, seed=2 ** 64 - 2, n=3)
+    assert f"between {-2 ** 63} and {2 ** 64 - 3}" in error.value.body["message"]
+
+
 def test_stop_strings_cut_the_text(prompt, server):
     request = dict(prompt=prompt, max_tokens=40, temperature=1.0, seed=1)  # seeded: the same tokens every time
     whole = server.complete(**request).choices[0].text
@@ -211,10 +222,14 @@ BAD_FIELDS = {  # request fields -> the param the error names
     "top_k not an integer": (dict(extra_body={"top_k": "five"}), "top_k"),
     "logprobs beyond the context": (dict(prompt="x" * 100, echo=True, logprobs=1, max_tokens=0), "prompt"),
     "logprobs while streaming": (dict(logprobs=1, stream=True), "logprobs"),
+    "seed beyond torch's": (dict(seed=2 ** 64), "seed"),
+    "seed below torch's": (dict(seed=-2 ** 63 - 1), "seed"),
+    "seed + choice beyond torch's": (dict(seed=2 ** 64 - 1, n=2), "seed"),
 }
 BAD_BODIES = {  # (method, path, body) -> status
     "invalid JSON": (("POST", "/v1/completions", b'{"prompt": "x",'), 400),
     "not an object": (("POST", "/v1/completions", b'["x"]'), 400),
+    "nested too deep": (("POST", "/v1/completions", b"[" * 40_000 + b"]" * 40_000), 400),
     "oversized body": (("POST", "/v1/completions", json.dumps({"prompt": "x" * 2 * MAX_BODY_BYTES}).encode()), 413),
     "unknown POST route": (("POST", "/v1/chat/completions", b'{"prompt": "x"}'), 404),
     "unknown GET route": (("GET", "/v1/nothing", b""), 404),
@@ -324,17 +339,59 @@ def test_help_shows_values_and_meanings():
     assert re.search(r"--max_batch_size=64\s+sequences decoded together", result.stdout)
 
 
-@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 0)])
-def test_signals_stop_the_server_in_one_line(trained_checkpoint, signal_name, code):
+def keep_busy(server):
+    """Requests of 16 sequences, one after another, until the server goes away."""
+    body = json.dumps({"prompt": ["ROMEO:"] * 4, "n": 4, "max_tokens": MAX_TOKENS_CAP}).encode()
+    try:
+        while True:
+            server.raw("POST", "/v1/completions", body)
+    except (OSError, http.client.HTTPException, ValueError):
+        return
+
+
+@pytest.mark.parametrize("signal_name, code, busy", [("SIGTERM", 0, False), ("SIGTERM", 0, True),
+                                                     ("SIGINT", 130, True)])
+def test_signals_stop_the_server_in_one_line(trained_checkpoint, signal_name, code, busy):
+    """Idle, or with requests in flight: then the engine thread must end before the interpreter does, or
+    the process aborts (SIGABRT, 'terminate called without an active exception')."""
     server = Server(trained_checkpoint("fixed_min"))
+    clients = [threading.Thread(target=keep_busy, args=(server,), daemon=True) for _ in range(4 if busy else 0)]
     try:
         server.complete(prompt="x", max_tokens=2)
+        for client in clients:
+            client.start()
+        if busy:  # a stream's first token: the engine is at work, on it and on the clients' sequences
+            next(iter(server.complete(prompt="x", max_tokens=MAX_TOKENS_CAP, stream=True)))
         server.process.send_signal(getattr(signal, signal_name))
         assert server.process.wait(timeout=60) == code
     finally:
         server.stop()
+    for client in clients:
+        client.join(timeout=60)
     log = "".join(server.log[1:])
     assert "Traceback" not in log and len(log.strip().splitlines()) == 1, log
+
+
+def test_a_client_gone_is_noticed_while_its_tokens_keep_coming(trained_checkpoint):
+    """A non-streaming client that leaves frees the server within seconds although its sequences make
+    a token at every step: 1,024 of them one row at a time, run to the end, would take over a minute."""
+    server = Server(trained_checkpoint("fixed_min"), "--max_batch_size=1")
+    try:
+        body = json.dumps({"prompt": ["ROMEO:"] * 64, "n": 16, "max_tokens": MAX_TOKENS_CAP, "temperature": 0})
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            time.sleep(0.5)  # the server reads the request and its sequences start
+        started = time.monotonic()
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:  # queued behind what is left of the 1,024 sequences
+            connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "x", "max_tokens": 1}))
+            assert connection.getresponse().status == 200
+        finally:
+            connection.close()
+        assert time.monotonic() - started < 15
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------------ end of text
@@ -408,7 +465,7 @@ def engine_of(model, rows=8, max_queue=64, prefill_tokens=2048):
 
 def sequence(index, ids, events, max_tokens=20, logprobs=None, score_prompt=False, **sampling):
     from serve import Sequence
-    settings = dict(temperature=0.0, top_k=-1, top_p=1.0, generator=None, **sampling)
+    settings = {**dict(temperature=0.0, top_k=-1, top_p=1.0, generator=None), **sampling}
     return Sequence(index, ids, max_tokens, settings["temperature"], settings["top_k"], settings["top_p"],
                     settings["generator"], logprobs, score_prompt, events)
 
@@ -482,6 +539,36 @@ def test_a_full_queue_refuses_and_nothing_grows(model):
     with pytest.raises(QueueFull):
         engine.submit([sequence(3, [1, 2, 3], events, max_tokens=2)])
     assert drive(engine) >= 3 and engine.cache.k.shape[1] == 1
+
+
+def test_settings_too_small_for_float32_sample_the_top_token_and_fail_no_one(model):
+    """temperature 1e-40 makes logits / temperature overflow float32, top_p 1e-50 is 0 in float32: both
+    pick the top token, as greedy does, and the greedy sequence beside them in the batch runs on."""
+    model, encoding = model
+    engine, events = engine_of(model), queue.Queue()
+    ids = encoding.encode("ROMEO:")
+    engine.submit([sequence(0, ids, events), sequence(1, ids, events, temperature=1e-40),
+                   sequence(2, ids, events, temperature=1.0, top_p=1e-50, generator=torch.Generator().manual_seed(0))])
+    drive(engine)
+    got = events_of(events)
+    tokens = [[e[1] for e in got[i] if e[0] == "token"] for i in range(3)]
+    assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) > 0
+    assert [got[i][-1][0] for i in range(3)] == ["end"] * 3
+
+
+def test_a_sequence_whose_sampling_fails_fails_alone(model):
+    """A bug in one sequence's sampling (here a generator that is not one) ends that sequence with an
+    error; the others in its batch decode on."""
+    model, encoding = model
+    engine, events = engine_of(model), queue.Queue()
+    ids = encoding.encode("ROMEO:")
+    engine.submit([sequence(0, ids, events), sequence(1, ids, events, temperature=1.0, generator="not one"),
+                   sequence(2, ids, events)])
+    drive(engine)
+    got = events_of(events)
+    assert [e[0] for e in got[1]] == ["error"]
+    assert got[0] == got[2] and got[0][-1][0] == "end" and len(got[0]) > 1
+    assert engine.running == []
 
 
 def test_logprobs_fit_block_size_plus_the_token_picked_last(server):
