@@ -262,39 +262,35 @@ def test_resume_carries_float16s_loss_scale_and_the_tokens_seen(shakespeare_byte
     """A learning rate this high overflows float16 gradients, so the GradScaler lowers its scale and
     skips steps: a resume that restarted it at 65,536 would skip others and part from the full run."""
     args = ["--dtype=float16", "--learning_rate=0.5", "--grad_clip=0", "--warmup_iters=0", "--decay_lr=False",
-            "--batch_size=4", "--gradient_accumulation_steps=1", "--eval_interval=10", "--eval_iters=1",
+            "--batch_size=4", "--gradient_accumulation_steps=1", "--eval_interval=6", "--eval_iters=1",
             "--log_interval=1"]
-    train(tmp_path / "full", shakespeare_bytes, *args, "--max_iters=20")
-    train(tmp_path / "half", shakespeare_bytes, *args, "--max_iters=10")
+    train(tmp_path / "full", shakespeare_bytes, *args, "--max_iters=12")
+    train(tmp_path / "half", shakespeare_bytes, *args, "--max_iters=6")
     assert load_checkpoint(str(tmp_path / "half"))["scaler"]["scale"] < 65536.0  # it did overflow
-    result = resume(tmp_path / "half", "--max_iters=20")
+    result = resume(tmp_path / "half", "--max_iters=12")
     assert result.returncode == 0, result.stderr
     assert metrics(tmp_path / "full", "loss") == metrics(tmp_path / "half", "loss")
     # a resume may change the batch: the tokens seen are counted, not iter_num times today's batch
-    result = resume(tmp_path / "half", "--max_iters=25", "--batch_size=8")
+    result = resume(tmp_path / "half", "--max_iters=14", "--batch_size=8")
     assert result.returncode == 0, result.stderr
     block = int(TINY[TINY.index("--block_size=64")].split("=")[1])
-    assert load_checkpoint(str(tmp_path / "half"))["tokens_seen"] == (20 * 4 + 5 * 8) * block
-    assert metrics(tmp_path / "half", "tokens")[-1] == (25, (20 * 4 + 5 * 8) * block)
+    assert load_checkpoint(str(tmp_path / "half"))["tokens_seen"] == (12 * 4 + 2 * 8) * block
+    assert metrics(tmp_path / "half", "tokens")[-1] == (14, (12 * 4 + 2 * 8) * block)
 
 
-def test_max_iters_0_checkpoints_the_init_and_a_resume_logs_its_evaluation_once(shakespeare_bytes, tmp_path):
+def test_max_iters_0_checkpoints_the_init_a_log_without_a_checkpoint_is_named_and_overwrite_clears_evals(
+        shakespeare_bytes, tmp_path):
     args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_interval=2", "--eval_iters=1"]
-    train(tmp_path, shakespeare_bytes, *args, "--max_iters=0")
-    assert load_checkpoint(str(tmp_path))["iter_num"] == 0
-    assert resume(tmp_path, "--max_iters=4").returncode == 0
-    assert [i for i, _ in metrics(tmp_path, "val_loss")] == [0, 2, 4]
-
-
-def test_a_log_without_a_checkpoint_is_named_and_overwrite_clears_every_eval_file(shakespeare_bytes, tmp_path):
-    args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]
     (tmp_path / "metrics.jsonl").write_text("")  # a run that died before it logged: nothing to protect
-    train(tmp_path, shakespeare_bytes, *args)
+    train(tmp_path, shakespeare_bytes, *args, "--max_iters=0")
+    assert load_checkpoint(str(tmp_path))["iter_num"] == 0  # the init, checkpointed
+    assert resume(tmp_path, "--max_iters=2").returncode == 0
+    assert [i for i, _ in metrics(tmp_path, "val_loss")] == [0, 2]  # iter 0 evaluated once, not again on resume
     (tmp_path / "ckpt.pt").unlink()  # as if killed before its first checkpoint
-    line = error_line(train(tmp_path, shakespeare_bytes, *args, check=False))
+    line = error_line(train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", check=False))
     assert "holds the metrics.jsonl of a run that wrote no checkpoint" in line and "--overwrite=True" in line
     (tmp_path / "eval_test.json").write_text("{}")  # eval.py --split=test scored the run being replaced
-    train(tmp_path, shakespeare_bytes, *args, "--overwrite=True")
+    train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", "--overwrite=True")
     assert not (tmp_path / "eval_test.json").exists()
 
 
