@@ -26,7 +26,7 @@ What the answers mean:
   logprobs, last. echo + max_tokens=1 + logprobs is lm-evaluation-harness's loglikelihood: one
   forward pass scores the prompt and picks the next token. A logprobs request must fit the context:
   prompt + max_tokens <= block_size + 1, as the last new token is picked but never read; text_offset
-  counts characters into the choice's text.
+  counts characters into the choice's text (the byte tokens of one character all have its offset).
 - A prompt longer than block_size is cropped from the left for generation, as in sample.py (usage
   still counts all its tokens); with logprobs it is refused, since scores of cropped tokens would
   silently be missing.
@@ -50,6 +50,7 @@ a greedy token at a near tie.
 Why the standard library's http.server: the API is a few routes of JSON and server-sent events; each
 connection has its own thread, which waits on its sequences' events while the engine computes.
 """
+import codecs
 import collections
 import errno
 import json
@@ -479,12 +480,11 @@ class Choice:
             rows = [(self.prompt.ids[0], None, None)] + list(zip(self.prompt.ids[1:], picked, tops))
         rows += self.scores
         result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = 0
+        offset, characters = 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token, logprob, top in rows:
-            text = token_text(self.encoding, token)
-            result["tokens"].append(text)
-            result["text_offset"].append(offset)
-            offset += len(text)
+            result["tokens"].append(token_text(self.encoding, token))
+            result["text_offset"].append(offset)  # a token inside a character: that character's offset
+            offset += len(characters.decode(self.encoding.decode_single_token_bytes(token)))
             result["token_logprobs"].append(logprob)
             result["top_logprobs"].append(None if top is None else {token_text(self.encoding, t): v for t, v in top})
         return result

@@ -133,6 +133,8 @@ def test_echo_logprobs_are_the_models(prompt, server, model):
     logprobs = choice.logprobs
     assert logprobs.tokens == list(prompt)  # ASCII: one byte token per character
     assert logprobs.text_offset == list(range(len(prompt)))
+    accented = server.complete(prompt="é!", max_tokens=0, echo=True, logprobs=1, temperature=0).choices[0].logprobs
+    assert accented.text_offset == [0, 0, 1]  # two byte tokens make the é at 0; ! is character 1
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
     assert logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
     for position, top in enumerate(logprobs.top_logprobs[1:]):  # two tokens may share a text (bytes >= 0x80)
