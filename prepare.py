@@ -92,6 +92,7 @@ BATCH_CHARS = 1 << 18     # text per worker task: big enough to amortize the int
 SPACE_PIECE = 1 << 16     # whitespace runs longer than this are tokenized in pieces (encode_text)
 LONG_SPACE_RUN = re.compile(r"(?<!\s)\s{%d,}" % (SPACE_PIECE + 1))  # from a run's start only: linear time
 LONG_DOC_FACTOR = 8       # text with no blank line for this many doc_chars is cut at a line end (or a space)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a valid pair into one character
 DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a folder name every filesystem and shell takes
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -278,6 +279,9 @@ def record_text(record, field, where):
 
 
 def jsonl_documents(path, field):
+    """The records' texts; a lone UTF-16 surrogate (a \\ud800 escape, which JSON allows and no UTF-8 text
+    can hold) is replaced with U+FFFD and counted, as invalid UTF-8 is."""
+    replaced = 0
     for number, line in enumerate(utf8_lines(path), 1):
         line = line.removeprefix("\ufeff") if number == 1 else line  # a byte-order mark some editors write
         if not line.strip():
@@ -287,7 +291,11 @@ def jsonl_documents(path, field):
         except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number or nesting past json's limits
             reason = e.msg if isinstance(e, json.JSONDecodeError) else first_line(e)
             raise PrepareError(f"{path}:{number}: not JSON ({reason}); every line must be one JSON record") from None
-        yield record_text(record, field, f"{path}:{number}")
+        text, lone = LONE_SURROGATE.subn("\ufffd", record_text(record, field, f"{path}:{number}"))
+        replaced += lone
+        yield text
+    if replaced:
+        note(f"{path} holds lone UTF-16 surrogates: replaced {replaced:,} with U+FFFD")
 
 
 def parquet_file(path, field):
@@ -510,7 +518,7 @@ def encode_batch(encoding_name, seed, texts):
     enc = tokenizer.get_encoding(encoding_name)
     ids, lengths, sizes, keys = [], [], [], []
     for text in texts:
-        data = text.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
+        data = text.encode("utf-8", "surrogatepass")  # a hub stream's JSON may carry lone surrogates too
         try:
             tokens = encode_text(enc, text)  # a literal "<|endoftext|>" in the text stays text
         except BaseException as e:  # a Rust panic in tiktoken is a BaseException, and cannot be pickled

@@ -456,6 +456,16 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert "".join(train_docs + val_docs).count("\ufffd") == 3
 
 
+def test_lone_surrogates_in_json_are_replaced_and_counted(tmp_path):
+    texts = ["a lone \ud800 and a pair \U0001F642", "second", "third \udfff"]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))  # \\ud800 escapes
+    result = prepared(tmp_path, f"--input={tmp_path / 's.jsonl'}", "--dataset=s", "--encoding=bytes")
+    assert "holds lone UTF-16 surrogates: replaced 2 with U+FFFD" in result.stderr
+    meta, tokens = load(tmp_path / "s")
+    docs = documents(tokens["train"], meta) + documents(tokens["val"], meta)
+    assert sorted(docs) == sorted(["a lone \ufffd and a pair \U0001F642", "second", "third \ufffd"])
+
+
 def test_a_file_with_no_line_breaks_is_cut_after_spaces_into_documents(tmp_path):
     text = " ".join(shakespeare_text().split())  # text8's shape: one line of words
     (tmp_path / "oneline.txt").write_text(text)
