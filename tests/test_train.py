@@ -138,23 +138,6 @@ def error_line(result):
     return lines[0]
 
 
-def test_user_errors_are_one_line(shakespeare_bytes, tmp_path):
-    typo_config = tmp_path / "typo.py"
-    typo_config.write_text("batch_size = 4\nlearning_rat = 1e-3\n")
-    line = error_line(train(tmp_path / "a", shakespeare_bytes, str(typo_config), check=False))
-    assert "learning_rat" in line and "learning_rate" in line and str(typo_config) in line
-    line = error_line(train(tmp_path / "a", shakespeare_bytes, "--n_layr=2", check=False))
-    assert "n_layr" in line and "n_layer" in line
-    line = error_line(train(tmp_path / "a", shakespeare_bytes, "--max_iters=ten", check=False))
-    assert "max_iters" in line and "int" in line
-    line = error_line(train(tmp_path / "a", str(tmp_path / "nowhere"), check=False))
-    assert "not found" in line and "prepare.py" in line
-    line = error_line(train(tmp_path / "a", shakespeare_bytes, "--block_size=200000", check=False))
-    assert "block_size" in line and "val" in line
-    line = error_line(train(tmp_path / "none", shakespeare_bytes, "--init_from=resume", check=False))
-    assert "resume" in line and "does not exist" in line
-
-
 def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, tmp_path):
     train(tmp_path / "run", shakespeare_bytes, "--batch_size=2", "--gradient_accumulation_steps=1",
           "--max_iters=2", "--eval_interval=2", "--eval_iters=1")
