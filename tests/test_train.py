@@ -4,6 +4,7 @@ import math
 import os
 import re
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,9 +139,8 @@ def error_line(result):
     return lines[0]
 
 
-def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, tmp_path):
-    train(tmp_path / "run", shakespeare_bytes, "--batch_size=2", "--gradient_accumulation_steps=1",
-          "--max_iters=2", "--eval_interval=2", "--eval_iters=1")
+def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, trained_checkpoint, tmp_path):
+    shutil.copytree(trained_checkpoint("fixed_min"), tmp_path / "run")
     other = tmp_path / "other"  # the same files under a meta.json that claims another vocabulary
     other.mkdir()
     for name in ("train.bin", "val.bin"):
@@ -148,7 +148,7 @@ def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, tmp_path)
     with open(os.path.join(shakespeare_bytes, "meta.json")) as f:
         meta = json.load(f)
     (other / "meta.json").write_text(json.dumps({**meta, "vocab_size": 65536, "encoding": "cl100k_65536"}))
-    resume = [sys.executable, "train.py", f"--out_dir={tmp_path / 'run'}", "--init_from=resume", "--max_iters=4"]
+    resume = [sys.executable, "train.py", f"--out_dir={tmp_path / 'run'}", "--init_from=resume", "--max_iters=44"]
     line = error_line(subprocess.run(resume + [f"--dataset={other}"], cwd=REPO, capture_output=True, text=True))
     assert "vocab_size" in line and "257" in line and "65536" in line
     line = error_line(subprocess.run(resume + ["--input_code=learned"], cwd=REPO, capture_output=True, text=True))
@@ -183,9 +183,11 @@ def test_a_fresh_run_never_replaces_another_by_accident(shakespeare_bytes, tmp_p
     line = error_line(train(run_dir, shakespeare_bytes, "--input_code=learned", "--max_iters=2", check=False))
     assert "already holds a run" in line and "--init_from=resume" in line and "--overwrite=True" in line
     assert folder_bytes(run_dir) == before  # nothing in the folder changed
+    (run_dir / "eval_test.json").write_text("{}")  # eval.py --split=test scored the run being replaced
     train(run_dir, shakespeare_bytes, "--input_code=learned", "--batch_size=2", "--gradient_accumulation_steps=1",
           "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--overwrite=True")
     assert load_checkpoint(str(run_dir))["model_args"]["input_code"] == "learned"
+    assert not (run_dir / "eval_test.json").exists()
     assert [i for i, _ in metrics(run_dir, "val_loss")] == [0, 2]  # the old run's log is gone, not appended to
 
 
@@ -261,8 +263,7 @@ def test_resume_carries_float16s_loss_scale_and_the_tokens_seen(shakespeare_byte
     assert metrics(tmp_path / "half", "tokens")[-1] == (14, (12 * 4 + 2 * 8) * block)
 
 
-def test_max_iters_0_checkpoints_the_init_a_log_without_a_checkpoint_is_named_and_overwrite_clears_evals(
-        shakespeare_bytes, tmp_path):
+def test_max_iters_0_checkpoints_the_init_and_a_log_without_a_checkpoint_is_named(shakespeare_bytes, tmp_path):
     args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_interval=2", "--eval_iters=1"]
     (tmp_path / "metrics.jsonl").write_text("")  # a run that died before it logged: nothing to protect
     train(tmp_path, shakespeare_bytes, *args, "--max_iters=0")
@@ -272,9 +273,6 @@ def test_max_iters_0_checkpoints_the_init_a_log_without_a_checkpoint_is_named_an
     (tmp_path / "ckpt.pt").unlink()  # as if killed before its first checkpoint
     line = error_line(train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", check=False))
     assert "holds the metrics.jsonl of a run that wrote no checkpoint" in line and "--overwrite=True" in line
-    (tmp_path / "eval_test.json").write_text("{}")  # eval.py --split=test scored the run being replaced
-    train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", "--overwrite=True")
-    assert not (tmp_path / "eval_test.json").exists()
 
 
 def last_error_line(result):
@@ -294,15 +292,16 @@ def limited_file_size(limit):
     return apply
 
 
-def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(shakespeare_bytes, tmp_path):
-    args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_interval=2", "--eval_iters=1"]
-    train(tmp_path, shakespeare_bytes, *args, "--max_iters=2")
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(trained_checkpoint, tmp_path):
+    tmp_path = tmp_path / "run"
+    shutil.copytree(trained_checkpoint("fixed_min"), tmp_path)
     kept = load_checkpoint(str(tmp_path))
-    result = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4"],
+    result = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=42",
+                             "--eval_interval=2"],
                             cwd=REPO, capture_output=True, text=True, preexec_fn=limited_file_size(100_000))
     line = last_error_line(result)
     assert line.startswith(f"error: cannot write {tmp_path / 'ckpt.pt'}") and "the previous one is kept" in line
-    assert load_checkpoint(str(tmp_path))["iter_num"] == kept["iter_num"] == 2
+    assert load_checkpoint(str(tmp_path))["iter_num"] == kept["iter_num"] == 40
     assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
     result = subprocess.run([sys.executable, "eval.py", f"--out_dir={tmp_path}"], cwd=REPO, capture_output=True,
                             text=True, preexec_fn=limited_file_size(50))  # eval.json is longer than that
@@ -310,14 +309,14 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
     assert not (tmp_path / "eval.json").exists() and not [name for name in os.listdir(tmp_path) if ".tmp" in name]
 
 
-def test_divergence_before_any_checkpoint_says_so_and_a_signal_never_saves_diverged_weights(shakespeare_bytes,
-                                                                                            tmp_path):
+def test_divergence_before_any_checkpoint_says_so_and_a_signal_never_saves_diverged_weights(
+        shakespeare_bytes, trained_checkpoint, tmp_path):
     diverge = ["--learning_rate=1e30", "--grad_clip=0", "--warmup_iters=0", "--decay_lr=False"]
     args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_iters=1"]
     line = last_error_line(train(tmp_path / "fresh", shakespeare_bytes, *args, *diverge, "--max_iters=50",
                             "--eval_interval=1000", "--log_interval=1", check=False))
     assert "diverged; no checkpoint was written" in line
-    train(tmp_path / "run", shakespeare_bytes, *args, "--max_iters=2", "--eval_interval=2")
+    shutil.copytree(trained_checkpoint("fixed_min"), tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "train.py", f"--out_dir={tmp_path / 'run'}", "--init_from=resume",
                              "--max_iters=100000", "--eval_interval=100000", "--log_interval=100000", *diverge],
                             cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -327,4 +326,4 @@ def test_divergence_before_any_checkpoint_says_so_and_a_signal_never_saves_diver
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "the sum of the weights is nan" in stderr and "last good checkpoint" in stderr
-    assert load_checkpoint(str(tmp_path / "run"))["iter_num"] == 2  # not replaced by the diverged weights
+    assert load_checkpoint(str(tmp_path / "run"))["iter_num"] == 40  # not replaced by the diverged weights
