@@ -16,6 +16,7 @@ from contextlib import nullcontext
 REPO = os.path.dirname(os.path.abspath(__file__))
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 META_KEYS = ("encoding", "vocab_size", "eot_token", "train_tokens", "val_tokens")
+EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}  # what eval.py writes into out_dir, by split
 
 
 class UserError(ValueError):

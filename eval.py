@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import atomic_write, build_model, load_checkpoint
-from common import UserError, autocast, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from common import EVAL_FILES, UserError, autocast, data_dir, load_meta, resolve_device, resolve_dtype, run_main
 from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
@@ -35,7 +35,6 @@ SETTINGS = {  # key: (default, meaning)
     "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
                       "bfloat16 or float16"),
 }
-EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 

@@ -27,10 +27,10 @@ python and the commit.
 Resuming. A cell is finished when `results` holds a row of exactly its train config and eval split;
 a rerun skips it, so a killed study goes on where it stopped. Any other cell runs from scratch (the
 folder a kill or a failure left is cleared first). On Linux a cell's processes die with sweep.py, even
-by kill -9, so none goes on writing into a folder that the resumed study clears. Rows of settings no longer in the grid are kept
-and said so. A cell that fails is reported with its log and the others go on; the exit status is 1
-when any failed. Ctrl-C or SIGTERM launches nothing more and stops the running cells (their folders
-are not results): exit 130 or 143, and the same command resumes.
+by kill -9, so none goes on writing into a folder that the resumed study clears. Rows of settings no
+longer in the grid are kept and said so. A cell that fails is reported with its log and the others go
+on; the exit status is 1 when any failed. Ctrl-C or SIGTERM launches nothing more and stops the
+running cells (their folders are not results): exit 130 or 143, and the same command resumes.
 """
 import ctypes
 import difflib
@@ -53,7 +53,7 @@ from datetime import datetime, timezone
 import torch
 
 from checkpoint import load_checkpoint
-from common import REPO, UserError, data_dir, load_meta, run_main
+from common import EVAL_FILES, REPO, UserError, data_dir, load_meta, run_main
 from configurator import ConfigError, parse_config, split_settings
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -74,7 +74,6 @@ SETTINGS = {  # key: (default, meaning)
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 RUNNER_KEYS = ("out_dir", "init_from", "overwrite", "dataset")  # set by the study, not per cell
-EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}     # as eval.py names them
 POLL_S = 0.2
 PR_SET_PDEATHSIG = 1  # prctl's option, from linux/prctl.h
 LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None

@@ -43,14 +43,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CKPT_NAME, atomic_write, load_checkpoint, save_checkpoint
-from common import UserError, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from common import EVAL_FILES, UserError, data_dir, load_meta, resolve_device, resolve_dtype, run_main
 from configurator import parse_config
 from model import GPT, GPTConfig, peak_flops
 from training import (DEFAULTS, MEANINGS, MODEL_KEYS, dropout_seed, learning_rate, load_optimizer_state,
                       make_optimizer, read_batch, setup_precision, to_device, train_step)
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
-RUN_FILES = (CKPT_NAME, "metrics.jsonl", "eval.json", "eval_test.json")  # what a run replaced by overwrite=True leaves
+RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what a run replaced by overwrite=True leaves
 SHARED = "every node must see the same config files, data/ and out_dir: a shared filesystem, or copies"
 # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning
 NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
