@@ -1,6 +1,8 @@
 """Shared fixtures: Shakespeare prepared by prepare.py, and small checkpoints trained by train.py."""
 import gzip
+import importlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,6 +20,23 @@ TINY_MODEL = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--
 def shakespeare_text():
     with gzip.open(SHAKESPEARE, "rt", encoding="utf-8") as f:
         return f.read()
+
+
+def run_tool(capsys, tool, argv):
+    """tool.main(argv) in this process, as its __main__ block runs it (common.run_main), with the SIGTERM
+    handler run_main sets put back: a CompletedProcess of its exit code (0 when it returned), stdout and
+    stderr. Dozens of cases cost seconds, where a process each would cost a torch import each."""
+    from common import run_main
+    term = signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        run_main(importlib.import_module(tool).main, argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
 def run(*args):

@@ -4,7 +4,6 @@ no traceback, and every file that existed before is byte-identical afterwards.
 The tools run in this process through common.run_main, exactly as their `__main__` blocks call them,
 so that dozens of cases cost seconds; test_every_tool_speaks_the_same_way_as_a_subprocess checks that
 the same holds for real processes. The server's flags are here too; its HTTP errors are in test_serve.py."""
-import importlib
 import importlib.util
 import json
 import os
@@ -15,8 +14,7 @@ import sys
 
 import pytest
 
-from common import run_main
-from conftest import REPO
+from conftest import REPO, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -155,15 +153,10 @@ CASES = [  # (tool, arguments, a word the error line must contain)
 def test_bad_input_is_one_line_and_changes_nothing(workspace, capsys, tool, args, mentions):
     argv = [arg.format(root=workspace) for arg in args]
     before = snapshot(workspace)
-    term = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_main(importlib.import_module(tool).main, argv)
-    finally:
-        signal.signal(signal.SIGTERM, term)
-    stderr = capsys.readouterr().err
+    result = run_tool(capsys, tool, argv)
+    stderr = result.stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert exit_info.value.code not in (0, None), stderr
+    assert result.returncode not in (0, None), stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert mentions in lines[0], lines[0]
     assert snapshot(workspace) == before

@@ -1,16 +1,13 @@
 """checkpoint.py: a checkpoint changed on disk, or holding non-finite weights, is refused by every tool."""
-import importlib
 import os
 import random
 import shutil
-import signal
-import subprocess
 
 import pytest
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common import run_main
+from conftest import run_tool
 
 
 def one_error_line(result):
@@ -53,24 +50,12 @@ def overwrite_the_middle(data, rng):
     data[start:start + size] = rng.randbytes(size)
 
 
-def in_process(capsys, script, args):
-    """script's main(args), run in this process as its __main__ block runs it (tests/test_bad_inputs.py
-    checks that a tool speaks the same way as a process): its exit code and stderr."""
-    term = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_main(importlib.import_module(script.removesuffix(".py")).main, args)
-    finally:
-        signal.signal(signal.SIGTERM, term)
-    return subprocess.CompletedProcess(args, exit_info.value.code, "", capsys.readouterr().err)
-
-
 @pytest.mark.parametrize("damage", [flip_a_few_bytes, overwrite_the_middle])
 def test_every_tool_refuses_a_damaged_checkpoint_in_one_line(trained_checkpoint, tmp_path, capsys, damage):
     run_dir = damaged_copy(trained_checkpoint, tmp_path, damage)
     before = sorted(os.listdir(run_dir))
     for tool, (script, *args) in tool_commands(run_dir, tmp_path).items():
-        line = one_error_line(in_process(capsys, script, args))
+        line = one_error_line(run_tool(capsys, script.removesuffix(".py"), args))
         assert "ckpt.pt" in line and ("corrupted" in line or "cannot read" in line), (tool, line)
     assert sorted(os.listdir(run_dir)) == before  # nothing was started from it: no eval.json, no export
     assert not (tmp_path / "hf").exists()

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from common import run_main
-from conftest import REPO, SHAKESPEARE, run
+from conftest import REPO, SHAKESPEARE, run, run_tool
 
 
 def evaluated_copy(run_dir, out_dir):
@@ -161,7 +160,6 @@ def committed(name):
 def report_results(tmp_path, capsys, monkeypatch):
     """report_results(table, *args): report.py --results on rows written to a file of their own (or on
     committed files named by a str), run in this process as its __main__ block runs it."""
-    import report
     monkeypatch.chdir(REPO)
 
     def run(table, *args):
@@ -169,13 +167,7 @@ def report_results(tmp_path, capsys, monkeypatch):
             path = tmp_path / f"results{len(list(tmp_path.iterdir()))}.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in table))
             table = str(path)
-        code = 0
-        try:
-            run_main(report.main, [f"--results={table}", *args])
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+        return run_tool(capsys, "report", [f"--results={table}", *args])
     return run
 
 
