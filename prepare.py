@@ -19,13 +19,14 @@ folders (their input files, recursively, in sorted order) and globs (quote them:
 to name a path that holds a comma, write ? for the comma. --input2, in the same form, is a second
 stream mixed with the first (see Mixing). With neither, the input is CPython's documentation topics.
 
-Documents. A .jsonl / .jsonl.gz line or a .parquet row is one document (its --text_field). Plain
-text, and each pydoc topic of the quickstart, is cut into documents at the first blank line after
---doc_chars characters, so even one .txt file has documents for a validation split; the blank lines
-at a cut are dropped. Text with no blank line for 8 doc_chars is cut at a line end, and a line longer
-than that (a file with no line breaks) after a space. On disk the end-of-text token PRECEDES every
-document: each document, the first one too, starts right after eot, which is exactly what a
-generation prompted with eot sees.
+Documents. A .jsonl / .jsonl.gz line or a .parquet row is one document (its --text_field; a record
+whose text is null or only whitespace is skipped, the nulls counted in a note). Plain text, and each
+pydoc topic of the quickstart, is cut into documents at the first blank line after --doc_chars
+characters, so even one .txt file has documents for a validation split; the blank lines at a cut are
+dropped. Text with no blank line for 8 doc_chars is cut at a line end, and a line longer than that (a
+file with no line breaks) after a space. On disk the end-of-text token PRECEDES every document: each
+document, the first one too, starts right after eot, which is exactly what a generation prompted with
+eot sees.
 
 Split. A document goes to val when a hash of (seed, its text) is below --val_fraction, to test when it
 is below val_fraction + --test_fraction, else to train: the same input gives byte-identical files
@@ -269,29 +270,43 @@ def paragraph_documents(lines, doc_chars):
         yield "".join(doc)
 
 
-def record_text(record, field, where):
-    if not isinstance(record, dict) or field not in record:
-        raise PrepareError(f"{where}: the record has no '{field}' field (choose the field with --text_field)")
-    text = record[field]
-    if not isinstance(text, str):
-        raise PrepareError(f"{where}: '{field}' is {type(text).__name__}, not a string")
-    return text
+def record_texts(records, field, source):
+    """(where, record) pairs -> the records' texts. A null text (how many datasets mark a missing value) is
+    a document with no text, skipped as an empty one is, and counted in a note; any other non-string is
+    an error."""
+    nulls = 0
+    for where, record in records:
+        if not isinstance(record, dict) or field not in record:
+            raise PrepareError(f"{where}: the record has no '{field}' field (choose the field with --text_field)")
+        text = record[field]
+        if text is None:
+            nulls += 1
+        elif isinstance(text, str):
+            yield text
+        else:
+            raise PrepareError(f"{where}: '{field}' is {type(text).__name__}, not a string")
+    if nulls:
+        note(f"{source}: {nulls:,} records have a null '{field}': skipped, as empty documents are")
+
+
+def jsonl_records(path):
+    for number, line in enumerate(utf8_lines(path), 1):
+        line = line.removeprefix("\ufeff") if number == 1 else line  # a byte-order mark some editors write
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number or nesting past json's limits
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else first_line(e)
+            raise PrepareError(f"{path}:{number}: not JSON ({reason}); every line must be one JSON record") from None
 
 
 def jsonl_documents(path, field):
     """The records' texts; a lone UTF-16 surrogate (a \\ud800 escape, which JSON allows and no UTF-8 text
     can hold) is replaced with U+FFFD and counted, as invalid UTF-8 is."""
     replaced = 0
-    for number, line in enumerate(utf8_lines(path), 1):
-        line = line.removeprefix("\ufeff") if number == 1 else line  # a byte-order mark some editors write
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number or nesting past json's limits
-            reason = e.msg if isinstance(e, json.JSONDecodeError) else first_line(e)
-            raise PrepareError(f"{path}:{number}: not JSON ({reason}); every line must be one JSON record") from None
-        text, lone = LONE_SURROGATE.subn("\ufffd", record_text(record, field, f"{path}:{number}"))
+    for text in record_texts(jsonl_records(path), field, path):
+        text, lone = LONE_SURROGATE.subn("\ufffd", text)
         replaced += lone
         yield text
     if replaced:
@@ -323,8 +338,8 @@ def parquet_column(path, table, field):
 
 
 def parquet_documents(path, field):
-    for row, text in enumerate(parquet_column(path, parquet_file(path, field), field), 1):
-        yield record_text({field: text}, field, f"{path}: row {row}")
+    rows = enumerate(parquet_column(path, parquet_file(path, field), field), 1)
+    yield from record_texts(((f"{path}: row {row}", {field: text}) for row, text in rows), field, path)
 
 
 def file_documents(path, args):
@@ -423,7 +438,8 @@ def hf_documents(spec, field):
         dataset = datasets.load_dataset(repo, config or None, split="train", streaming=True)
     except Exception as e:  # network, authentication, a wrong name: all end the same way
         raise PrepareError(f"cannot stream {spec} from the Hugging Face Hub: {first_line(e)}") from None
-    return (record_text(record, field, f"{spec} record {number}") for number, record in hf_records(spec, dataset))
+    return record_texts(((f"{spec} record {number}", record) for number, record in hf_records(spec, dataset)),
+                        field, spec)
 
 
 def hf_records(spec, dataset):

@@ -374,6 +374,9 @@ def bad_inputs(tmp_path, case):
     if case == "no text field":
         other.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
         return [f"--input={good},{other}"], f"{other}:2: the record has no 'text'"
+    if case == "text not a string":
+        other.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": 12}) + "\n")
+        return [f"--input={good},{other}"], f"{other}:2: 'text' is int, not a string"
     if case == "one document":
         (tmp_path / "short.txt").write_text("one paragraph\n\nand another, but short\n")
         return [f"--input={tmp_path / 'short.txt'}"], "single document"
@@ -387,7 +390,7 @@ def bad_inputs(tmp_path, case):
 FILE_ERRORS = ["missing", "a path with a comma", "empty", "no usable files", "glob matches nothing",
                "a broken link in a folder", "not gzip", "truncated gzip", "parquet without the text column",
                "not parquet", "not json", "json number past its limit", "json nested too deep", "no text field",
-               "one document", "dataset folder that is a link"]
+               "text not a string", "one document", "dataset folder that is a link"]
 
 
 @pytest.mark.parametrize("case", [*REFUSED_SETTINGS, *FILE_ERRORS])
@@ -464,6 +467,27 @@ def test_lone_surrogates_in_json_are_replaced_and_counted(tmp_path):
     meta, tokens = load(tmp_path / "s")
     docs = documents(tokens["train"], meta) + documents(tokens["val"], meta)
     assert sorted(docs) == sorted(["a lone \ufffd and a pair \U0001F642", "second", "third \ufffd"])
+
+
+def test_records_with_a_null_text_are_skipped_and_counted(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from conftest import run_tool
+    texts = [None if i % 7 == 3 else text for i, text in enumerate(shakespeare_text()[:60_000].split("\n\n"))]
+    kept = [text for text in texts if text is not None]
+    (tmp_path / "nulls.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "kept.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "nulls.parquet")
+    for name in ("nulls.jsonl", "nulls.parquet", "kept.jsonl"):
+        result = run_tool(capsys, "prepare", [f"--input={tmp_path / name}", f"--dataset={name.replace('.', '_')}",
+                                              "--encoding=bytes", "--workers=1", f"--out_root={tmp_path}"])
+        assert result.returncode == 0, result.stderr
+        count = f"{tmp_path / name}: {len(texts) - len(kept):,} records have a null 'text'"
+        assert (count in result.stderr) == name.startswith("nulls")
+    for split in ("train", "val"):  # the same files as with those records left out
+        expected = (tmp_path / "kept_jsonl" / f"{split}.bin").read_bytes()
+        assert (tmp_path / "nulls_jsonl" / f"{split}.bin").read_bytes() == expected
+        assert (tmp_path / "nulls_parquet" / f"{split}.bin").read_bytes() == expected
 
 
 def test_a_file_with_no_line_breaks_is_cut_after_spaces_into_documents(tmp_path):
