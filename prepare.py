@@ -575,8 +575,33 @@ def ordered_map(pool, function, items, window):
         yield pending.popleft().result()
 
 
-def encoded_documents(texts, encode, pool, window):
-    results = map(encode, batches(texts)) if pool is None else ordered_map(pool, encode, batches(texts), window)
+def encode_batch_into(folder, encode, numbered_texts):
+    """A tokenizer process's task: encode(texts) saved as folder/NUMBER.npz, and that path its answer. An
+    answer of a few bytes reaches the pipe whole or not at all. A process killed while it sent a large one
+    (the tokens themselves) left the rest of the message owed, which ProcessPoolExecutor's reader waits
+    for for ever (seen on CPython 3.11): prepare.py hung instead of saying that the process died."""
+    number, texts = numbered_texts
+    path = os.path.join(folder, f"{number}.npz")
+    tokens, lengths, sizes, keys = encode(texts)
+    np.savez(path, tokens=tokens, lengths=lengths, sizes=sizes, keys=keys)
+    return path
+
+
+def collected(path):
+    """What encode_batch_into saved, read back, and its file removed."""
+    with np.load(path) as saved:
+        result = saved["tokens"], saved["lengths"].tolist(), saved["sizes"].tolist(), saved["keys"].tolist()
+    os.remove(path)
+    return result
+
+
+def encoded_documents(texts, encode, pool, window, numbers):
+    """Documents of texts, tokenized in batches by encode, here or (encode_batch_into) in the pool; numbers
+    names the pool's batch files, shared by the streams."""
+    if pool is None:
+        results = map(encode, batches(texts))
+    else:
+        results = map(collected, ordered_map(pool, encode, zip(numbers, batches(texts)), window))
     for tokens, lengths, sizes, keys in results:
         ends = np.cumsum(lengths)
         for end, length, size, key in zip(ends, lengths, sizes, keys):
@@ -606,10 +631,16 @@ def worker_signals():
 def tokenize_into(tmp_dir, streams, enc, args):
     """Write train.bin and val.bin into tmp_dir; returns their counts and the seconds it took."""
     encode = functools.partial(encode_batch, enc.name, args.seed)
-    pool = ProcessPoolExecutor(args.workers, initializer=worker_signals) if args.workers > 1 else None
+    pool = batch_dir = None
+    if args.workers > 1:
+        pool = ProcessPoolExecutor(args.workers, initializer=worker_signals)
+        batch_dir = os.path.join(tmp_dir, "batches")  # inside tmp_dir: gone with it if the run fails
+        os.mkdir(batch_dir)
+        encode = functools.partial(encode_batch_into, batch_dir, encode)
+    numbers = itertools.count()
     start = time.time()
     try:
-        encoded = [encoded_documents(texts, encode, pool, window=4 * args.workers) for _, _, texts in streams]
+        encoded = [encoded_documents(texts, encode, pool, 4 * args.workers, numbers) for _, _, texts in streams]
         docs = mixed(encoded, [args.mix, 1 - args.mix] if len(streams) == 2 else [1.0], [n for n, _, _ in streams])
         sources = [source for _, stream_sources, _ in streams for source in stream_sources]
         described = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
@@ -623,6 +654,7 @@ def tokenize_into(tmp_dir, streams, enc, args):
     finally:
         if pool is not None:  # waits for the batches being tokenized, a fraction of a second; wait=False
             pool.shutdown(cancel_futures=True)  # races the interpreter's exit (Python 3.11: "Exception ignored")
+            shutil.rmtree(batch_dir, ignore_errors=True)  # batches tokenized past --max_tokens
 
 
 # ---- writing ----

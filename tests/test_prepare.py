@@ -610,13 +610,46 @@ def worker_processes(pid):
     return found
 
 
+def state_and_cpu_ticks(pid):
+    """A process's state letter (R: running) and the CPU time it has used, in clock ticks, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return "X", 0
+    return fields[0], int(fields[11]) + int(fields[12])
+
+
+def kill_while_answering(process):
+    """Every tokenizer process killed while its answer, if any, finds nobody reading: the parent is stopped
+    as soon as a batch is being tokenized and let go after the kills."""
+    def tokenizing():
+        return any(state == "R" or ticks >= 3 for state, ticks in map(state_and_cpu_ticks, worker_processes(process.pid)))
+
+    wait_for(tokenizing, "a tokenizer process at work")
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all(state_and_cpu_ticks(w)[0] != "R" for w in worker_processes(process.pid)), "the batch done")
+        for worker in worker_processes(process.pid):
+            os.kill(worker, signal.SIGKILL)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.isdir("/proc/self"), reason="needs a named pipe and /proc")
-def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous):
+@pytest.mark.parametrize("when", ["idle", "answering"])
+def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous, when):
     process, pipe = start_on_a_pipe(tmp_path, previous[0], "--workers=2")
     with pipe:
-        wait_for(lambda: worker_processes(process.pid), "a tokenizer process")
-        os.kill(worker_processes(process.pid)[0], signal.SIGKILL)  # as the out-of-memory killer would
-    _, stderr = process.communicate(timeout=60)  # the pipe is closed: the run reads to its end
+        if when == "idle":
+            wait_for(lambda: worker_processes(process.pid), "a tokenizer process")
+            os.kill(worker_processes(process.pid)[0], signal.SIGKILL)  # as the out-of-memory killer would
+        else:
+            kill_while_answering(process)
+    try:
+        _, stderr = process.communicate(timeout=60)  # the pipe is closed: the run reads to its end
+    finally:
+        process.kill()
     assert process.returncode == 1, stderr
     assert stderr.strip().splitlines() == ["error: a tokenizer process died (killed, or out of memory?); try fewer "
                                            "--workers than 2"]
