@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO
 from model import GPT, GPTConfig
 
+pytestmark = pytest.mark.xdist_group("bench")  # one worker: its module fixtures are made once
+
 TINY = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--compile=False", "--device=cpu", "--warmup_steps=1", "--steps=2",
         "--prompt_tokens=8", "--decode_tokens=8", "--decode_batch_sizes=1,4"]

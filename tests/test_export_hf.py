@@ -12,6 +12,8 @@ from checkpoint import build_model, load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 from tokenizer import BUNDLED_FILE, get_encoding
 
+pytestmark = pytest.mark.xdist_group("export_hf")  # one worker: its module fixtures are made once
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODES = ["fixed_min", "affine", "learned"]
 MODEL_CARD_PROMPT = "Question: What is the capital of France?\nAnswer:"

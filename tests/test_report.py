@@ -12,6 +12,8 @@ import torch
 from checkpoint import load_checkpoint
 from conftest import REPO, SHAKESPEARE, run, run_tool
 
+pytestmark = pytest.mark.xdist_group("report")  # one worker: its module fixtures are made once
+
 
 def evaluated_copy(run_dir, out_dir):
     """A copy of a session fixture's run (left as it is for the other tests), evaluated by eval.py."""

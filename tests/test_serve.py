@@ -21,6 +21,8 @@ from checkpoint import build_model, load_checkpoint
 from conftest import shakespeare_text
 from tokenizer import get_encoding
 
+pytestmark = pytest.mark.xdist_group("serve")  # one worker: its module fixtures are made once
+
 openai = pytest.importorskip("openai")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

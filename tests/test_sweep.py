@@ -19,6 +19,8 @@ import sweep
 from common import UserError
 from conftest import REPO, run, shakespeare_text
 
+pytestmark = pytest.mark.xdist_group("sweep")  # one worker: its module fixtures are made once
+
 TINY_BASE = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
              "gradient_accumulation_steps": 1, "max_iters": 4, "lr_decay_iters": 4, "warmup_iters": 1,
              "eval_interval": 4, "eval_iters": 1, "log_interval": 2, "compile": False, "device": "cpu"}
