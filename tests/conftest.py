@@ -1,6 +1,9 @@
-"""Shared fixtures: Shakespeare prepared by prepare.py, and small checkpoints trained by train.py."""
+"""Shared fixtures: Shakespeare prepared by prepare.py, and small checkpoints trained by train.py (both
+run in process); the helpers that run a tool as a process (run) or in this one (run_tool, run_in_process)."""
+import contextlib
 import gzip
 import importlib
+import io
 import os
 import signal
 import subprocess
@@ -22,21 +25,22 @@ def shakespeare_text():
         return f.read()
 
 
-def run_tool(capsys, tool, argv):
+def run_tool(tool, argv):
     """tool.main(argv) in this process, as its __main__ block runs it (common.run_main), with the SIGTERM
     handler run_main sets put back: a CompletedProcess of its exit code (0 when it returned), stdout and
     stderr. Dozens of cases cost seconds, where a process each would cost a torch import each."""
     from common import run_main
     term = signal.getsignal(signal.SIGTERM)
     code = 0
+    out, err = io.StringIO(), io.StringIO()
     try:
-        run_main(importlib.import_module(tool).main, argv)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_main(importlib.import_module(tool).main, argv)
     except SystemExit as e:
         code = e.code
     finally:
         signal.signal(signal.SIGTERM, term)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def run(*args):
@@ -45,12 +49,19 @@ def run(*args):
     return result
 
 
+def run_in_process(script, *args):
+    """run(), with the script's main in this process (run_tool)."""
+    result = run_tool(script.removesuffix(".py"), list(args))
+    assert result.returncode == 0, f"{script} {' '.join(args)} failed: {result.stderr[-3000:]}"
+    return result
+
+
 @pytest.fixture(scope="session")
 def shakespeare_bytes(tmp_path_factory):
     """A dataset folder (train.bin, val.bin, meta.json) of Shakespeare in the bytes encoding (V = 257)."""
     root = tmp_path_factory.mktemp("data")
-    run("prepare.py", f"--input={SHAKESPEARE}", "--dataset=shakespeare_bytes", "--encoding=bytes",
-        f"--out_root={root}", "--workers=1")
+    run_in_process("prepare.py", f"--input={SHAKESPEARE}", "--dataset=shakespeare_bytes", "--encoding=bytes",
+                   f"--out_root={root}", "--workers=1")
     return str(root / "shakespeare_bytes")
 
 
@@ -63,10 +74,10 @@ def trained_checkpoint(tmp_path_factory, shakespeare_bytes):
     def make(input_code="fixed_min"):
         if input_code not in made:
             out_dir = str(tmp_path_factory.mktemp(f"run_{input_code}"))
-            run("train.py", f"--dataset={shakespeare_bytes}", f"--out_dir={out_dir}", f"--input_code={input_code}",
-                *TINY_MODEL, "--batch_size=8", "--gradient_accumulation_steps=1", "--max_iters=40",
-                "--eval_interval=40", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5",
-                "--lr_decay_iters=40", "--log_interval=10")
+            run_in_process("train.py", f"--dataset={shakespeare_bytes}", f"--out_dir={out_dir}",
+                           f"--input_code={input_code}", *TINY_MODEL, "--batch_size=8",
+                           "--gradient_accumulation_steps=1", "--max_iters=40", "--eval_interval=40", "--eval_iters=2",
+                           "--learning_rate=3e-3", "--warmup_iters=5", "--lr_decay_iters=40", "--log_interval=10")
             made[input_code] = out_dir
         return made[input_code]
 

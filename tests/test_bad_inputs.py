@@ -150,10 +150,10 @@ CASES = [  # (tool, arguments, a word the error line must contain)
 
 
 @pytest.mark.parametrize("tool, args, mentions", CASES, ids=[f"{t}:{' '.join(a[-1:])}" for t, a, _ in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(workspace, capsys, tool, args, mentions):
+def test_bad_input_is_one_line_and_changes_nothing(workspace, tool, args, mentions):
     argv = [arg.format(root=workspace) for arg in args]
     before = snapshot(workspace)
-    result = run_tool(capsys, tool, argv)
+    result = run_tool(tool, argv)
     stderr = result.stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert result.returncode not in (0, None), stderr

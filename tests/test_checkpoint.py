@@ -51,11 +51,11 @@ def overwrite_the_middle(data, rng):
 
 
 @pytest.mark.parametrize("damage", [flip_a_few_bytes, overwrite_the_middle])
-def test_every_tool_refuses_a_damaged_checkpoint_in_one_line(trained_checkpoint, tmp_path, capsys, damage):
+def test_every_tool_refuses_a_damaged_checkpoint_in_one_line(trained_checkpoint, tmp_path, damage):
     run_dir = damaged_copy(trained_checkpoint, tmp_path, damage)
     before = sorted(os.listdir(run_dir))
     for tool, (script, *args) in tool_commands(run_dir, tmp_path).items():
-        line = one_error_line(run_tool(capsys, script.removesuffix(".py"), args))
+        line = one_error_line(run_tool(script.removesuffix(".py"), args))
         assert "ckpt.pt" in line and ("corrupted" in line or "cannot read" in line), (tool, line)
     assert sorted(os.listdir(run_dir)) == before  # nothing was started from it: no eval.json, no export
     assert not (tmp_path / "hf").exists()

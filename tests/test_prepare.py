@@ -469,7 +469,7 @@ def test_lone_surrogates_in_json_are_replaced_and_counted(tmp_path):
     assert sorted(docs) == sorted(["a lone \ufffd and a pair \U0001F642", "second", "third \ufffd"])
 
 
-def test_records_with_a_null_text_are_skipped_and_counted(tmp_path, capsys):
+def test_records_with_a_null_text_are_skipped_and_counted(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     from conftest import run_tool
@@ -479,7 +479,7 @@ def test_records_with_a_null_text_are_skipped_and_counted(tmp_path, capsys):
     (tmp_path / "kept.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
     pq.write_table(pa.table({"text": texts}), tmp_path / "nulls.parquet")
     for name in ("nulls.jsonl", "nulls.parquet", "kept.jsonl"):
-        result = run_tool(capsys, "prepare", [f"--input={tmp_path / name}", f"--dataset={name.replace('.', '_')}",
+        result = run_tool("prepare", [f"--input={tmp_path / name}", f"--dataset={name.replace('.', '_')}",
                                               "--encoding=bytes", "--workers=1", f"--out_root={tmp_path}"])
         assert result.returncode == 0, result.stderr
         count = f"{tmp_path / name}: {len(texts) - len(kept):,} records have a null 'text'"

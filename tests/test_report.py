@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from conftest import REPO, SHAKESPEARE, run, run_tool
+from conftest import REPO, SHAKESPEARE, run_in_process, run_tool
 
 pytestmark = pytest.mark.xdist_group("report")  # one worker: its module fixtures are made once
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.xdist_group("report")  # one worker: its module fixture
 def evaluated_copy(run_dir, out_dir):
     """A copy of a session fixture's run (left as it is for the other tests), evaluated by eval.py."""
     shutil.copytree(run_dir, out_dir)
-    run("eval.py", f"--out_dir={out_dir}", "--max_val_tokens=4096", "--device=cpu")
+    run_in_process("eval.py", f"--out_dir={out_dir}", "--max_val_tokens=4096", "--device=cpu")
     return str(out_dir)
 
 
@@ -27,8 +27,8 @@ def train_like(run_dir, out_dir, *overrides):
     config_file = f"{out_dir}.py"
     with open(config_file, "w") as f:
         f.writelines(f"{key} = {value!r}\n" for key, value in load_checkpoint(run_dir)["config"].items())
-    run("train.py", config_file, f"--out_dir={out_dir}", *overrides)
-    run("eval.py", f"--out_dir={out_dir}", "--max_val_tokens=4096", "--device=cpu")
+    run_in_process("train.py", config_file, f"--out_dir={out_dir}", *overrides)
+    run_in_process("eval.py", f"--out_dir={out_dir}", "--max_val_tokens=4096", "--device=cpu")
     return str(out_dir)
 
 
@@ -65,7 +65,7 @@ def runs(trained_checkpoint, tmp_path_factory):
             "fixed_min-2": train_like(fixed_min, root / "fixed_min-2", "--seed=2"),
             "binary-1337": train_like(fixed_min, root / "binary-1337", "--code_values=binary")}
     # the same text split by another seed: a different dataset
-    run("prepare.py", f"--input={SHAKESPEARE}", "--dataset=other_split", "--encoding=bytes", "--seed=1",
+    run_in_process("prepare.py", f"--input={SHAKESPEARE}", "--dataset=other_split", "--encoding=bytes", "--seed=1",
         f"--out_root={root}", "--workers=1")
     made["other-split"] = train_like(fixed_min, root / "other-split", f"--dataset={root / 'other_split'}")
     return made
@@ -159,7 +159,7 @@ def committed(name):
 
 
 @pytest.fixture
-def report_results(tmp_path, capsys, monkeypatch):
+def report_results(tmp_path, monkeypatch):
     """report_results(table, *args): report.py --results on rows written to a file of their own (or on
     committed files named by a str), run in this process as its __main__ block runs it."""
     monkeypatch.chdir(REPO)
@@ -169,7 +169,7 @@ def report_results(tmp_path, capsys, monkeypatch):
             path = tmp_path / f"results{len(list(tmp_path.iterdir()))}.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in table))
             table = str(path)
-        return run_tool(capsys, "report", [f"--results={table}", *args])
+        return run_tool("report", [f"--results={table}", *args])
     return run
 
 

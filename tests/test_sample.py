@@ -20,9 +20,9 @@ def sample_process(*args):
     return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def run_sample(capsys, *args):
+def run_sample(*args):
     """sample.py's main in this process (a process each would cost a torch import each)."""
-    return run_tool(capsys, "sample", list(args))
+    return run_tool("sample", list(args))
 
 
 def samples_of(result):
@@ -79,17 +79,17 @@ def test_greedy_is_identical_across_runs(trained_checkpoint, greedy, prompt):
     assert samples_of(again) == greedy("fixed_min")
 
 
-def test_top_k_1_is_greedy(trained_checkpoint, greedy, prompt, capsys):
-    result = run_sample(capsys, f"--out_dir={trained_checkpoint('fixed_min')}", f"--start={prompt}",
+def test_top_k_1_is_greedy(trained_checkpoint, greedy, prompt):
+    result = run_sample(f"--out_dir={trained_checkpoint('fixed_min')}", f"--start={prompt}",
                         "--temperature=1.0", "--top_k=1", "--seed=5", f"--max_new_tokens={NEW_TOKENS}")
     assert samples_of(result) == greedy("fixed_min")
 
 
-def test_seed_makes_sampling_reproducible(trained_checkpoint, prompt, capsys):
+def test_seed_makes_sampling_reproducible(trained_checkpoint, prompt):
     out_dir = trained_checkpoint("fixed_min")
     settings = [f"--out_dir={out_dir}", f"--start={prompt}", "--temperature=1.0", "--top_k=None", "--num_samples=2",
                 f"--max_new_tokens={NEW_TOKENS}"]
-    first, again, other = (samples_of(run_sample(capsys, *settings, f"--seed={seed}")) for seed in (7, 7, 8))
+    first, again, other = (samples_of(run_sample(*settings, f"--seed={seed}")) for seed in (7, 7, 8))
     assert first == again
     assert len(first) == 2 and first[0] != first[1]  # the second sample goes on drawing, it does not restart
     assert first != other
@@ -98,27 +98,27 @@ def test_seed_makes_sampling_reproducible(trained_checkpoint, prompt, capsys):
     assert first == reference(out_dir, prompt, torch.Generator().manual_seed(7), num_samples=2, temperature=1.0)
 
 
-def test_temperature_and_top_p_too_small_for_float32_are_greedy(trained_checkpoint, greedy, prompt, capsys):
+def test_temperature_and_top_p_too_small_for_float32_are_greedy(trained_checkpoint, greedy, prompt):
     """1e-40 makes logits / temperature overflow float32 and 1e-50 is 0 in float32: the top token is picked."""
-    result = run_sample(capsys, f"--out_dir={trained_checkpoint('fixed_min')}", f"--start={prompt}",
+    result = run_sample(f"--out_dir={trained_checkpoint('fixed_min')}", f"--start={prompt}",
                         "--temperature=1e-40", "--top_p=1e-50", f"--max_new_tokens={NEW_TOKENS}")
     assert samples_of(result) == greedy("fixed_min")
 
 
-def test_long_prompt_keeps_its_last_block_size_tokens(trained_checkpoint, capsys):
+def test_long_prompt_keeps_its_last_block_size_tokens(trained_checkpoint):
     out_dir = trained_checkpoint("fixed_min")
     long_prompt = shakespeare_text()[5000:5100]  # 100 byte tokens; the model's context is 64
-    result = run_sample(capsys, f"--out_dir={out_dir}", f"--start={long_prompt}", "--temperature=0",
+    result = run_sample(f"--out_dir={out_dir}", f"--start={long_prompt}", "--temperature=0",
                         f"--max_new_tokens={NEW_TOKENS}")
     assert "warning" in result.stderr and "last 64 tokens" in result.stderr
     assert samples_of(result) == reference(out_dir, long_prompt, temperature=0)  # generate crops the same way
 
 
-def test_file_prompt_with_multibyte_characters(trained_checkpoint, tmp_path, capsys):
+def test_file_prompt_with_multibyte_characters(trained_checkpoint, tmp_path):
     out_dir = trained_checkpoint("fixed_min")
     text = "Ça, Roméo — où es-tu? ✓\n" + shakespeare_text()[:20]
     (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
-    result = run_sample(capsys, f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
+    result = run_sample(f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
                         "--temperature=0", f"--max_new_tokens={NEW_TOKENS}")
     assert samples_of(result) == reference(out_dir, text, temperature=0)
 
@@ -154,9 +154,9 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_errors_are_one_clear_line(trained_checkpoint, tmp_path, case, capsys):
+def test_errors_are_one_clear_line(trained_checkpoint, tmp_path, case):
     make_args, expected = ERRORS[case]
-    result = run_sample(capsys, *make_args(tmp_path, trained_checkpoint("fixed_min")))
+    result = run_sample(*make_args(tmp_path, trained_checkpoint("fixed_min")))
     assert result.returncode != 0
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

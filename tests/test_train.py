@@ -16,12 +16,12 @@ from checkpoint import load_checkpoint
 from conftest import REPO, TINY_MODEL as TINY, run_tool
 
 
-def train(out_dir, dataset, *args, check=True, launcher=(sys.executable,), capsys=None):
-    """train.py on the tiny model; with capsys, its main in this process (where the test is not about the
+def train(out_dir, dataset, *args, check=True, launcher=(sys.executable,), in_process=False):
+    """train.py on the tiny model; in_process, its main in this process (where the test is not about the
     process itself: a process each costs a torch import each)."""
     argv = [f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY, *args]
-    if capsys is not None:
-        result = run_tool(capsys, "train", argv)
+    if in_process:
+        result = run_tool("train", argv)
     else:
         result = subprocess.run([*launcher, "train.py", *argv], cwd=REPO, capture_output=True, text=True)
     if check:
@@ -34,7 +34,7 @@ def metrics(out_dir, key):
         return [(r["iter"], r[key]) for r in map(json.loads, f) if key in r]
 
 
-def test_all_three_codes_learn_shakespeare(shakespeare_bytes, tmp_path, capsys):
+def test_all_three_codes_learn_shakespeare(shakespeare_bytes, tmp_path):
     steps = ["--batch_size=16", "--gradient_accumulation_steps=1", "--max_iters=300", "--eval_interval=150",
              "--eval_iters=10", "--log_interval=50", "--learning_rate=3e-3", "--warmup_iters=20",
              "--lr_decay_iters=300", "--min_lr=3e-4"]
@@ -46,7 +46,7 @@ def test_all_three_codes_learn_shakespeare(shakespeare_bytes, tmp_path, capsys):
         assert val[0][0] == 0 and val[-1][0] == 300
         assert abs(val[0][1] - math.log(257)) < 0.2  # starts near uniform over 257 symbols
         assert val[-1][1] < val[0][1] - 2.5  # well below its start: ln 257 = 5.55 -> under 3.05
-        assert run_tool(capsys, "eval", [f"--out_dir={out}"]).returncode == 0
+        assert run_tool("eval", [f"--out_dir={out}"]).returncode == 0
         with open(out / "eval.json") as f:
             result = json.load(f)
         assert result["tokens"] == os.path.getsize(os.path.join(shakespeare_bytes, "val.bin")) // 2 - 1
@@ -120,12 +120,12 @@ def test_sigkill_at_any_moment_always_resumes(shakespeare_bytes, tmp_path):
     assert [i for i, _ in metrics(out, "loss")] == list(range(1, 13))
 
 
-def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shakespeare_bytes, tmp_path, capsys):
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shakespeare_bytes, tmp_path):
     args = ["--batch_size=4", "--gradient_accumulation_steps=2", "--eval_interval=2", "--eval_iters=2", "--log_interval=1"]
-    train(tmp_path, shakespeare_bytes, *args, "--max_iters=2", capsys=capsys)
+    train(tmp_path, shakespeare_bytes, *args, "--max_iters=2", in_process=True)
     saved = load_checkpoint(str(tmp_path))
     result = resume(tmp_path, "--max_iters=30", "--learning_rate=1e5", "--grad_clip=0.0", "--warmup_iters=0",
-                    capsys=capsys)
+                    in_process=True)
     assert result.returncode != 0
     assert "diverged" in result.stderr and "last good checkpoint" in result.stderr
     diverged_at = int(re.search(r"at iter (\d+)", result.stderr).group(1))
@@ -143,7 +143,7 @@ def error_line(result):
     return lines[0]
 
 
-def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, trained_checkpoint, tmp_path, capsys):
+def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, trained_checkpoint, tmp_path):
     shutil.copytree(trained_checkpoint("fixed_min"), tmp_path / "run")
     other = tmp_path / "other"  # the same files under a meta.json that claims another vocabulary
     other.mkdir()
@@ -152,9 +152,9 @@ def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, trained_c
     with open(os.path.join(shakespeare_bytes, "meta.json")) as f:
         meta = json.load(f)
     (other / "meta.json").write_text(json.dumps({**meta, "vocab_size": 65536, "encoding": "cl100k_65536"}))
-    line = error_line(resume(tmp_path / "run", "--max_iters=44", f"--dataset={other}", capsys=capsys))
+    line = error_line(resume(tmp_path / "run", "--max_iters=44", f"--dataset={other}", in_process=True))
     assert "vocab_size" in line and "257" in line and "65536" in line
-    line = error_line(resume(tmp_path / "run", "--max_iters=44", "--input_code=learned", capsys=capsys))
+    line = error_line(resume(tmp_path / "run", "--max_iters=44", "--input_code=learned", in_process=True))
     assert "input_code" in line and "another model" in line
 
 
@@ -178,18 +178,18 @@ def folder_bytes(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
-def test_a_fresh_run_never_replaces_another_by_accident(shakespeare_bytes, tmp_path, capsys):
+def test_a_fresh_run_never_replaces_another_by_accident(shakespeare_bytes, tmp_path):
     run_dir = tmp_path / "run"
     train(run_dir, shakespeare_bytes, "--batch_size=2", "--gradient_accumulation_steps=1", "--max_iters=2",
-          "--eval_interval=2", "--eval_iters=1", capsys=capsys)
+          "--eval_interval=2", "--eval_iters=1", in_process=True)
     before = folder_bytes(run_dir)
     line = error_line(train(run_dir, shakespeare_bytes, "--input_code=learned", "--max_iters=2", check=False,
-                            capsys=capsys))
+                            in_process=True))
     assert "already holds a run" in line and "--init_from=resume" in line and "--overwrite=True" in line
     assert folder_bytes(run_dir) == before  # nothing in the folder changed
     (run_dir / "eval_test.json").write_text("{}")  # eval.py --split=test scored the run being replaced
     train(run_dir, shakespeare_bytes, "--input_code=learned", "--batch_size=2", "--gradient_accumulation_steps=1",
-          "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--overwrite=True", capsys=capsys)
+          "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--overwrite=True", in_process=True)
     assert load_checkpoint(str(run_dir))["model_args"]["input_code"] == "learned"
     assert not (run_dir / "eval_test.json").exists()
     assert [i for i, _ in metrics(run_dir, "val_loss")] == [0, 2]  # the old run's log is gone, not appended to
@@ -242,10 +242,10 @@ def test_a_second_signal_stops_at_once_and_leaves_the_checkpoint_whole(shakespea
     load_checkpoint(str(out))  # whole, whichever write the second signal cut
 
 
-def resume(out_dir, *args, capsys=None):
+def resume(out_dir, *args, in_process=False):
     argv = [f"--out_dir={out_dir}", "--init_from=resume", *args]
-    if capsys is not None:
-        return run_tool(capsys, "train", argv)
+    if in_process:
+        return run_tool("train", argv)
     return subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True)
 
 
@@ -269,16 +269,15 @@ def test_resume_carries_float16s_loss_scale_and_the_tokens_seen(shakespeare_byte
     assert metrics(tmp_path / "half", "tokens")[-1] == (14, (12 * 4 + 2 * 8) * block)
 
 
-def test_max_iters_0_checkpoints_the_init_and_a_log_without_a_checkpoint_is_named(shakespeare_bytes, tmp_path,
-                                                                                    capsys):
+def test_max_iters_0_checkpoints_the_init_and_a_log_without_a_checkpoint_is_named(shakespeare_bytes, tmp_path):
     args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_interval=2", "--eval_iters=1"]
     (tmp_path / "metrics.jsonl").write_text("")  # a run that died before it logged: nothing to protect
-    train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", capsys=capsys)
+    train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", in_process=True)
     assert load_checkpoint(str(tmp_path))["iter_num"] == 0  # the init, checkpointed
-    assert resume(tmp_path, "--max_iters=2", capsys=capsys).returncode == 0
+    assert resume(tmp_path, "--max_iters=2", in_process=True).returncode == 0
     assert [i for i, _ in metrics(tmp_path, "val_loss")] == [0, 2]  # iter 0 evaluated once, not again on resume
     (tmp_path / "ckpt.pt").unlink()  # as if killed before its first checkpoint
-    line = error_line(train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", check=False, capsys=capsys))
+    line = error_line(train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", check=False, in_process=True))
     assert "holds the metrics.jsonl of a run that wrote no checkpoint" in line and "--overwrite=True" in line
 
 
@@ -317,11 +316,11 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
 
 
 def test_divergence_before_any_checkpoint_says_so_and_a_signal_never_saves_diverged_weights(
-        shakespeare_bytes, trained_checkpoint, tmp_path, capsys):
+        shakespeare_bytes, trained_checkpoint, tmp_path):
     diverge = ["--learning_rate=1e30", "--grad_clip=0", "--warmup_iters=0", "--decay_lr=False"]
     args = ["--batch_size=2", "--gradient_accumulation_steps=1", "--eval_iters=1"]
     line = last_error_line(train(tmp_path / "fresh", shakespeare_bytes, *args, *diverge, "--max_iters=50",
-                            "--eval_interval=1000", "--log_interval=1", check=False, capsys=capsys))
+                            "--eval_interval=1000", "--log_interval=1", check=False, in_process=True))
     assert "diverged; no checkpoint was written" in line
     shutil.copytree(trained_checkpoint("fixed_min"), tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "train.py", f"--out_dir={tmp_path / 'run'}", "--init_from=resume",
