@@ -19,7 +19,7 @@ import pytest
 
 import prepare
 import tokenizer
-from conftest import shakespeare_text
+from conftest import SHAKESPEARE, shakespeare_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -624,7 +624,8 @@ def kill_while_answering(process):
     """Every tokenizer process killed while its answer, if any, finds nobody reading: the parent is stopped
     as soon as a batch is being tokenized and let go after the kills."""
     def tokenizing():
-        return any(state == "R" or ticks >= 3 for state, ticks in map(state_and_cpu_ticks, worker_processes(process.pid)))
+        workers = map(state_and_cpu_ticks, worker_processes(process.pid))
+        return any(state == "R" or ticks >= 3 for state, ticks in workers)
 
     wait_for(tokenizing, "a tokenizer process at work")
     os.kill(process.pid, signal.SIGSTOP)
@@ -653,6 +654,24 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous
     assert process.returncode == 1, stderr
     assert stderr.strip().splitlines() == ["error: a tokenizer process died (killed, or out of memory?); try fewer "
                                            "--workers than 2"]
+    assert_untouched(previous)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+@pytest.mark.parametrize("workers", [1, 2])  # with 2, a tokenizer process's batch file is what fails too
+def test_a_full_disk_mid_run_is_one_line_and_leaves_previous_data_intact(previous, workers):
+    def files_up_to_200_kb():  # in the child before exec: EFBIG past 200 KB, as a full disk gives ENOSPC
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    result = subprocess.run([sys.executable, "prepare.py", f"--input={SHAKESPEARE}", "--dataset=prev",
+                             "--encoding=bytes", f"--out_root={previous[0]}", f"--workers={workers}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, preexec_fn=files_up_to_200_kb)
+    assert result.returncode == 1, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == f"error: cannot write {previous[0] / 'prev'}: [Errno 27] File too large"
+    assert "Traceback" not in result.stderr
     assert_untouched(previous)
 
 
