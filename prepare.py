@@ -286,7 +286,7 @@ def record_texts(records, field, source):
         else:
             raise PrepareError(f"{where}: '{field}' is {type(text).__name__}, not a string")
     if nulls:
-        note(f"{source}: {nulls:,} records have a null '{field}': skipped, as empty documents are")
+        note(f"{source}: skipped the records whose '{field}' is null ({nulls:,}), as empty documents are")
 
 
 def jsonl_records(path):

@@ -482,7 +482,7 @@ def test_records_with_a_null_text_are_skipped_and_counted(tmp_path):
         result = run_tool("prepare", [f"--input={tmp_path / name}", f"--dataset={name.replace('.', '_')}",
                                               "--encoding=bytes", "--workers=1", f"--out_root={tmp_path}"])
         assert result.returncode == 0, result.stderr
-        count = f"{tmp_path / name}: {len(texts) - len(kept):,} records have a null 'text'"
+        count = f"{tmp_path / name}: skipped the records whose 'text' is null ({len(texts) - len(kept):,})"
         assert (count in result.stderr) == name.startswith("nulls")
     for split in ("train", "val"):  # the same files as with those records left out
         expected = (tmp_path / "kept_jsonl" / f"{split}.bin").read_bytes()
