@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 META_KEYS = ("encoding", "vocab_size", "eot_token", "train_tokens", "val_tokens")
 EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}  # what eval.py writes into out_dir, by split
+TORCH_SEEDS = (-2 ** 63, 2 ** 64 - 1)  # the seeds torch.manual_seed and Generator.manual_seed take
 
 
 class UserError(ValueError):

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from common import TextStream, UserError, autocast, encode_prompt, load_for_inference, resolve_device, resolve_dtype, run_main
+from common import (TORCH_SEEDS, TextStream, UserError, autocast, encode_prompt, load_for_inference,
+                    resolve_device, resolve_dtype, run_main)
 from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
@@ -64,8 +65,8 @@ def check_settings(config):
         (config["temperature"] >= 0, "temperature must be 0 (greedy) or more"),
         (config["top_k"] is None or config["top_k"] >= 0, "top_k must be None, 0 (both: off) or a positive count"),
         (0 < config["top_p"] <= 1, "top_p must be in (0, 1]"),
-        (config["seed"] is None or -2 ** 63 <= config["seed"] < 2 ** 64,  # what torch.manual_seed takes
-         f"seed must be None or an integer from {-2 ** 63} to {2 ** 64 - 1}, got {config['seed']}"),
+        (config["seed"] is None or TORCH_SEEDS[0] <= config["seed"] <= TORCH_SEEDS[1],
+         f"seed must be None or an integer from {TORCH_SEEDS[0]} to {TORCH_SEEDS[1]}, got {config['seed']}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -71,7 +71,8 @@ from urllib.parse import urlsplit
 
 import torch
 
-from common import TextStream, UserError, autocast, encode_prompt, load_for_inference, resolve_device, resolve_dtype, run_main
+from common import (TORCH_SEEDS, TextStream, UserError, autocast, encode_prompt, load_for_inference,
+                    resolve_device, resolve_dtype, run_main)
 from configurator import parse_config, split_settings
 from model import KVCache, sample_next
 from tokenizer import ENDOFTEXT
@@ -103,7 +104,6 @@ UNSUPPORTED = {  # fields this server does not implement -> the values that mean
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "best_of": (None, 1),
 }
-SEEDS = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 ROUTES = "GET /v1/models, POST /v1/completions, GET /tokenizer_info, POST /tokenize and POST /detokenize"
 
 
@@ -226,8 +226,9 @@ def parse_completion(body, encoding, block_size, max_tokens_cap):
     require(1 <= request.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
     if request.seed is not None:  # choice i samples with seed + i: the last one must be a seed torch takes too
         choices = len(request.prompts) * request.n
-        require(SEEDS[0] <= request.seed <= SEEDS[1] - (choices - 1), "seed",
-                f"must be between {SEEDS[0]} and {SEEDS[1] - (choices - 1)} (torch's seeds go up to {SEEDS[1]}, "
+        lowest, highest = TORCH_SEEDS
+        require(lowest <= request.seed <= highest - (choices - 1), "seed",
+                f"must be between {lowest} and {highest - (choices - 1)} (torch's seeds go up to {highest}, "
                 f"and choice i of {choices} samples with seed + i)")
     if request.logprobs is not None:
         require(0 <= request.logprobs <= MAX_LOGPROBS, "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
