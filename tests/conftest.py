@@ -56,6 +56,15 @@ def run_in_process(script, *args):
     return result
 
 
+def limited_file_size(limit):
+    """In the child before exec: files it writes may not grow past limit bytes (EFBIG, as a full disk)."""
+    def apply():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
 @pytest.fixture(scope="session")
 def shakespeare_bytes(tmp_path_factory):
     """A dataset folder (train.bin, val.bin, meta.json) of Shakespeare in the bytes encoding (V = 257)."""

@@ -19,7 +19,7 @@ import pytest
 
 import prepare
 import tokenizer
-from conftest import SHAKESPEARE, shakespeare_text
+from conftest import SHAKESPEARE, limited_file_size, run_tool, shakespeare_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -472,7 +472,6 @@ def test_lone_surrogates_in_json_are_replaced_and_counted(tmp_path):
 def test_records_with_a_null_text_are_skipped_and_counted(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    from conftest import run_tool
     texts = [None if i % 7 == 3 else text for i, text in enumerate(shakespeare_text()[:60_000].split("\n\n"))]
     kept = [text for text in texts if text is not None]
     (tmp_path / "nulls.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -480,7 +479,7 @@ def test_records_with_a_null_text_are_skipped_and_counted(tmp_path):
     pq.write_table(pa.table({"text": texts}), tmp_path / "nulls.parquet")
     for name in ("nulls.jsonl", "nulls.parquet", "kept.jsonl"):
         result = run_tool("prepare", [f"--input={tmp_path / name}", f"--dataset={name.replace('.', '_')}",
-                                              "--encoding=bytes", "--workers=1", f"--out_root={tmp_path}"])
+                                      "--encoding=bytes", "--workers=1", f"--out_root={tmp_path}"])
         assert result.returncode == 0, result.stderr
         count = f"{tmp_path / name}: skipped the records whose 'text' is null ({len(texts) - len(kept):,})"
         assert (count in result.stderr) == name.startswith("nulls")
@@ -594,43 +593,47 @@ def test_ctrl_c_or_sigterm_mid_run_leaves_previous_data_intact(tmp_path, previou
     assert_untouched(previous)
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command's name: [0] the state (R: running), [1] the parent,
+    [11] and [12] the user and system CPU time in clock ticks; None for a process that has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):  # ended, or ending as it was read
+        return None
+
+
 def worker_processes(pid):
     """The processes forked by pid that run prepare.py (its tokenizer pool), from /proc."""
     found = []
     for stat_file in glob.glob("/proc/[0-9]*/stat"):
+        child = int(stat_file.split("/")[2])
         try:
-            with open(stat_file) as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(stat_file.replace("stat", "cmdline"), "rb") as f:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
                 command = f.read()
-        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+        except OSError:  # a process that ended meanwhile
             continue
-        if parent == pid and b"prepare.py" in command:
-            found.append(int(stat_file.split("/")[2]))
+        fields = proc_stat(child)
+        if fields is not None and int(fields[1]) == pid and b"prepare.py" in command:
+            found.append(child)
     return found
-
-
-def state_and_cpu_ticks(pid):
-    """A process's state letter (R: running) and the CPU time it has used, in clock ticks, from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return "X", 0
-    return fields[0], int(fields[11]) + int(fields[12])
 
 
 def kill_while_answering(process):
     """Every tokenizer process killed while its answer, if any, finds nobody reading: the parent is stopped
     as soon as a batch is being tokenized and let go after the kills."""
     def tokenizing():
-        workers = map(state_and_cpu_ticks, worker_processes(process.pid))
-        return any(state == "R" or ticks >= 3 for state, ticks in workers)
+        workers = [proc_stat(w) for w in worker_processes(process.pid)]
+        return any(f is not None and (f[0] == "R" or int(f[11]) + int(f[12]) >= 3) for f in workers)
+
+    def running(worker):
+        fields = proc_stat(worker)
+        return fields is not None and fields[0] == "R"
 
     wait_for(tokenizing, "a tokenizer process at work")
     os.kill(process.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: all(state_and_cpu_ticks(w)[0] != "R" for w in worker_processes(process.pid)), "the batch done")
+        wait_for(lambda: not any(map(running, worker_processes(process.pid))), "the batch done")
         for worker in worker_processes(process.pid):
             os.kill(worker, signal.SIGKILL)
     finally:
@@ -660,14 +663,9 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
 @pytest.mark.parametrize("workers", [1, 2])  # with 2, a tokenizer process's batch file is what fails too
 def test_a_full_disk_mid_run_is_one_line_and_leaves_previous_data_intact(previous, workers):
-    def files_up_to_200_kb():  # in the child before exec: EFBIG past 200 KB, as a full disk gives ENOSPC
-        import resource
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-
     result = subprocess.run([sys.executable, "prepare.py", f"--input={SHAKESPEARE}", "--dataset=prev",
                              "--encoding=bytes", f"--out_root={previous[0]}", f"--workers={workers}"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, preexec_fn=files_up_to_200_kb)
+                            capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(200_000))
     assert result.returncode == 1, result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line == f"error: cannot write {previous[0] / 'prev'}: [Errno 27] File too large"

@@ -13,17 +13,20 @@ import time
 import pytest
 
 from checkpoint import load_checkpoint
-from conftest import REPO, TINY_MODEL as TINY, run_tool
+from conftest import REPO, TINY_MODEL as TINY, limited_file_size, run_in_process, run_tool
+
+
+def train_py(argv, launcher=(sys.executable,), in_process=False):
+    """train.py ARGV as a process; in_process, its main in this process (where the test is not about the
+    process itself: a process each costs a torch import each)."""
+    if in_process:
+        return run_tool("train", argv)
+    return subprocess.run([*launcher, "train.py", *argv], cwd=REPO, capture_output=True, text=True)
 
 
 def train(out_dir, dataset, *args, check=True, launcher=(sys.executable,), in_process=False):
-    """train.py on the tiny model; in_process, its main in this process (where the test is not about the
-    process itself: a process each costs a torch import each)."""
-    argv = [f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY, *args]
-    if in_process:
-        result = run_tool("train", argv)
-    else:
-        result = subprocess.run([*launcher, "train.py", *argv], cwd=REPO, capture_output=True, text=True)
+    """train.py on the tiny model."""
+    result = train_py([f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY, *args], launcher, in_process)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -46,7 +49,7 @@ def test_all_three_codes_learn_shakespeare(shakespeare_bytes, tmp_path):
         assert val[0][0] == 0 and val[-1][0] == 300
         assert abs(val[0][1] - math.log(257)) < 0.2  # starts near uniform over 257 symbols
         assert val[-1][1] < val[0][1] - 2.5  # well below its start: ln 257 = 5.55 -> under 3.05
-        assert run_tool("eval", [f"--out_dir={out}"]).returncode == 0
+        run_in_process("eval.py", f"--out_dir={out}")
         with open(out / "eval.json") as f:
             result = json.load(f)
         assert result["tokens"] == os.path.getsize(os.path.join(shakespeare_bytes, "val.bin")) // 2 - 1
@@ -243,10 +246,7 @@ def test_a_second_signal_stops_at_once_and_leaves_the_checkpoint_whole(shakespea
 
 
 def resume(out_dir, *args, in_process=False):
-    argv = [f"--out_dir={out_dir}", "--init_from=resume", *args]
-    if in_process:
-        return run_tool("train", argv)
-    return subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True)
+    return train_py([f"--out_dir={out_dir}", "--init_from=resume", *args], in_process=in_process)
 
 
 def test_resume_carries_float16s_loss_scale_and_the_tokens_seen(shakespeare_bytes, tmp_path):
@@ -287,15 +287,6 @@ def last_error_line(result):
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: "), result.stderr
     return line
-
-
-def limited_file_size(limit):
-    """In the child before exec: files it writes may not grow past limit bytes (EFBIG, as a full disk)."""
-    def apply():
-        import resource
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(trained_checkpoint, tmp_path):
