@@ -29,18 +29,17 @@ def run_main(main, argv=None):
     or SIGTERM one line and exit code 128 + the signal (130, 143), as shells report them. Under
     torchrun only rank 0 speaks, so a configuration error is printed once."""
     speak = int(os.environ.get("RANK", 0)) == 0
-    signal.signal(signal.SIGTERM, interrupt)
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        with StopSignals():
+            main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         if speak:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args else signal.SIGINT
         if speak:
-            print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
-        sys.exit(128 + signum)
+            print(f"interrupted ({signal.Signals(signal_of(e)).name})", file=sys.stderr)
+        sys.exit(128 + signal_of(e))
     except BrokenPipeError:  # stdout piped into `head` and closed: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
@@ -51,9 +50,42 @@ def first_line(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def interrupt(signum, frame):
-    """SIGTERM, handled as Ctrl-C is: the files being written are temp files, cleaned up on the way out."""
-    raise KeyboardInterrupt(signum)
+# -------------------------------------------------------------------------------------- signals
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """The one way every tool handles Ctrl-C and SIGTERM. While open, the first `defer` of them are
+    only noted in `caught`, for a tool that stops at a safe point of its own (train.py checkpoints at
+    the next step boundary; prepare.py finishes swapping its data in); any further one raises
+    KeyboardInterrupt(signum) at once, which run_main turns into one line and exit code 128 + signum.
+    SIGTERM thus unwinds as Ctrl-C does: the files being written are temp files, cleaned up on the way
+    out. Open one with `with`, or call close() to put back the handlers it replaced."""
+
+    def __init__(self, defer=0):
+        self.defer, self.caught = defer, []
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+
+    def handle(self, signum, frame):
+        if len(self.caught) >= self.defer:
+            raise KeyboardInterrupt(signum)
+        self.caught.append(signum)
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def signal_of(interrupt):
+    """The signal a KeyboardInterrupt stands for: StopSignals passes it along; Python's own is SIGINT."""
+    return interrupt.args[0] if interrupt.args else signal.SIGINT
 
 
 # ------------------------------------------------------------------------------ device, precision

@@ -60,6 +60,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -80,7 +81,7 @@ import numpy as np
 from tqdm import tqdm
 
 import tokenizer
-from common import UserError, first_line, run_main
+from common import StopSignals, UserError, first_line, run_main, signal_of
 from configurator import parse_config, split_settings
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -131,11 +132,6 @@ WRITTEN = ("train.bin", "val.bin", "test.bin", "meta.json")  # all that OUT_ROOT
 
 class PrepareError(UserError):
     """A problem with the input or the settings, reported as one line."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main process so that the run unwinds as it does on Ctrl-C. Not an Exception:
-    no `except Exception` on the way may turn it into an error message."""
 
 
 def note(message):
@@ -717,15 +713,10 @@ def signals_deferred():
     """Ctrl-C and SIGTERM wait until the block is done: between the two renames of a swap there is no
     data/DATASET at all, and after them it is the new one. By then the run is complete, so it ends
     normally, with a note."""
-    caught = []
-    handlers = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with StopSignals(defer=math.inf) as deferred:
         yield
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    if caught:
-        note(f"{signal.Signals(caught[0]).name} came while the new data was swapped in; that was let finish")
+    if deferred.caught:
+        note(f"{signal.Signals(deferred.caught[0]).name} came while the new data was swapped in; that was let finish")
 
 
 def swap_in(tmp_dir, out_dir):
@@ -807,22 +798,17 @@ def report(out_dir, meta, seconds, workers):
           f"bytes/token; {tokens / seconds:,.0f} tokens/s in {seconds:.2f} s with {workers} worker(s)")
 
 
-def terminate(signum, frame):
-    raise Terminated
-
-
 def main(argv):
     args = resolved(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
     enc = load_encoding(args.encoding)
     streams = open_streams(args)
     out_dir = output_dir(args)
-    signal.signal(signal.SIGTERM, terminate)
     try:
         meta, seconds = prepare(args, enc, streams, out_dir)
-    except (KeyboardInterrupt, Terminated) as e:
-        what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+    except KeyboardInterrupt as e:
+        what = "terminated" if signal_of(e) == signal.SIGTERM else "interrupted"
         print(f"{what}: {out_dir} is left as it was", file=sys.stderr)
-        raise SystemExit(code) from None
+        raise SystemExit(128 + signal_of(e)) from None
     report(out_dir, meta, seconds, args.workers)
 
 

@@ -72,7 +72,7 @@ from urllib.parse import urlsplit
 import torch
 
 from common import (TORCH_SEEDS, TextStream, UserError, autocast, encode_prompt, load_for_inference,
-                    resolve_device, resolve_dtype, run_main)
+                    resolve_device, resolve_dtype, run_main, signal_of)
 from configurator import parse_config, split_settings
 from model import KVCache, sample_next
 from tokenizer import ENDOFTEXT
@@ -774,11 +774,6 @@ def listen(host, port):
         raise UserError(reasons.get(e.errno, f"cannot listen on {host}:{port}: {e.strerror}")) from None
 
 
-def stop(signum, frame):
-    print("serve.py: stopped (SIGTERM)", file=sys.stderr, flush=True)
-    raise SystemExit(0)
-
-
 def main(argv):
     config = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
     check_settings(config)
@@ -794,13 +789,16 @@ def main(argv):
     server.max_body_bytes, server.log_requests = config["max_body_bytes"], config["log_requests"]
     server.engine = Engine(model, device, dtype, encoding.eot_token, rows, config["max_queue"],
                            config["prefill_tokens"]).start()
-    signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
     print(f"serving {server.name} ({model.config.input_code}, block_size {server.block_size}, {device} "
           f"{str(dtype).removeprefix('torch.')}, batches of up to {rows}) at http://{host}:{port}/v1",
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt as e:
+        if signal_of(e) != signal.SIGTERM:
+            raise
+        print("serve.py: stopped (SIGTERM)", file=sys.stderr, flush=True)  # how a service is stopped: exit code 0
     finally:  # as when idle: the engine thread ends (after its step) before the interpreter does
         server.server_close()
         server.engine.stop()

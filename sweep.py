@@ -53,7 +53,7 @@ from datetime import datetime, timezone
 import torch
 
 from checkpoint import load_checkpoint
-from common import EVAL_FILES, REPO, UserError, data_dir, load_meta, run_main
+from common import EVAL_FILES, REPO, STOP_SIGNALS, UserError, data_dir, load_meta, run_main
 from configurator import ConfigError, parse_config, split_settings
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -77,7 +77,6 @@ RUNNER_KEYS = ("out_dir", "init_from", "overwrite", "dataset")  # set by the stu
 POLL_S = 0.2
 PR_SET_PDEATHSIG = 1  # prctl's option, from linux/prctl.h
 LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 # ------------------------------------------------------------------------------- the study config
@@ -292,7 +291,7 @@ def child_env(threads):
 @contextmanager
 def signals_held():
     """Ctrl-C and SIGTERM wait while a cell's process is forked: raised in one of Python's fork hooks,
-    the KeyboardInterrupt of common.interrupt is ignored there, and the signal would be lost."""
+    the KeyboardInterrupt of common.StopSignals is ignored there, and the signal would be lost."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
@@ -407,7 +406,7 @@ def run_cells(todo, study, extra):
 def stop(running):
     """SIGTERM to every running cell (train.py checkpoints and exits), SIGKILL to any still there after a
     minute; further signals are ignored meanwhile, so the cleanup itself is not cut short."""
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     running = [job for job in running if job.get("proc")]
     for job in running:

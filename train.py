@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CKPT_NAME, atomic_write, load_checkpoint, save_checkpoint
-from common import EVAL_FILES, UserError, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from common import EVAL_FILES, StopSignals, UserError, data_dir, load_meta, resolve_device, resolve_dtype, run_main
 from configurator import parse_config
 from model import GPT, GPTConfig, peak_flops
 from training import (DEFAULTS, MEANINGS, MODEL_KEYS, dropout_seed, learning_rate, load_optimizer_state,
@@ -346,7 +346,7 @@ def main(argv):
               f"the input), {world_size} process(es) on {device}, {str(dtype).removeprefix('torch.')}, "
               f"{tokens_per_step:,} tokens/step", file=sys.stderr)
     wandb = start_wandb(cfg) if master and cfg["wandb_log"] else None
-    stop = Stop()
+    stop = StopSignals(defer=1)  # the first signal: checkpoint and stop at the next step boundary
 
     def log(record):
         if master:
@@ -424,15 +424,16 @@ def main(argv):
             window_start, window_steps = time.time(), 0
         if iter_num >= cfg["max_iters"]:
             break
-        if stop.agreed(world_size, device):
+        signum = stop_agreed(stop, world_size, device)
+        if signum:
             check_finite(sum(p.float().abs().sum().item() for p in raw_model.parameters()), "the sum of the weights")
             save()
             bar.close()
             if master:
-                print(f"{stop.name} at iter {iter_num}: checkpoint saved in {cfg['out_dir']}; continue with "
-                      f"python train.py --init_from=resume --out_dir={cfg['out_dir']}", file=sys.stderr)
+                print(f"{signal.Signals(signum).name} at iter {iter_num}: checkpoint saved in {cfg['out_dir']}; "
+                      f"continue with python train.py --init_from=resume --out_dir={cfg['out_dir']}", file=sys.stderr)
             finish(wandb, world_size)
-            sys.exit(128 + stop.signum)
+            sys.exit(128 + signum)
 
         lr = learning_rate(cfg, iter_num)
         loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp, micro_batches(iter_num),
@@ -454,38 +455,19 @@ def main(argv):
             bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else ""))
             window_start, window_steps = time.time(), 0
     bar.close()
-    stop.restore()
+    stop.close()
     finish(wandb, world_size)
 
 
-class Stop:
-    """SIGINT and SIGTERM ask the loop to checkpoint and stop at the next step boundary; a second
-    signal stops at once (checkpoint writes are atomic, so that is safe too)."""
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum, self.name = 0, ""
-        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-
-    def handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt(signum)
-        self.signum, self.name = signum, signal.Signals(signum).name
-
-    def agreed(self, world_size, device):
-        """Whether to stop now; under DDP every rank takes the same decision (any rank's signal counts)."""
-        wanted = self.signum
-        if world_size > 1:
-            flag = torch.tensor([float(self.signum)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            wanted = int(flag.item())
-            if wanted and not self.signum:
-                self.signum, self.name = wanted, signal.Signals(wanted).name
-        return bool(wanted)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def stop_agreed(stop, world_size, device):
+    """The signal that stops the run at this step boundary (0: go on); under DDP every rank takes the
+    same decision (any rank's signal counts)."""
+    signum = stop.caught[0] if stop.caught else 0
+    if world_size > 1:
+        flag = torch.tensor([float(signum)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signum
 
 
 def finish(wandb, world_size):
