@@ -51,8 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 import training
-from checkpoint import atomic_write
-from common import UserError, data_dir, resolve_device, resolve_dtype, run_main
+from common import UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main
 from configurator import parse_config, split_settings
 from model import GPT, INPUT_CODES, GPTConfig, peak_flops
 

@@ -22,8 +22,9 @@ from dataclasses import fields
 
 import torch
 
-from common import UserError, first_line
+from common import UserError, atomic_write
 from model import GPT, GPTConfig
+from tokenizer import get_encoding
 
 CKPT_NAME = "ckpt.pt"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP
@@ -31,32 +32,6 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP
 
 class CheckpointError(UserError):
     pass
-
-
-def atomic_write(path, write):
-    """write(f) into a temp file beside path, fsync, rename: readers see the old file or the new one.
-    A write that fails (a full disk) is a UserError, with the old file kept and no temp file left."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"is the disk full? torch: {first_line(e)}"
-        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
-        raise UserError(f"cannot write {path} ({reason}): {kept}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def digest(value, h=None):
@@ -141,3 +116,17 @@ def build_model(checkpoint, device="cpu"):
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint weights do not fit its model: {' '.join(str(e).split())}") from None
     return model.to(device).eval()
+
+
+def load_for_inference(out_dir, device):
+    """(checkpoint, model in eval mode on device, tokenizer); UserError with a one-line reason."""
+    checkpoint = load_checkpoint(out_dir)  # onto the CPU first: a GPU-trained checkpoint loads anywhere
+    try:
+        model = build_model(checkpoint, device)
+        encoding = get_encoding(checkpoint["meta"].get("encoding", "?"))
+    except (ValueError, TypeError) as e:  # GPTConfig or tokenizer refusing what the checkpoint names
+        raise UserError(f"cannot use the checkpoint in '{out_dir}': {e}") from None
+    if encoding.n_vocab != model.config.vocab_size:
+        raise UserError(f"checkpoint's tokenizer '{encoding.name}' has {encoding.n_vocab} tokens but its model "
+                        f"has vocab_size {model.config.vocab_size}")
+    return checkpoint, model, encoding

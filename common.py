@@ -1,12 +1,13 @@
 """
-The helpers every script shares: the user-error type and the entry-point wrapper that turns it into
-one line, device and precision (one `auto` rule), a dataset's folder and meta.json, a checkpoint
-loaded for inference, and prompt encoding and UTF-8 streaming of generated tokens.
+The helpers every script shares, importing nothing from this repository: the user-error type and the
+entry point (run_main) that turns it, Ctrl-C and SIGTERM into one line; the one way signals are
+handled (StopSignals); device and precision (one `auto` rule, one help text each); a dataset's folder
+and meta.json; atomic file writes; did-you-mean suggestions.
 
-Scripts import this module and model.py, never each other. torch is imported inside the functions
-that use it, so that prepare.py, which needs no torch, starts in a fraction of a second.
+torch is imported inside the functions that use it, so that prepare.py, which needs no torch, starts
+in a fraction of a second.
 """
-import codecs
+import difflib
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 META_KEYS = ("encoding", "vocab_size", "eot_token", "train_tokens", "val_tokens")
 EVAL_FILES = {"val": "eval.json", "test": "eval_test.json"}  # what eval.py writes into out_dir, by split
 TORCH_SEEDS = (-2 ** 63, 2 ** 64 - 1)  # the seeds torch.manual_seed and Generator.manual_seed take
+DEVICE_HELP = "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"
+DTYPE_HELP = "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, bfloat16 or float16"
 
 
 class UserError(ValueError):
@@ -43,6 +46,12 @@ def run_main(main, argv=None):
     except BrokenPipeError:  # stdout piped into `head` and closed: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def closest(name, known):
+    """' (did you mean X?)' for the entry of known nearest to a misspelt name, or ''."""
+    match = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def first_line(error):
@@ -161,41 +170,29 @@ def load_meta(dataset):
     return meta
 
 
-# ---------------------------------------------------------------------------------- inference
+# ------------------------------------------------------------------------------------------ files
 
-def load_for_inference(out_dir, device):
-    """(checkpoint, model in eval mode on device, tokenizer); UserError with a one-line reason."""
-    from checkpoint import build_model, load_checkpoint  # checkpoint.py imports this module
-    from tokenizer import get_encoding
-    checkpoint = load_checkpoint(out_dir)  # onto the CPU first: a GPU-trained checkpoint loads anywhere
+def atomic_write(path, write):
+    """write(f) into a temp file beside path, fsync, rename: readers see the old file or the new one.
+    A write that fails (a full disk) is a UserError, with the old file kept and no temp file left."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        model = build_model(checkpoint, device)
-        encoding = get_encoding(checkpoint["meta"].get("encoding", "?"))
-    except (ValueError, TypeError) as e:  # GPTConfig or tokenizer refusing what the checkpoint names
-        raise UserError(f"cannot use the checkpoint in '{out_dir}': {e}") from None
-    if encoding.n_vocab != model.config.vocab_size:
-        raise UserError(f"checkpoint's tokenizer '{encoding.name}' has {encoding.n_vocab} tokens but its model "
-                        f"has vocab_size {model.config.vocab_size}")
-    return checkpoint, model, encoding
-
-
-def encode_prompt(encoding, text):
-    """Token ids of text, reading the literal <|endoftext|> as the document boundary; [eot] for ''."""
-    from tokenizer import ENDOFTEXT
-    return encoding.encode(text, allowed_special={ENDOFTEXT}) or [encoding.eot_token]
-
-
-class TextStream:
-    """Token ids in, text out as soon as it is final: a character is released once all its bytes have
-    arrived (a byte token or a BPE token may hold part of one); finish() turns bytes still pending
-    into U+FFFD."""
-
-    def __init__(self, encoding):
-        self.encoding = encoding
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, token):
-        return self.decoder.decode(self.encoding.decode_single_token_bytes(token))
-
-    def finish(self):
-        return self.decoder.decode(b"", final=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"is the disk full? torch: {first_line(e)}"
+        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+        raise UserError(f"cannot write {path} ({reason}): {kept}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

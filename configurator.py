@@ -11,25 +11,19 @@ keys a script names as nullable). Unlike nanoGPT's configurator, a
 typo is an error that names the closest key. Booleans are True/False (true/false, 1/0 also work).
 """
 import ast
-import difflib
 import os
 import types
 
-from common import UserError
+from common import UserError, closest
 
 
 class ConfigError(UserError):
     pass
 
 
-def _closest(key, known):
-    match = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def _checked(key, value, defaults, where, nullable):
     if key not in defaults:
-        raise ConfigError(f"unknown config key '{key}' {where}{_closest(key, list(defaults))}")
+        raise ConfigError(f"unknown config key '{key}' {where}{closest(key, defaults)}")
     default = defaults[key]
     if default is None or value is None and key in nullable:
         return value
@@ -68,7 +62,7 @@ def _parse_value(text, default):
 def _apply(config, defaults, arg, nullable):
     if arg.startswith("--"):
         if "=" not in arg:
-            raise ConfigError(f"argument '{arg}' must be --key=value{_closest(arg[2:], list(defaults))}")
+            raise ConfigError(f"argument '{arg}' must be --key=value{closest(arg[2:], defaults)}")
         key, text = arg[2:].split("=", 1)
         config[key] = _checked(key, _parse_value(text, defaults.get(key)), defaults, "on the command line", nullable)
         return

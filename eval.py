@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import atomic_write, build_model, load_checkpoint
-from common import EVAL_FILES, UserError, autocast, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from checkpoint import build_model, load_checkpoint
+from common import (DEVICE_HELP, DTYPE_HELP, EVAL_FILES, UserError, atomic_write, autocast, data_dir, load_meta,
+                    resolve_device, resolve_dtype, run_main)
 from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
@@ -31,9 +32,8 @@ SETTINGS = {  # key: (default, meaning)
     "batch_size": (8, "windows per forward pass"),
     "split": ("val", "val (val.bin, written to eval.json) or test (test.bin, written to eval_test.json)"),
     "max_val_tokens": (0, "evaluate only the first max_val_tokens of the split (0: all of it)"),
-    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
-    "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
-                      "bfloat16 or float16"),
+    "device": ("auto", DEVICE_HELP),
+    "dtype": ("auto", DTYPE_HELP),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 

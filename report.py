@@ -31,8 +31,8 @@ import os
 import statistics
 import sys
 
-from checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
-from common import UserError, run_main
+from checkpoint import CheckpointError, build_model, load_checkpoint
+from common import UserError, atomic_write, run_main
 from configurator import parse_config, split_settings
 from model import BASELINE_CODE, INPUT_CODES, code_fields
 from training import DEFAULTS as TRAIN_DEFAULTS

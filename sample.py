@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from common import (TORCH_SEEDS, TextStream, UserError, autocast, encode_prompt, load_for_inference,
-                    resolve_device, resolve_dtype, run_main)
+from checkpoint import load_for_inference
+from common import DEVICE_HELP, DTYPE_HELP, TORCH_SEEDS, UserError, autocast, resolve_device, resolve_dtype, run_main
 from configurator import parse_config, split_settings
+from tokenizer import TextStream, encode_prompt
 
 SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt)"),
@@ -36,9 +37,8 @@ SETTINGS = {  # key: (default, meaning)
     "top_k": (200, "sample among the top_k most likely tokens; None or 0: no top-k filter"),
     "top_p": (1.0, "nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1.0: off"),
     "seed": (1337, "seeds the sampling; None: a different draw every run"),
-    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
-    "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
-                      "bfloat16 or float16"),
+    "device": ("auto", DEVICE_HELP),
+    "dtype": ("auto", DTYPE_HELP),
     "compile": (False, "torch.compile the model: a few graphs (prompt, step) compile first, so only long "
                        "generations gain"),
     "stop_at_eot": (True, "end a sample at <|endoftext|>"),

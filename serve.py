@@ -71,19 +71,19 @@ from urllib.parse import urlsplit
 
 import torch
 
-from common import (TORCH_SEEDS, TextStream, UserError, autocast, encode_prompt, load_for_inference,
+from checkpoint import load_for_inference
+from common import (DEVICE_HELP, DTYPE_HELP, TORCH_SEEDS, UserError, autocast,
                     resolve_device, resolve_dtype, run_main, signal_of)
 from configurator import parse_config, split_settings
 from model import KVCache, sample_next
-from tokenizer import ENDOFTEXT
+from tokenizer import ENDOFTEXT, TextStream, encode_prompt
 
 SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt)"),
     "host": ("127.0.0.1", "address to listen on; 0.0.0.0 opens the server to the network"),
     "port": (8000, "port to listen on, 0..65535; 0 picks a free one (printed on stderr)"),
-    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
-    "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
-                      "bfloat16 or float16"),
+    "device": ("auto", DEVICE_HELP),
+    "dtype": ("auto", DTYPE_HELP),
     "model_name": ("", "the model id in answers; '': the out_dir's folder name"),
     "max_tokens_cap": (None, "the largest max_tokens a request may ask for; None: block_size"),
     "max_body_bytes": (4_000_000, "larger request bodies get a 413"),

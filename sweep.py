@@ -33,7 +33,6 @@ on; the exit status is 1 when any failed. Ctrl-C or SIGTERM launches nothing mor
 running cells (their folders are not results): exit 130 or 143, and the same command resumes.
 """
 import ctypes
-import difflib
 import fcntl
 import functools
 import itertools
@@ -53,7 +52,7 @@ from datetime import datetime, timezone
 import torch
 
 from checkpoint import load_checkpoint
-from common import EVAL_FILES, REPO, STOP_SIGNALS, UserError, data_dir, load_meta, run_main
+from common import EVAL_FILES, REPO, STOP_SIGNALS, UserError, closest, data_dir, load_meta, run_main
 from configurator import ConfigError, parse_config, split_settings
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -81,14 +80,9 @@ LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 # ------------------------------------------------------------------------------- the study config
 
-def closest(key, known):
-    match = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def check_train_key(key, where):
     if not isinstance(key, str) or key not in TRAIN_DEFAULTS:
-        raise UserError(f"{where}: {key!r} is not a train.py key{closest(str(key), list(TRAIN_DEFAULTS))}")
+        raise UserError(f"{where}: {key!r} is not a train.py key{closest(str(key), TRAIN_DEFAULTS)}")
     if key in RUNNER_KEYS:
         raise UserError(f"{where}: {key} is set by sweep.py (out_dir per cell; dataset for the whole study)")
 

@@ -12,9 +12,14 @@
   files on first use and caches them).
 Token files are uint16, so an encoding with more than 65,536 ids is refused.
 
+Prompts are encoded by encode_prompt (the literal <|endoftext|> is the document boundary), and
+generated tokens become text through TextStream, which holds back a character until all its bytes
+have arrived.
+
     python -c "import tokenizer; e = tokenizer.get_encoding('cl100k_4096'); print(e.n_vocab, e.encode('Hello'))"
 """
 import base64
+import codecs
 import functools
 import os
 
@@ -89,3 +94,24 @@ def _is_token(enc, piece):
     except KeyError:
         return False
     return True
+
+
+def encode_prompt(encoding, text):
+    """Token ids of text, reading the literal <|endoftext|> as the document boundary; [eot] for ''."""
+    return encoding.encode(text, allowed_special={ENDOFTEXT}) or [encoding.eot_token]
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is final: a character is released once all its bytes have
+    arrived (a byte token or a BPE token may hold part of one); finish() turns bytes still pending
+    into U+FFFD."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token):
+        return self.decoder.decode(self.encoding.decode_single_token_bytes(token))
+
+    def finish(self):
+        return self.decoder.decode(b"", final=True)

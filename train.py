@@ -42,8 +42,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, atomic_write, load_checkpoint, save_checkpoint
-from common import EVAL_FILES, StopSignals, UserError, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
+from common import EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, load_meta, resolve_device, resolve_dtype, run_main
 from configurator import parse_config
 from model import GPT, GPTConfig, peak_flops
 from training import (DEFAULTS, MEANINGS, MODEL_KEYS, dropout_seed, learning_rate, load_optimizer_state,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import autocast, data_dir, resolve_dtype
+from common import DEVICE_HELP, DTYPE_HELP, autocast, data_dir, resolve_dtype
 from configurator import split_settings
 from model import GPTConfig
 
@@ -53,9 +53,8 @@ SETTINGS = {  # key: (default, meaning)
     "lr_decay_iters": (5000, "the step at which the cosine reaches min_lr (usually max_iters)"),
     "min_lr": (6e-5, "the learning rate at and after lr_decay_iters"),
     # system
-    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda or mps; torchrun picks cuda:LOCAL_RANK"),
-    "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
-                      "bfloat16 or float16"),
+    "device": ("auto", f"{DEVICE_HELP}; torchrun picks cuda:LOCAL_RANK"),
+    "dtype": ("auto", DTYPE_HELP),
     "compile": (True, "torch.compile the model"),
     "seed": (1337, "the initialization, the data order and the dropout masks"),
     "collective_timeout": (30.0, "minutes a process waits for the others (DDP) before the run fails; rank 0 "
