@@ -12,7 +12,7 @@ config's model and optimizer exactly as train.py does, runs warmup_steps full op
 random ids, then times `steps` more of training.train_step, the very function train.py repeats:
 gradient_accumulation_steps forward/backward micro-batches of batch_size x block_size tokens,
 gradient clipping, the AdamW step. Then, unless decode=False, it
-times greedy decoding with model.generate_stream (KV cache, eager model) after a prompt of
+times greedy decoding with engine.generate_stream (KV cache, eager model) after a prompt of
 prompt_tokens random ids, at each batch size of decode_batch_sizes. With profile=True, one more
 training step, after the timed ones, is traced with torch.profiler and its 15 largest kernels are
 printed (by self device time on CUDA, self CPU time elsewhere).
@@ -53,6 +53,7 @@ from torch.profiler import ProfilerActivity, profile
 import training
 from common import UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main
 from configurator import parse_config, split_settings
+from engine import generate_stream
 from model import GPT, INPUT_CODES, GPTConfig, peak_flops
 
 BENCH_SETTINGS = {  # key: (default, meaning); the other keys are train.py's
@@ -178,9 +179,9 @@ def decode_speed(gpt, autocast, cfg, vocab_size, batch_size, device, generator):
     """Greedy new tokens per second (all rows together), the prompt's prefill excluded."""
     prompt = torch.randint(vocab_size, (batch_size, cfg["prompt_tokens"]), generator=generator).to(device)
     with autocast:
-        for _ in gpt.generate_stream(prompt, 2, temperature=0):  # warm-up: first KV cache, kernels
+        for _ in generate_stream(gpt, prompt, 2, temperature=0):  # warm-up: first KV cache, kernels
             pass
-        stream = gpt.generate_stream(prompt, cfg["decode_tokens"], temperature=0)
+        stream = generate_stream(gpt, prompt, cfg["decode_tokens"], temperature=0)
         next(stream)  # the prefill and the first token
         synchronize(device)
         start = time.perf_counter()

@@ -484,86 +484,6 @@ class HeadsWithRotary(torch.autograd.Function):
         return grad.view(B, T, 3 * n_head * head_size), None, None, None
 
 
-class KVCache:
-    """Keys and values of every layer for batch_size rows of up to block_size positions each.
-
-    lengths[b] is how many positions row b holds. A forward pass of T tokens on rows 0..B-1 puts row
-    b's at positions lengths[b] .. lengths[b] + T - 1, each attending to its own row up to itself. So
-    one cache can hold sequences of different lengths (serve.py batches them); generate_stream's rows
-    all have one length, and then attention is plain causal attention on slices, as without a cache.
-    """
-
-    def __init__(self, config, batch_size, dtype=None, device=None):
-        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.block_size = config.block_size
-        self.k = self.v = None
-        if dtype is not None:  # allocated now (serve.py's fixed budget); else at the first write
-            self.k = torch.zeros(self.shape, dtype=dtype, device=device)
-            self.v = torch.zeros(self.shape, dtype=dtype, device=device)
-        self.lengths = [0] * batch_size
-        self.positions = self.end = 0  # set by begin(): where the next forward's tokens go, and the keys' end
-
-    def rows(self, first, count):
-        """A cache over rows first .. first + count - 1 of this one, sharing its memory, starting empty:
-        what a batch of new prompts is prefilled into."""
-        view = KVCache.__new__(KVCache)
-        view.shape, view.block_size = (self.shape[0], count, *self.shape[2:]), self.block_size
-        view.k, view.v = self.k[:, first:first + count], self.v[:, first:first + count]
-        view.lengths, view.positions, view.end = [0] * count, 0, 0
-        return view
-
-    def move(self, dst, src):
-        """Row dst becomes a copy of row src (a finished sequence's row is refilled by the last one,
-        so the sequences in flight stay in rows 0..n-1)."""
-        n = self.lengths[src]
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.lengths[dst] = n
-
-    def begin(self, B, T, device):
-        """Before a forward of T tokens on rows 0..B-1: their positions, as an int when all rows are at
-        the same one (then slices do), else a (B, T) tensor."""
-        starts = self.lengths[:B]
-        if max(starts) + T > self.block_size:
-            raise ValueError(f"sequence of {max(starts) + T} tokens is longer than block_size {self.block_size}")
-        if min(starts) == max(starts):
-            self.positions = starts[0]
-        else:
-            self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-        self.end = max(starts) + T
-        return self.positions
-
-    def update(self, layer, k, v):
-        """Writes (B, nh, T, hs) at the positions of begin(); returns all keys and values of those rows
-        so far, the attention mask (None: all visible) and whether attention is plain causal."""
-        if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        B, T = k.size(0), k.size(2)
-        if isinstance(self.positions, int):
-            start = self.positions
-            self.k[layer, :B, :, start:start + T] = k
-            self.v[layer, :B, :, start:start + T] = v
-            keys, values = self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end]
-            # Python branches, not a bool expression: under torch.compile, with lengths and T symbolic, an
-            # `if` becomes a guard, while a bool passed as is_causal would be symbolic, which SDPA rejects.
-            if start == 0:  # the first tokens: keys are exactly the queries, plain causal attention
-                return keys, values, None, True
-            if T == 1:  # one new token sees every key
-                return keys, values, None, False
-            mask = torch.arange(self.end, device=k.device) <= start + torch.arange(T, device=k.device)[:, None]
-            return keys, values, mask, False  # new queries after cached ones: query i sees keys up to start + i
-        rows = torch.arange(B, device=k.device)[:, None]
-        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # (B, T, nh, hs) at each row's own positions
-        self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
-        mask = torch.arange(self.end, device=k.device) <= self.positions[:, None, :, None]  # (B, 1, T, end)
-        return self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end], mask, False
-
-    def advance(self, B, T):
-        for b in range(B):
-            self.lengths[b] += T
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -667,38 +587,10 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                        generator=None):
-        """Yields the next token (B, 1) at each step, using a KV cache. Prompts longer than block_size
-        keep their last block_size tokens. Once the context is full, each step recomputes the last
-        block_size tokens, exactly what a model that crops its input would see. Rows that produced
-        eos_id keep emitting it; the stream ends when every row has."""
-        window = idx[:, -self.config.block_size:]
-        kv_cache = KVCache(self.config, idx.size(0))
-        logits, _ = self(window, kv_cache=kv_cache)
-        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
-            if step > 0:
-                window = torch.cat((window, token), dim=1)
-                if kv_cache.lengths[0] == self.config.block_size:
-                    window = window[:, -self.config.block_size:]
-                    kv_cache = KVCache(self.config, idx.size(0))
-                    logits, _ = self(window, kv_cache=kv_cache)
-                else:
-                    logits, _ = self(token, kv_cache=kv_cache)
-            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                token = torch.where(done, eos_id, token)
-                done |= token == eos_id
-            yield token
-            if eos_id is not None and bool(done.all()):
-                return
-
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
         """idx (B, T) followed by up to max_new_tokens sampled tokens; temperature=0 is greedy."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
+        from engine import generate_stream
+        new = list(generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
         return torch.cat([idx] + new, dim=1)
 
     def param_counts(self):
@@ -720,28 +612,6 @@ class GPT(nn.Module):
         counts = self.param_counts()
         cfg = self.config
         return 6 * (counts["trainable"] - counts["input_trainable"]) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B, 1) ids: greedy when temperature is 0, else softmax sampling of the
-    top_k most likely ids and the smallest set whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    # The top logit moved to 0 first, so that dividing gives 0 or less, never inf or nan: a temperature
-    # too small for float32 (below its smallest normal, or rounding to 0) samples the top token, as greedy.
-    logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
-        drop = before >= top_p
-        drop[:, 0] = False  # the top one always stays, also when top_p rounds to 0 in float32
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s), for MFU. The first key found in torch.cuda.get_device_name()

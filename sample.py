@@ -14,7 +14,7 @@ is the end-of-text token (a document boundary), and an empty prompt starts from 
 stdout gets the samples only: the prompt, then its continuation as it is generated (decoded as bytes
 arrive, so a character split across tokens is printed once it is complete), one sample after another
 separated by a line of dashes. Diagnostics (the checkpoint's step and val loss, decode tokens/s at
-batch 1) go to stderr. Generation uses the model's KV cache (GPT.generate_stream), so each new token
+batch 1) go to stderr. Generation is engine.py's generate_stream, with a KV cache, so each new token
 costs one forward pass of one position.
 """
 import os
@@ -26,6 +26,7 @@ import torch
 from checkpoint import load_for_inference
 from common import DEVICE_HELP, DTYPE_HELP, TORCH_SEEDS, UserError, autocast, resolve_device, resolve_dtype, run_main
 from configurator import parse_config, split_settings
+from engine import generate_stream
 from tokenizer import TextStream, encode_prompt
 
 SETTINGS = {  # key: (default, meaning)
@@ -76,9 +77,9 @@ def check_settings(config):
 def new_tokens(model, ids, config, eot, generator, arrivals):
     """The ids of one sample's new tokens, one at a time (ending before eot if asked); appends each
     token's arrival time to arrivals, for the decode speed."""
-    stream = model.generate_stream(torch.tensor([ids], device=model.rope_cos.device), config["max_new_tokens"],
-                                   config["temperature"], config["top_k"] or None, config["top_p"],
-                                   eos_id=eot if config["stop_at_eot"] else None, generator=generator)
+    stream = generate_stream(model, torch.tensor([ids], device=model.rope_cos.device), config["max_new_tokens"],
+                             config["temperature"], config["top_k"] or None, config["top_p"],
+                             eos_id=eot if config["stop_at_eot"] else None, generator=generator)
     for token in stream:
         arrivals.append(time.perf_counter())
         token = token.item()

@@ -51,7 +51,6 @@ Why the standard library's http.server: the API is a few routes of JSON and serv
 connection has its own thread, which waits on its sequences' events while the engine computes.
 """
 import codecs
-import collections
 import errno
 import json
 import math
@@ -61,11 +60,10 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -75,7 +73,7 @@ from checkpoint import load_for_inference
 from common import (DEVICE_HELP, DTYPE_HELP, TORCH_SEEDS, UserError, autocast,
                     resolve_device, resolve_dtype, run_main, signal_of)
 from configurator import parse_config, split_settings
-from model import KVCache, sample_next
+from engine import Engine, KVCache, QueueFull, Sequence
 from tokenizer import ENDOFTEXT, TextStream, encode_prompt
 
 SETTINGS = {  # key: (default, meaning)
@@ -239,188 +237,6 @@ def parse_completion(body, encoding, block_size, max_tokens_cap):
                                f"must fit the model's context of {block_size} tokens plus the one picked last",
                                param="prompt", code="context_length_exceeded")
     return request
-
-
-# ------------------------------------------------------------------------------------- token engine
-
-@dataclass
-class Sequence:
-    """One choice to generate, in token ids. The engine puts (index, event) on events:
-    ("prompt", token_logprobs, tops) once, if score_prompt; ("token", id, logprob, top) per token
-    (logprob and top are None unless logprobs); ("end", "stop" | "length"); or ("error", message).
-    tops are lists of (id, logprob), most likely first. Setting cancelled frees its row at the next step."""
-    index: int
-    ids: list
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: torch.Generator
-    logprobs: int
-    score_prompt: bool
-    events: queue.Queue
-    cancelled: bool = False
-    made: int = 0            # tokens generated so far
-    pending: int = None      # the last token, not yet in the KV cache
-    window: list = field(default_factory=list)  # the ids in its KV cache row
-
-
-class QueueFull(Exception):
-    pass
-
-
-class Engine:
-    """Continuous batching on token ids: it knows the model, not HTTP nor text. submit() queues
-    sequences; start() runs the loop on a thread, each step one batched decode of the running
-    sequences and a prefill of newcomers (tests call admit() and step() themselves)."""
-
-    def __init__(self, model, device, dtype, eot, rows, max_queue, prefill_tokens):
-        self.model, self.device, self.dtype, self.eot = model, device, dtype, eot
-        self.block_size = model.config.block_size
-        self.max_queue, self.prefill_tokens = max_queue, prefill_tokens
-        self.cache = KVCache(model.config, rows, dtype=dtype, device=device)
-        self.running = []  # running[r] is the sequence in row r of the cache
-        self.waiting = collections.deque()
-        self.wake = threading.Condition()
-        self.stopping = False
-
-    def start(self):
-        self.thread = threading.Thread(target=self.loop, daemon=True, name="engine")
-        self.thread.start()
-        return self
-
-    def stop(self):
-        """Ends the loop after the step in progress and waits for it: an interpreter that exits while the
-        engine thread is inside torch aborts (SIGABRT, 'terminate called without an active exception')."""
-        with self.wake:
-            self.stopping = True
-            self.wake.notify()
-        self.thread.join()
-
-    def submit(self, sequences):
-        with self.wake:
-            if len(self.waiting) + len(sequences) > self.max_queue:
-                raise QueueFull(f"the server's queue is full ({len(self.waiting)} sequences waiting, "
-                                f"--max_queue={self.max_queue}): retry later")
-            self.waiting.extend(sequences)
-            self.wake.notify()
-
-    def loop(self):
-        while True:
-            with self.wake:
-                while not self.waiting and not self.running and not self.stopping:
-                    self.wake.wait()
-                if self.stopping:
-                    return
-                newcomers = self.admit()
-            try:
-                with torch.no_grad(), autocast(self.device, self.dtype):
-                    self.step(newcomers)
-            except Exception as e:  # a bug: every sequence in flight gets the error, the engine goes on
-                traceback.print_exc()
-                for sequence in {id(s): s for s in newcomers + self.running}.values():
-                    sequence.events.put((sequence.index, ("error", f"{type(e).__name__}: {e}")))
-                self.running = []
-
-    def admit(self):
-        """Waiting sequences, first come first served, for the free rows and the prefill budget (one at least)."""
-        batch, free = [], len(self.cache.lengths) - len(self.running)
-        while self.waiting and len(batch) < free:
-            sequence = self.waiting[0]
-            longest = max([len(sequence.ids)] + [len(s.ids) for s in batch])
-            if batch and (len(batch) + 1) * longest > self.prefill_tokens:
-                break
-            self.waiting.popleft()
-            if not sequence.cancelled:
-                batch.append(sequence)
-        return batch
-
-    def step(self, newcomers):
-        """Running sequences decode one token together; then rows that are full re-read their last
-        block_size tokens (as generate_stream does) and newcomers are prefilled, both taking rows at the end."""
-        self.leave([s for s in self.running if s.cancelled])
-        full = [s for s in self.running if len(s.window) == self.block_size]
-        self.leave(full)
-        if self.running:  # rows 0..n-1, each with its last token still to be read
-            decoding = list(self.running)
-            idx = torch.tensor([[s.pending] for s in decoding], device=self.device)
-            logits, _ = self.model(idx, kv_cache=self.cache)
-            for s in decoding:
-                s.window.append(s.pending)
-            self.advance(decoding, logits[:, -1])
-        for s in full:
-            s.window = (s.window + [s.pending])[-self.block_size:]
-        for s in newcomers:
-            s.window = s.ids[-self.block_size:]
-        for batch in (full, newcomers):
-            if batch:
-                self.prefill(batch)
-
-    def prefill(self, sequences):
-        """Puts sequences in the next free rows, runs their windows in one forward pass, samples each one's next token."""
-        first, lengths = len(self.running), [len(s.window) for s in sequences]
-        idx = torch.full((len(sequences), max(lengths)), self.eot, device=self.device)
-        for row, s in enumerate(sequences):
-            idx[row, :lengths[row]] = torch.tensor(s.window)
-        scored = any(s.score_prompt for s in sequences)
-        logits, _ = self.model(idx, kv_cache=self.cache.rows(first, len(sequences)), all_logits=scored,
-                               lengths=torch.tensor(lengths, device=self.device))
-        for row, s in enumerate(sequences):
-            self.cache.lengths[first + row] = lengths[row]
-            if s.score_prompt:
-                self.send_prompt_scores(s, logits[row, :lengths[row]])
-        self.running.extend(sequences)
-        last = logits[torch.arange(len(sequences)), torch.tensor(lengths) - 1] if scored else logits[:, -1]
-        self.advance(sequences, last)
-
-    def send_prompt_scores(self, s, logits):
-        scores = logits.float().log_softmax(dim=-1)[:-1]  # row i scores token i + 1
-        following = torch.tensor(s.window[1:], device=scores.device)
-        picked = scores.gather(1, following[:, None]).squeeze(1).tolist()
-        top = scores.topk(s.logprobs, dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
-        s.events.put((s.index, ("prompt", picked, tops)))
-
-    def advance(self, sequences, logits):
-        """Each sequence's next token from its row of logits (B, V); sequences that are done leave, and so
-        does one whose sampling fails, with the error: one request's settings never fail the others."""
-        done, greedy = [], logits.argmax(dim=-1).tolist()  # one call for the whole batch: most rows are greedy
-        for s, row, best_id in zip(sequences, logits, greedy):
-            if s.made == s.max_tokens:
-                s.events.put((s.index, ("end", "length")))
-                done.append(s)
-                continue
-            try:
-                token = best_id
-                if s.temperature > 0:
-                    top_k = s.top_k if s.top_k > 0 else None
-                    token = sample_next(row[None], s.temperature, top_k, s.top_p, s.generator).item()
-                logprob = top = None
-                if s.logprobs is not None:
-                    scores = row.float().log_softmax(dim=-1)
-                    best = scores.topk(s.logprobs)
-                    logprob, top = scores[token].item(), list(zip(best.indices.tolist(), best.values.tolist()))
-            except Exception as e:  # a bug, in this sequence alone
-                traceback.print_exc()
-                s.events.put((s.index, ("error", f"{type(e).__name__}: {e}")))
-                done.append(s)
-                continue
-            s.events.put((s.index, ("token", token, logprob, top)))
-            s.made, s.pending = s.made + 1, token
-            if token == self.eot or s.made == s.max_tokens:
-                s.events.put((s.index, ("end", "stop" if token == self.eot else "length")))
-                done.append(s)
-        self.leave(done)
-
-    def leave(self, sequences):
-        """Frees the rows of sequences: the last row moves into each freed one, so rows 0..n-1 stay in use."""
-        rows = sorted((r for r, s in enumerate(self.running) if any(s is t for t in sequences)), reverse=True)
-        for row in rows:
-            last = len(self.running) - 1
-            if row != last:
-                self.cache.move(row, last)
-                self.running[row] = self.running[last]
-            self.running.pop()
 
 
 # ---------------------------------------------------------------------------------- response shaping
@@ -787,8 +603,9 @@ def main(argv):
     server.encoding, server.block_size = encoding, model.config.block_size
     server.max_tokens_cap = config["max_tokens_cap"] or server.block_size
     server.max_body_bytes, server.log_requests = config["max_body_bytes"], config["log_requests"]
-    server.engine = Engine(model, device, dtype, encoding.eot_token, rows, config["max_queue"],
-                           config["prefill_tokens"]).start()
+    cache = KVCache(model.config, rows, dtype=dtype, device=device)
+    server.engine = Engine(model, cache, encoding.eot_token, config["max_queue"], config["prefill_tokens"],
+                           precision=lambda: autocast(device, dtype)).start()
     host, port = server.server_address[:2]
     print(f"serving {server.name} ({model.config.input_code}, block_size {server.block_size}, {device} "
           f"{str(dtype).removeprefix('torch.')}, batches of up to {rows}) at http://{host}:{port}/v1",

@@ -19,6 +19,7 @@ import torch
 
 from checkpoint import build_model, load_checkpoint
 from conftest import shakespeare_text
+from test_engine import model_logprobs
 from tokenizer import get_encoding
 
 pytestmark = pytest.mark.xdist_group("serve")  # one worker: its module fixtures are made once
@@ -85,14 +86,6 @@ def server(trained_checkpoint):
 def model(server):
     checkpoint = load_checkpoint(server.out_dir)
     return build_model(checkpoint), get_encoding(checkpoint["meta"]["encoding"])
-
-
-def model_logprobs(model, ids):
-    """log p(ids[i] | ids[:i]) for i >= 1, and each position's log-softmax, from our model in this process."""
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([ids]), all_logits=True)
-    scores = logits[0].log_softmax(dim=-1)
-    return [scores[i - 1, ids[i]].item() for i in range(1, len(ids))], scores
 
 
 @pytest.fixture(scope="module")
@@ -460,121 +453,6 @@ def test_a_flood_is_queued_or_refused_and_the_server_lives_on(eot_server):
     assert server.complete(prompt="x", max_tokens=1).choices[0].finish_reason in ("stop", "length")
 
 
-# ------------------------------------------------------------------- the engine, driven step by step
-
-def engine_of(model, rows=8, max_queue=64, prefill_tokens=2048):
-    from serve import Engine
-    return Engine(model, torch.device("cpu"), torch.float32, 256, rows, max_queue, prefill_tokens)
-
-
-def sequence(index, ids, events, max_tokens=20, logprobs=None, score_prompt=False, **sampling):
-    from serve import Sequence
-    settings = {**dict(temperature=0.0, top_k=-1, top_p=1.0, generator=None), **sampling}
-    return Sequence(index, ids, max_tokens, settings["temperature"], settings["top_k"], settings["top_p"],
-                    settings["generator"], logprobs, score_prompt, events)
-
-
-def drive(engine, steps=10_000):
-    """Steps the engine until nothing is waiting or running; the number of steps taken."""
-    with torch.no_grad():
-        for step in range(steps):
-            if not engine.waiting and not engine.running:
-                return step
-            engine.step(engine.admit())
-    raise AssertionError("the engine did not finish")
-
-
-def events_of(events):
-    by_index = {}
-    while not events.empty():
-        index, event = events.get()
-        by_index.setdefault(index, []).append(event)
-    return by_index
-
-
-def test_a_batch_of_different_lengths_decodes_as_each_alone(model):
-    """Greedy tokens in one batch (prompts of 1 to 60 tokens, windows re-read past block_size 64) are
-    model.generate's for each prompt alone; prompt scores agree within float32 rounding."""
-    model, encoding = model
-    text = shakespeare_text()
-    prompts = [encoding.encode(text[i:i + n]) for i, n in ((0, 1), (500, 7), (900, 30), (1500, 60), (2000, 33))]
-    engine, events = engine_of(model), queue.Queue()
-    engine.submit([sequence(i, p, events, max_tokens=30, logprobs=1, score_prompt=True) for i, p in enumerate(prompts)])
-    drive(engine)
-    got = events_of(events)
-    for i, ids in enumerate(prompts):
-        tokens = [e[1] for e in got[i] if e[0] == "token"]
-        alone = model.generate(torch.tensor([ids]), len(tokens), temperature=0)[0, len(ids):].tolist()
-        assert tokens == alone
-        assert tokens[-1] == 256 or len(tokens) == 30
-        if len(ids) > 1:
-            expected, _ = model_logprobs(model, ids)
-            assert got[i][0][1] == pytest.approx(expected, abs=1e-5)
-    assert engine.running == []
-
-
-def test_rows_join_and_leave_at_every_step(model):
-    """Newcomers join a running batch and a cancelled sequence frees its row at the next step; the
-    queue is first come, first served."""
-    model, encoding = model
-    engine, events = engine_of(model, rows=2), queue.Queue()
-    ids = encoding.encode("ROMEO:")
-    first, second, third = (sequence(i, ids, events, max_tokens=40) for i in range(3))
-    engine.submit([first, second, third])
-    with torch.no_grad():
-        engine.step(engine.admit())
-        assert engine.running == [first, second] and list(engine.waiting) == [third]
-        first.cancelled = True
-        engine.step(engine.admit())  # the first leaves; the third waits one more step for its row
-        assert engine.running == [second]
-        engine.step(engine.admit())
-        assert engine.running == [second, third]
-    drive(engine)
-    got = events_of(events)
-    assert [e[0] for e in got[0]] == ["token"]  # one token, from its prefill, then no more and no end
-    assert got[1][-1][0] == got[2][-1][0] == "end"
-
-
-def test_a_full_queue_refuses_and_nothing_grows(model):
-    from serve import QueueFull
-    model, _ = model
-    engine, events = engine_of(model, rows=1, max_queue=3), queue.Queue()
-    engine.submit([sequence(i, [1, 2, 3], events, max_tokens=2) for i in range(3)])
-    with pytest.raises(QueueFull):
-        engine.submit([sequence(3, [1, 2, 3], events, max_tokens=2)])
-    assert drive(engine) >= 3 and engine.cache.k.shape[1] == 1
-
-
-def test_settings_too_small_for_float32_sample_the_top_token_and_fail_no_one(model):
-    """temperature 1e-40 makes logits / temperature overflow float32, top_p 1e-50 is 0 in float32: both
-    pick the top token, as greedy does, and the greedy sequence beside them in the batch runs on."""
-    model, encoding = model
-    engine, events = engine_of(model), queue.Queue()
-    ids = encoding.encode("ROMEO:")
-    engine.submit([sequence(0, ids, events), sequence(1, ids, events, temperature=1e-40),
-                   sequence(2, ids, events, temperature=1.0, top_p=1e-50, generator=torch.Generator().manual_seed(0))])
-    drive(engine)
-    got = events_of(events)
-    tokens = [[e[1] for e in got[i] if e[0] == "token"] for i in range(3)]
-    assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) > 0
-    assert [got[i][-1][0] for i in range(3)] == ["end"] * 3
-
-
-def test_a_sequence_whose_sampling_fails_fails_alone(model):
-    """A bug in one sequence's sampling (here a generator that is not one) ends that sequence with an
-    error; the others in its batch decode on."""
-    model, encoding = model
-    engine, events = engine_of(model), queue.Queue()
-    ids = encoding.encode("ROMEO:")
-    engine.submit([sequence(0, ids, events), sequence(1, ids, events, temperature=1.0, generator="not one"),
-                   sequence(2, ids, events)])
-    drive(engine)
-    got = events_of(events)
-    assert [e[0] for e in got[1]] == ["error"]
-    assert got[0] == got[2] and got[0][-1][0] == "end" and len(got[0]) > 1
-    assert engine.running == []
-
-
 def test_logprobs_fit_block_size_plus_the_token_picked_last(server):
     block_size = 64
     answer = server.complete(prompt=[[65] * block_size], max_tokens=1, echo=True, logprobs=1, temperature=0)
@@ -630,15 +508,3 @@ def test_bench_serve_prints_its_table(server):
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \| \d+ \| [\d,]+ \|", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
-
-
-def test_the_prefill_budget_admits_in_order_and_at_least_one(model):
-    """A batch of prompts is padded to its longest: rows x longest must fit prefill_tokens, except that
-    the first waiting sequence always goes, so a long prompt waits for no one."""
-    model, _ = model
-    engine, events = engine_of(model, rows=8, prefill_tokens=10), queue.Queue()
-    waiting = [sequence(i, [65] * n, events, max_tokens=1) for i, n in enumerate((20, 5, 4, 4, 4, 4))]
-    engine.submit(waiting)
-    assert engine.admit() == waiting[:1]  # 20 tokens, over the budget alone
-    assert engine.admit() == waiting[1:3]  # 2 x 5
-    assert engine.admit() == waiting[3:5]  # 2 x 4; a third would make 12
