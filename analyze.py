@@ -60,7 +60,7 @@ SETTINGS = {  # key: (default, meaning)
     "seed": (1, "draws the train windows: the same seed gives the same probes and scores"),
     "plot": ("", "also draw the comparison into this .png ('': none; needs matplotlib)"),
     "json": ("", "also write every figure into this .json file ('': none)"),
-    "device": ("cpu", "cpu, auto (cuda when there is a GPU), cuda, cuda:N or mps"),
+    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
     "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
                       "bfloat16 or float16: as eval.py, so the lens's last layer is eval.py's loss"),
 }
@@ -243,8 +243,9 @@ def token_properties(encoding, vocab_size, counts):
 
 
 def token_bytes(encoding, vocab_size):
-    special = set(encoding.special_tokens_set)
-    return [b"" if encoding.decode([t]) in special else encoding.decode_single_token_bytes(t) for t in range(vocab_size)]
+    """Each id's bytes, b'' for the special tokens (<|endoftext|>): they are no text."""
+    special = {encoding.encode_single_token(name) for name in encoding.special_tokens_set}
+    return [b"" if t in special else encoding.decode_single_token_bytes(t) for t in range(vocab_size)]
 
 
 def surface_pairs(encoding, vocab_size):
