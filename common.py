@@ -144,6 +144,12 @@ def autocast(device, dtype):
 
 # ------------------------------------------------------------------------------------------- data
 
+def run_folder(out_dir):
+    """The run folder that out_dir names: out_dir itself, or the folder of a checkpoint file given as
+    out_dir (every tool that reads a checkpoint takes both --out_dir=RUN and --out_dir=RUN/ckpt.pt)."""
+    return os.path.dirname(os.path.abspath(out_dir)) if os.path.isfile(out_dir) else out_dir
+
+
 def data_dir(dataset):
     """A dataset is a name under data/ beside this file, or a path to a folder (it has a '/')."""
     if "/" in dataset or os.sep in dataset:

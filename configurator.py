@@ -66,6 +66,8 @@ def _apply(config, defaults, arg, nullable):
         key, text = arg[2:].split("=", 1)
         config[key] = _checked(key, _parse_value(text, defaults.get(key)), defaults, "on the command line", nullable)
         return
+    if os.path.isdir(arg) or arg.endswith(".pt") and os.path.isfile(arg):
+        raise ConfigError(f"'{arg}' is not a config file but {what_path(arg)}")
     if not os.path.isfile(arg):
         raise ConfigError(f"config file '{arg}' not found")
     namespace = {}
@@ -80,6 +82,15 @@ def _apply(config, defaults, arg, nullable):
         if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
             continue
         config[key] = _checked(key, value, defaults, f"in {arg}", nullable)
+
+
+def what_path(path):
+    """A folder or checkpoint given where a config file belongs, in words, with the flag that takes a run."""
+    if os.path.isfile(path):
+        return f"a checkpoint: give it as --out_dir={path}"
+    if os.path.isfile(os.path.join(path, "ckpt.pt")):
+        return f"a run folder (it holds ckpt.pt): give it as --out_dir={path}"
+    return "a folder (a config file is a .py file of assignments)"
 
 
 def split_settings(settings):

@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from checkpoint import build_model, load_checkpoint
 from common import (DEVICE_HELP, DTYPE_HELP, EVAL_FILES, UserError, atomic_write, autocast, data_dir, load_meta,
-                    resolve_device, resolve_dtype, run_main)
+                    resolve_device, resolve_dtype, run_folder, run_main)
 from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
-    "out_dir": ("out", "the run folder holding ckpt.pt; eval.json is written there"),
+    "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt); eval.json is written in its folder"),
     "dataset": ("", "the dataset to evaluate on ('': the one the checkpoint was trained on)"),
     "batch_size": (8, "windows per forward pass"),
     "split": ("val", "val (val.bin, written to eval.json) or test (test.bin, written to eval_test.json)"),
@@ -74,7 +74,7 @@ def main(argv):
         raise UserError(f"dataset '{dataset}' uses {meta['encoding']} (V={meta['vocab_size']}) but the model was "
                         f"trained on {trained_on['encoding']} (V={trained_on['vocab_size']}): evaluate on data of "
                         f"the same encoding")
-    run_dir = cfg["out_dir"] if os.path.isdir(cfg["out_dir"]) else os.path.dirname(os.path.abspath(cfg["out_dir"]))
+    run_dir = run_folder(cfg["out_dir"])
     try:  # before the pass, not after it: a folder that cannot take eval.json fails now
         tempfile.TemporaryFile(dir=run_dir).close()
     except OSError as e:

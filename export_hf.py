@@ -33,13 +33,13 @@ import torch
 
 import model as model_py
 from checkpoint import build_model, load_checkpoint
-from common import UserError, run_main
+from common import UserError, run_folder, run_main
 from configurator import parse_config, split_settings
 from tokenizer import ENDOFTEXT, get_encoding
 
 SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder holding ckpt.pt (or a path to a ckpt.pt)"),
-    "hf_dir": ("", "the folder to write ('': out_dir/hf); an earlier export there is replaced"),
+    "hf_dir": ("", "the folder to write ('': hf in the run folder); an earlier export there is replaced"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -220,7 +220,7 @@ def export(out_dir, hf_dir):
 
 def main(argv):
     cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
-    hf_dir = cfg["hf_dir"] or os.path.join(cfg["out_dir"], "hf")
+    hf_dir = cfg["hf_dir"] or os.path.join(run_folder(cfg["out_dir"]), "hf")
     try:
         model, enc = export(cfg["out_dir"], hf_dir)
     except (ValueError, ModuleNotFoundError) as e:  # what export() refuses, and a missing extra

@@ -71,7 +71,7 @@ import torch
 
 from checkpoint import load_for_inference
 from common import (DEVICE_HELP, DTYPE_HELP, TORCH_SEEDS, UserError, autocast,
-                    resolve_device, resolve_dtype, run_main, signal_of)
+                    resolve_device, resolve_dtype, run_folder, run_main, signal_of)
 from configurator import parse_config, split_settings
 from engine import Engine, KVCache, QueueFull, Sequence
 from tokenizer import ENDOFTEXT, TextStream, encode_prompt
@@ -599,7 +599,7 @@ def main(argv):
     _, model, encoding = load_for_inference(config["out_dir"], device)
     rows = cache_rows(config, model, dtype)
 
-    server.name = config["model_name"] or os.path.basename(os.path.normpath(os.path.abspath(config["out_dir"])))
+    server.name = config["model_name"] or os.path.basename(os.path.abspath(run_folder(config["out_dir"])))
     server.encoding, server.block_size = encoding, model.config.block_size
     server.max_tokens_cap = config["max_tokens_cap"] or server.block_size
     server.max_body_bytes, server.log_requests = config["max_body_bytes"], config["log_requests"]

@@ -43,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
-from common import EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from common import (EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, load_meta, resolve_device,
+                    resolve_dtype, run_folder, run_main)
 from configurator import parse_config
 from model import GPT, GPTConfig, peak_flops
 from training import (DEFAULTS, MEANINGS, MODEL_KEYS, dropout_seed, learning_rate, load_optimizer_state,
@@ -72,6 +73,7 @@ def configure(argv):
             raise UserError(f"cannot resume: {e}") from None
         saved = {k: v for k, v in checkpoint["config"].items() if k in DEFAULTS}
         cfg = parse_config({**DEFAULTS, **saved}, argv, MEANINGS, __doc__)
+        cfg["out_dir"] = run_folder(cfg["out_dir"])  # --out_dir=RUN/ckpt.pt resumes RUN
     check_settings(cfg)
     meta = load_meta(cfg["dataset"])
     check_data(cfg, meta)

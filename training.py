@@ -26,7 +26,8 @@ MODEL_FIELDS = [f for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab
 MODEL_KEYS = [f.name for f in MODEL_FIELDS]
 SETTINGS = {  # key: (default, meaning)
     # I/O
-    "out_dir": ("out", "the run folder: ckpt.pt, metrics.jsonl (and eval.json from eval.py)"),
+    "out_dir": ("out", "the run folder: ckpt.pt, metrics.jsonl (and eval.json from eval.py); on resume also "
+                       "a path to its ckpt.pt"),
     "dataset": ("pydoc", "a folder under data/ written by prepare.py, or a path to one"),
     "init_from": ("scratch", "scratch (a new run) or resume (from out_dir/ckpt.pt; its config is the base)"),
     "overwrite": (False, "True: a fresh run may replace the run already in out_dir"),

@@ -146,6 +146,11 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("prepare", ["--dataset=../x", "--out_root={root}/prepared"], "dataset"),
     ("prepare", ["--dataset=x", "--encoding=nope", "--out_root={root}/prepared"], "nope"),
     ("prepare", ["--dataset=x", "--out_root={root}/a_file"], "out_root"),
+    ("sample", ["{root}/run"], "run folder (it holds ckpt.pt): give it as --out_dir="),  # a run where a config goes
+    ("eval", ["{root}/run"], "give it as --out_dir="),
+    ("eval", ["{root}/run/ckpt.pt"], "a checkpoint: give it as --out_dir="),
+    ("train", ["{root}/run"], "run folder"),
+    ("export_hf", ["{root}/mine"], "a folder"),
 ]
 
 
@@ -160,6 +165,21 @@ def test_bad_input_is_one_line_and_changes_nothing(workspace, tool, args, mentio
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert mentions in lines[0], lines[0]
     assert snapshot(workspace) == before
+
+
+def test_a_checkpoint_path_works_wherever_a_run_folder_does(trained_checkpoint, tmp_path):
+    """--out_dir=RUN/ckpt.pt: what a tool writes goes into RUN, as with --out_dir=RUN."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint("fixed_min"), run)
+    ckpt = f"--out_dir={run / 'ckpt.pt'}"
+    for tool, argv in (("eval", [ckpt, "--max_val_tokens=2000"]), ("sample", [ckpt, "--max_new_tokens=4"]),
+                       ("train", ["--init_from=resume", ckpt, "--max_iters=42", "--log_interval=1"])):
+        result = run_tool(tool, argv)
+        assert result.returncode == 0, (tool, result.stderr)
+    assert (run / "eval.json").is_file()
+    assert max(json.loads(line)["iter"] for line in open(run / "metrics.jsonl")) == 42
+    if importlib.util.find_spec("transformers") and importlib.util.find_spec("safetensors"):
+        assert run_tool("export_hf", [ckpt]).returncode == 0 and (run / "hf" / "config.json").is_file()
 
 
 def test_every_tool_speaks_the_same_way_as_a_subprocess(workspace):
