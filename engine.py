@@ -1,8 +1,19 @@
 """
 Inference on token ids: the KV cache whose rows may hold sequences of different lengths, sampling,
-generate_stream (one batch of prompts, as sample.py and bench.py run it) and the continuous-batching
-Engine that serve.py runs on a thread. It knows the model, not tokenization nor HTTP: ids in, ids
-and their scores out.
+and the continuous-batching Engine, the one generation path: serve.py runs it on a thread for its
+requests, and generate_stream runs it in the caller's for a batch of prompts (sample.py, bench.py).
+It knows the model, not tokenization nor HTTP: ids in, ids and their scores out.
+
+Continuous batching. Every sequence in flight holds one row of the KV cache. At each step every
+running sequence decodes its next token in one batched forward pass; then sequences whose row is full
+re-read their last block_size tokens, exactly what a model that crops its input would see, and new
+sequences are prefilled together (right-padded, up to prefill_tokens per step), decoding from the
+next step on. A finished or cancelled sequence frees its row at once. Sequences that find every row
+taken wait in a first-come queue, so a stream of newcomers cannot starve them. Each sequence keeps
+its own sampling settings, generator, end token and logprobs. A sequence alone runs the same forward
+passes as in any batch of equal lengths; rows of different lengths are padded and masked, which can
+move a logit by float32 rounding (under 1e-5 nats on the tests' model) and so could only flip a
+greedy token at a near tie.
 
 The model reads a cache through three calls (model.py's GPT.forward and attention): begin(B, T,
 device) before a forward of T tokens on rows 0..B-1 gives their positions; update(layer, k, v) in
@@ -125,56 +136,30 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-@torch.no_grad()
-def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                    generator=None):
-    """Yields the next token (B, 1) of every row of idx (B, T) at each step, using a KV cache. Prompts longer than block_size
-    keep their last block_size tokens. Once the context is full, each step recomputes the last
-    block_size tokens, exactly what a model that crops its input would see. Rows that produced
-    eos_id keep emitting it; the stream ends when every row has."""
-    window = idx[:, -model.config.block_size:]
-    kv_cache = KVCache(model.config, idx.size(0))
-    logits, _ = model(window, kv_cache=kv_cache)
-    done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-    for step in range(max_new_tokens):
-        if step > 0:
-            window = torch.cat((window, token), dim=1)
-            if kv_cache.lengths[0] == model.config.block_size:
-                window = window[:, -model.config.block_size:]
-                kv_cache = KVCache(model.config, idx.size(0))
-                logits, _ = model(window, kv_cache=kv_cache)
-            else:
-                logits, _ = model(token, kv_cache=kv_cache)
-        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            token = torch.where(done, eos_id, token)
-            done |= token == eos_id
-        yield token
-        if eos_id is not None and bool(done.all()):
-            return
-
-
 # ----------------------------------------------------------------------------- continuous batching
 
 @dataclass
 class Sequence:
-    """One choice to generate, in token ids. The engine puts (index, event) on events:
+    """One sequence to generate, in token ids, with its own settings. The engine reports to events
+    (anything with put(), e.g. a queue shared by a request's sequences) pairs (index, event):
     ("prompt", token_logprobs, tops) once, if score_prompt; ("token", id, logprob, top) per token
-    (logprob and top are None unless logprobs); ("end", "stop" | "length"); or ("error", message).
-    tops are lists of (id, logprob), most likely first. Setting cancelled frees its row at the next step."""
-    index: int
-    ids: list
+    (logprob and top are None unless logprobs is set); ("end", "stop" | "length"), "stop" when the
+    token was eos_id; or ("error", message). tops are lists of (id, logprob), most likely first.
+    Setting cancelled frees its row at the next step."""
+    ids: list                       # the prompt; longer than block_size, it keeps its last block_size
     max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: torch.Generator
-    logprobs: int
-    score_prompt: bool
-    events: queue.Queue
+    events: object
+    index: int = 0                  # tells its events from those of others sharing `events`
+    temperature: float = 0.0        # 0: greedy
+    top_k: int = None               # None: no top-k filter
+    top_p: float = 1.0
+    generator: torch.Generator = None
+    eos_id: int = None              # the token that ends it (and is reported); None: only max_tokens does
+    logprobs: int = None            # how many top tokens to report with each token's log-probability
+    score_prompt: bool = False      # report the prompt's log-probabilities (needs logprobs)
     cancelled: bool = False
-    made: int = 0            # tokens generated so far
-    pending: int = None      # the last token, not yet in the KV cache
+    made: int = 0                   # tokens generated so far
+    pending: int = None             # the last token, not yet in the KV cache
     window: list = field(default_factory=list)  # the ids in its KV cache row
 
 
@@ -183,14 +168,12 @@ class QueueFull(Exception):
 
 
 class Engine:
-    """Continuous batching on token ids: it knows the model, not HTTP nor text. submit() queues
-    sequences; start() runs the loop on a thread, each step one batched decode of the running
-    sequences and a prefill of newcomers (tests call admit() and step() themselves). Each row of cache
-    holds one running sequence; precision() gives a fresh context to run the model in (serve.py:
-    common.autocast's), entered by the engine's thread."""
+    """Continuous batching of Sequences on the rows of cache (a KVCache). submit() queues sequences;
+    step(admit()) runs one step; start() runs steps on a thread of its own until stop(), and
+    precision() gives the fresh context that thread runs the model in (serve.py: common.autocast's)."""
 
-    def __init__(self, model, cache, eot, max_queue, prefill_tokens, precision=contextlib.nullcontext):
-        self.model, self.cache, self.eot, self.precision = model, cache, eot, precision
+    def __init__(self, model, cache, max_queue, prefill_tokens, precision=contextlib.nullcontext):
+        self.model, self.cache, self.precision = model, cache, precision
         self.device = model.lm_head.weight.device
         self.block_size = model.config.block_size
         self.max_queue, self.prefill_tokens = max_queue, prefill_tokens
@@ -252,7 +235,7 @@ class Engine:
 
     def step(self, newcomers):
         """Running sequences decode one token together; then rows that are full re-read their last
-        block_size tokens (as generate_stream does) and newcomers are prefilled, both taking rows at the end."""
+        block_size tokens and newcomers are prefilled, both taking rows at the end."""
         self.leave([s for s in self.running if s.cancelled])
         full = [s for s in self.running if len(s.window) == self.block_size]
         self.leave(full)
@@ -272,9 +255,10 @@ class Engine:
                 self.prefill(batch)
 
     def prefill(self, sequences):
-        """Puts sequences in the next free rows, runs their windows in one forward pass, samples each one's next token."""
+        """Puts sequences in the next free rows, runs their windows in one forward pass, samples each one's
+        next token. The padding after a shorter window is never attended to: any id will do."""
         first, lengths = len(self.running), [len(s.window) for s in sequences]
-        idx = torch.full((len(sequences), max(lengths)), self.eot, device=self.device)
+        idx = torch.zeros((len(sequences), max(lengths)), dtype=torch.long, device=self.device)
         for row, s in enumerate(sequences):
             idx[row, :lengths[row]] = torch.tensor(s.window)
         scored = any(s.score_prompt for s in sequences)
@@ -308,8 +292,7 @@ class Engine:
             try:
                 token = best_id
                 if s.temperature > 0:
-                    top_k = s.top_k if s.top_k > 0 else None
-                    token = sample_next(row[None], s.temperature, top_k, s.top_p, s.generator).item()
+                    token = sample_next(row[None], s.temperature, s.top_k, s.top_p, s.generator).item()
                 logprob = top = None
                 if s.logprobs is not None:
                     scores = row.float().log_softmax(dim=-1)
@@ -322,8 +305,8 @@ class Engine:
                 continue
             s.events.put((s.index, ("token", token, logprob, top)))
             s.made, s.pending = s.made + 1, token
-            if token == self.eot or s.made == s.max_tokens:
-                s.events.put((s.index, ("end", "stop" if token == self.eot else "length")))
+            if token == s.eos_id or s.made == s.max_tokens:
+                s.events.put((s.index, ("end", "stop" if token == s.eos_id else "length")))
                 done.append(s)
         self.leave(done)
 
@@ -336,3 +319,31 @@ class Engine:
                 self.cache.move(row, last)
                 self.running[row] = self.running[last]
             self.running.pop()
+
+
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                    generator=None):
+    """Yields the next token (B, 1) of every row of idx (B, T) at each step: the rows are the sequences
+    of an Engine of B rows, run in this thread, the caller's autocast applying. Rows that produced
+    eos_id keep emitting it; the stream ends when every row has, or after max_new_tokens steps."""
+    device = idx.device
+    # the cache holds keys as the model makes them: in autocast's dtype, if it is on
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.lm_head.weight.dtype
+    engine = Engine(model, KVCache(model.config, len(idx), dtype, device), max_queue=len(idx),
+                    prefill_tokens=idx.numel())
+    events = queue.SimpleQueue()
+    engine.submit([Sequence(ids, max_new_tokens, events, row, temperature=temperature, top_k=top_k, top_p=top_p,
+                            generator=generator, eos_id=eos_id) for row, ids in enumerate(idx.tolist())])
+    latest = [eos_id] * len(idx)  # a row that has ended repeats eos_id
+    while engine.running or engine.waiting:
+        engine.step(engine.admit())
+        made = False
+        while not events.empty():
+            row, event = events.get()
+            if event[0] == "token":
+                latest[row], made = event[1], True
+            elif event[0] == "error":
+                raise RuntimeError(event[1])
+        if made:
+            yield torch.tensor(latest, device=device)[:, None]

@@ -14,8 +14,9 @@ is the end-of-text token (a document boundary), and an empty prompt starts from 
 stdout gets the samples only: the prompt, then its continuation as it is generated (decoded as bytes
 arrive, so a character split across tokens is printed once it is complete), one sample after another
 separated by a line of dashes. Diagnostics (the checkpoint's step and val loss, decode tokens/s at
-batch 1) go to stderr. Generation is engine.py's generate_stream, with a KV cache, so each new token
-costs one forward pass of one position.
+batch 1) go to stderr. Generation is engine.py's generate_stream: the Engine serve.py runs, with a KV
+cache, so each new token costs one forward pass of one position, and a greedy sample is what serve.py
+answers for the same prompt.
 """
 import os
 import sys

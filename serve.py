@@ -36,16 +36,15 @@ What the answers mean:
 - Unknown fields are ignored, as OpenAI-compatible servers do; known fields of the wrong type or out
   of range, and features this server lacks (suffix, logit_bias, penalties, best_of), get a 400.
 
-Continuous batching. Every choice in flight is one sequence, one row of a KV cache of max_batch_size
-rows (fewer if kv_cache_mib cannot hold that many). One engine thread loops: every running sequence
-decodes its next token in one batched forward pass, then new sequences are prefilled together
-(right-padded, up to prefill_tokens per step) and decode from the next step on; a finished sequence
-frees its row at once, and so does one whose client went away (noticed at its next write, or within
-a second, busy or not). Sequences that find every row taken wait in a first-come queue, so a stream
-of newcomers cannot starve them; past max_queue a request gets a 503 "queue_full" (and one that could
-never fit, a 400). Each sequence keeps its own sampling settings, seed, stop strings and logprobs. A request alone runs the same forward passes as sample.py; in a batch the padded and
-per-row attention can move a logit by float32 rounding (under 1e-5 nats here), which could only flip
-a greedy token at a near tie.
+Continuous batching (engine.py's Engine, on a thread of its own): every choice in flight is one
+sequence, one row of a KV cache of max_batch_size rows (fewer if kv_cache_mib cannot hold that many),
+decoded together with the others at every step; new ones are prefilled together, up to
+prefill_tokens per step. A choice that ends frees its row at once, and so does one whose client went
+away (noticed at its next write, or within a second, busy or not). Choices that find every row taken
+wait in a first-come queue; past max_queue a request gets a 503 "queue_full" (and one that could never
+fit, a 400). A request alone runs the same forward passes as sample.py; in a batch, padding and
+per-row attention can move a logit by float32 rounding, which could only flip a greedy token at a
+near tie.
 
 Why the standard library's http.server: the API is a few routes of JSON and server-sent events; each
 connection has its own thread, which waits on its sequences' events while the engine computes.
@@ -425,9 +424,11 @@ class Handler(BaseHTTPRequestHandler):
                 generator = None
                 if request.seed is not None:
                     generator = torch.Generator(device=self.server.engine.device).manual_seed(request.seed + index)
-                sequences.append(Sequence(index, prompt.ids, request.max_tokens, request.temperature, request.top_k,
-                                          request.top_p, generator, request.logprobs,
-                                          request.echo and request.logprobs is not None, events))
+                sequences.append(Sequence(
+                    prompt.ids, request.max_tokens, events, index, temperature=request.temperature,
+                    top_k=request.top_k if request.top_k > 0 else None, top_p=request.top_p, generator=generator,
+                    eos_id=self.server.encoding.eot_token, logprobs=request.logprobs,
+                    score_prompt=request.echo and request.logprobs is not None))
         if len(sequences) > self.server.engine.max_queue:  # it could never be queued: a 503 would ask to retry
             raise RequestError(f"this request makes {len(sequences)} sequences (prompts x n), more than the "
                                f"server queues at once (--max_queue={self.server.engine.max_queue})", param="n")
@@ -604,7 +605,7 @@ def main(argv):
     server.max_tokens_cap = config["max_tokens_cap"] or server.block_size
     server.max_body_bytes, server.log_requests = config["max_body_bytes"], config["log_requests"]
     cache = KVCache(model.config, rows, dtype=dtype, device=device)
-    server.engine = Engine(model, cache, encoding.eot_token, config["max_queue"], config["prefill_tokens"],
+    server.engine = Engine(model, cache, config["max_queue"], config["prefill_tokens"],
                            precision=lambda: autocast(device, dtype)).start()
     host, port = server.server_address[:2]
     print(f"serving {server.name} ({model.config.input_code}, block_size {server.block_size}, {device} "

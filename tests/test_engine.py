@@ -93,13 +93,12 @@ def model_logprobs(model, ids):
 
 
 def engine_of(model, rows=8, max_queue=64, prefill_tokens=2048):
-    return Engine(model, KVCache(model.config, rows, dtype=torch.float32), 256, max_queue, prefill_tokens)
+    return Engine(model, KVCache(model.config, rows, dtype=torch.float32), max_queue, prefill_tokens)
 
 
-def sequence(index, ids, events, max_tokens=20, logprobs=None, score_prompt=False, **sampling):
-    settings = {**dict(temperature=0.0, top_k=-1, top_p=1.0, generator=None), **sampling}
-    return Sequence(index, ids, max_tokens, settings["temperature"], settings["top_k"], settings["top_p"],
-                    settings["generator"], logprobs, score_prompt, events)
+def sequence(index, ids, events, max_tokens=20, **settings):
+    """A greedy Sequence that ends at <|endoftext|> (256), as serve.py makes them, unless settings say otherwise."""
+    return Sequence(ids, max_tokens, events, index, **{"eos_id": 256, **settings})
 
 
 def drive(engine, steps=10_000):
