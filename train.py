@@ -8,8 +8,10 @@ Train a GPT with a fixed, affine-recoded or learned input code, on one process o
     python train.py config/fixed_min.py --help                 # every key, its value and its meaning
 
 Data are data/DATASET/{train,val}.bin (uint16 token ids) and meta.json, written by prepare.py.
-This file is the run (checks, setup, the loop, evaluation, checkpoints, signals); training.py holds
-the settings and the one training step it repeats, which bench.py times.
+This file is the run, and main reads as its phases: configure (every check), build (the model and
+the optimizer), the loop (evaluation, checkpoints, signals, steps, the log), finish. training.py holds
+the settings and the one training step the loop repeats, which bench.py times; distributed.py the
+processes' agreement and the model's wrapping for torchrun.
 One optimizer step reads batch_size * gradient_accumulation_steps sequences of block_size tokens,
 whatever the number of processes: the step's G = gradient_accumulation_steps micro-batches, their
 windows and their dropout masks, are a pure function of (seed, step, g), and rank r takes g = r,
@@ -25,7 +27,6 @@ and says how to resume; a second one stops at once. Checkpoints are written atom
 any moment leaves the last one whole.
 """
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -34,14 +35,12 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, fields
-from datetime import timedelta
+from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import distributed
 from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from common import (EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, load_meta, resolve_device,
                     resolve_dtype, run_folder, run_main)
@@ -52,13 +51,9 @@ from training import (DEFAULTS, MEANINGS, MODEL_KEYS, dropout_seed, learning_rat
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
 RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what a run replaced by overwrite=True leaves
-SHARED = "every node must see the same config files, data/ and out_dir: a shared filesystem, or copies"
-# torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning
-NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                  else {"broadcast_buffers": False})
 
 
-# ------------------------------------------------------------------------------------------- setup
+# --------------------------------------------------------------------------------------- configure
 
 def configure(argv):
     """(config, meta, checkpoint or None), every setting checked: nothing is written before this
@@ -177,85 +172,7 @@ def check_out_dir(cfg):
                         f"--init_from=resume, pick another --out_dir, or start over with --overwrite=True")
 
 
-def setup(argv):
-    """(cfg, meta, checkpoint, rank, world_size, device), every setting checked on every process.
-
-    Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK) each process checks its own files:
-    its config files, data/, out_dir and the checkpoint it resumes from. Without a shared filesystem
-    these differ from node to node, and a process that stopped alone would leave the others waiting
-    in their first collective until the timeout. So every process joins the process group even when
-    its checks failed, and they agree: all go on, or all stop with the same one line."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        cfg, meta, checkpoint = configure(argv)
-        return cfg, meta, checkpoint, 0, 1, resolve_device(cfg["device"])
-    try:
-        configured, failure = configure(argv), None
-    except Exception as e:  # any failure, a bug's included: the others must hear of it before it is raised
-        configured, failure = None, e
-    device = start_processes(configured[0] if configured else None)
-    agree(configured, device, failure)
-    return *configured, dist.get_rank(), world_size, device
-
-
-def start_processes(cfg):
-    """Join the process group (cfg is None where this process's checks failed); this process's device."""
-    device = resolve_device(cfg["device"]) if cfg else torch.device("cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    # gloo carries CPU tensors, so the agreement works on every process whatever its device, and NCCL
-    # the CUDA tensors of training; NCCL connects at its first collective, which a process that
-    # failed its checks never reaches
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    minutes = cfg["collective_timeout"] if cfg else DEFAULTS["collective_timeout"]
-    dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
-    return device
-
-
-def agree(configured, device, failure):
-    """Stop every process, with one line, if any process failed its checks or does not see the run
-    that rank 0 sees."""
-    reason = None if failure is None else str(failure) if isinstance(failure, UserError) else repr(failure)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {"host": socket.gethostname(), "failure": reason,
-                                      "seen": configured and run_seen(*configured, device)})
-    message = disagreement(everyone)
-    if message:
-        dist.destroy_process_group()
-        if failure is not None and not isinstance(failure, UserError):
-            raise failure  # a bug: its traceback, here; the other processes print the one line
-        raise UserError(message)
-
-
-def run_seen(cfg, meta, checkpoint, device):
-    """What every process must see alike: the settings, the device type, the dataset (meta.json and
-    the .bin sizes) and the checkpoint resumed from (its step and losses)."""
-    folder = data_dir(cfg["dataset"])
-    sizes = {split: os.path.getsize(os.path.join(folder, f"{split}.bin")) for split in ("train", "val")}
-    return {"settings": cfg, "device": device.type, "dataset": {**meta, **sizes},
-            "checkpoint": checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}}
-
-
-def disagreement(everyone):
-    """The line that stops every process, or None; everyone[r] is rank r's host, failure and run_seen."""
-    failed = [(rank, p) for rank, p in enumerate(everyone) if p["failure"]]
-    if failed:
-        rank, first = failed[0]
-        if len(failed) == len(everyone) and all(p["failure"] == first["failure"] for _, p in failed):
-            return first["failure"]  # the same everywhere: a setting, not a node
-        return (f"rank {rank} on {first['host']} ({len(failed)} of {len(everyone)} processes failed): "
-                f"{first['failure']}; {SHARED}")
-    ours = everyone[0]["seen"]
-    for rank, p in enumerate(everyone):
-        theirs = p["seen"]
-        if theirs != ours:
-            what = [f"settings ({', '.join(k for k in ours[key] if ours[key][k] != theirs[key].get(k))})"
-                    if key == "settings" else key for key in ours if ours[key] != theirs[key]]
-            return (f"rank {rank} on {p['host']} does not see the run that rank 0 on {everyone[0]['host']} sees: "
-                    f"it differs in {', '.join(what)}; {SHARED}")
-    return None
-
+# ------------------------------------------------------------------------------------------- build
 
 def build(cfg, meta, device, checkpoint):
     """The raw model and its optimizer, fresh or restored from the checkpoint being resumed."""
@@ -270,14 +187,66 @@ def build(cfg, meta, device, checkpoint):
     return raw_model, optimizer
 
 
-def wrap_ddp(model, device):
-    """DDP around the model. Its buffers (rotary tables, the code's A and b, a frozen table) are the
-    same on every rank by construction, so they are not broadcast before every forward; and the
-    gradients are views into DDP's all-reduce buckets, not a second copy beside them (1.75 GiB at the
-    paper config; train_step zeroes them in place to keep them so)."""
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-               **NO_BUFFER_SYNC)
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint holds besides the weights, the optimizer and the settings.
+    No data or RNG state: the batches and dropout masks are a pure function of (seed, iter_num)."""
+    iter_num: int = 0
+    tokens_seen: int = 0  # counted, not iter_num * tokens per step: a resume may change the batch
+    best_val_loss: float = float("inf")
+    val_loss: float = None
 
+    @classmethod
+    def resumed(cls, checkpoint):
+        return cls(**{f.name: checkpoint[f.name] for f in fields(cls)}) if checkpoint else cls()
+
+
+# ---------------------------------------------------------------------------------- the loop's parts
+
+def micro_batches(cfg, step, rank, world_size, device):
+    """This rank's share of step's micro-batches: g = rank, rank + world_size, ... of G, each (x, y,
+    dropout seed), a pure function of (seed, step, g)."""
+    for g in range(rank, cfg["gradient_accumulation_steps"], world_size):
+        key = (cfg["seed"], step, g)
+        windows = read_batch(cfg["dataset"], "train", key, cfg["batch_size"], cfg["block_size"])
+        yield *to_device(windows, device), dropout_seed(key)
+
+
+@torch.no_grad()
+def evaluate(cfg, model, amp, rank, world_size, device):
+    """Mean loss on the same eval_iters batches of each split every time (curves are comparable)."""
+    model.eval()
+    out = {}
+    for split_id, split in enumerate(("train", "val")):
+        total = torch.zeros(2, device=device)
+        for k in range(rank, cfg["eval_iters"], world_size):
+            key = (cfg["seed"], EVAL_KEY, split_id, k)
+            x, y = to_device(read_batch(cfg["dataset"], split, key, cfg["batch_size"], cfg["block_size"]), device)
+            with amp:
+                loss = model(x, y)[1]
+            total += torch.stack((loss.float(), torch.ones((), device=device)))
+        distributed.sum_over_ranks(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def save(cfg, meta, raw_model, optimizer, scaler, progress, master):
+    if master:
+        save_checkpoint({"model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **asdict(progress),
+                         "config": cfg, "meta": meta}, cfg["out_dir"])
+
+
+def check_finite(value, what, iter_num, out_dir):
+    """The one divergence check: stop with the last good checkpoint kept."""
+    if not math.isfinite(value):
+        kept = (f"the last good checkpoint in {out_dir} is kept" if os.path.exists(os.path.join(out_dir, CKPT_NAME))
+                else "no checkpoint was written")
+        raise UserError(f"{what} is {value} at iter {iter_num}: training diverged; {kept} (try a lower learning_rate)")
+
+
+# ------------------------------------------------------------------------------------ what the run says
 
 def prepare_out_dir(cfg, iter_num):
     """Make out_dir ready for this run, now that it is really starting: clear a write cut short by a
@@ -305,6 +274,54 @@ def keep_metrics_until(path, iter_num):
     atomic_write(path, lambda f: f.write("".join(records).encode()))
 
 
+class Log:
+    """Everything the run tells its user, in one place, and only from rank 0: the lines and progress
+    bar on stderr, metrics.jsonl in out_dir, and Weights & Biases (wandb_log=True)."""
+
+    def __init__(self, cfg, master, iter_num, header):
+        self.master, self.path = master, os.path.join(cfg["out_dir"], "metrics.jsonl")
+        self.say(header)
+        self.wandb = start_wandb(cfg) if master and cfg["wandb_log"] else None
+        self.bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True,
+                        file=sys.stderr)
+
+    def evaluation(self, iter_num, losses, tokens):
+        self.record({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "tokens": tokens})
+        self.say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+
+    def step_done(self):
+        self.bar.update(1)
+
+    def training(self, iter_num, loss, lr, tokens_per_s, mfu, tokens):
+        self.record({"iter": iter_num, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                     "tokens": tokens})
+        self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else ""))
+
+    def say(self, line):
+        """A line of its own on stderr, above the bar."""
+        if self.master:
+            tqdm.write(line, file=sys.stderr)
+
+    def record(self, record):
+        if not self.master:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot append to {self.path} ({e.strerror}); the last checkpoint is kept") from None
+        if self.wandb:
+            self.wandb.log(record, step=record["iter"])
+
+    def close(self):
+        """The bar's line ends, so that whatever is said next (an error too) starts a line of its own."""
+        self.bar.close()
+
+    def finish(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
 def start_wandb(cfg):
     try:
         import wandb
@@ -314,169 +331,86 @@ def start_wandb(cfg):
     return wandb
 
 
-# ------------------------------------------------------------------------------------ training
+# ------------------------------------------------------------------------------------------- main
 
 def main(argv):
-    # setup: every check first, on every process, then processes, model and out_dir
-    cfg, meta, checkpoint, rank, world_size, device = setup(argv)
+    # configure: every setting checked, on every process, and the processes agree (distributed.py)
+    cfg, meta, checkpoint, rank, world_size, device = distributed.start(configure, argv)
     master = rank == 0
+
+    # build: the model under its three names, the optimizer, and where the run stands
     dtype, amp, scaler = setup_precision(cfg, device)
-    raw_model, optimizer = build(cfg, meta, device, checkpoint)  # raw_model: weights, counts, checkpoints
+    raw_model, optimizer = build(cfg, meta, device, checkpoint)  # raw_model: the weights, counts, checkpoints
     model = torch.compile(raw_model) if cfg["compile"] else raw_model  # model: what evaluation runs
-    train_model = wrap_ddp(model, device) if world_size > 1 else model
-
-    B, T, G = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
-    tokens_per_step = B * G * T
-    my_micro_steps = range(rank, G, world_size)
-    iter_num, tokens_seen, best_val_loss, val_loss = 0, 0, float("inf"), None
-    resumed = checkpoint is not None
-    if resumed:
-        iter_num, best_val_loss, val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["val_loss"]
-        tokens_seen = checkpoint["tokens_seen"]  # not iter_num * tokens_per_step: a resume may change the batch
-        if checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale, as the run left it
-            scaler.load_state_dict(checkpoint["scaler"])
-        del checkpoint
-    start_iter = iter_num
-
-    counts = raw_model.param_counts()
-    flops_per_token = raw_model.flops_per_token()
+    train_model = distributed.wrap_ddp(model, device) if world_size > 1 else model  # train_model: what trains
+    progress, resumed = Progress.resumed(checkpoint), checkpoint is not None
+    if resumed and checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale, as the run left it
+        scaler.load_state_dict(checkpoint["scaler"])
+    del checkpoint
+    start_iter = progress.iter_num
+    tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
+    counts, flops_per_token = raw_model.param_counts(), raw_model.flops_per_token()
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     if master:
-        prepare_out_dir(cfg, iter_num)
-        print(f"{cfg['input_code']}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in "
+        prepare_out_dir(cfg, start_iter)
+    log = Log(cfg, master, start_iter,
+              f"{cfg['input_code']}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in "
               f"the input), {world_size} process(es) on {device}, {str(dtype).removeprefix('torch.')}, "
-              f"{tokens_per_step:,} tokens/step", file=sys.stderr)
-    wandb = start_wandb(cfg) if master and cfg["wandb_log"] else None
+              f"{tokens_per_step:,} tokens/step")
+
+    # the loop: evaluate and checkpoint, stop if asked to, one optimizer step, log
     stop = StopSignals(defer=1)  # the first signal: checkpoint and stop at the next step boundary
+    signum, window_start, window_steps = 0, time.time(), 0
+    try:
+        while True:
+            iter_num = progress.iter_num
+            # a resumed run's first step was evaluated before its checkpoint was saved
+            if ((iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"])
+                    and not (resumed and iter_num == start_iter)):
+                losses = evaluate(cfg, model, amp, rank, world_size, device)
+                for split in ("train", "val"):
+                    check_finite(losses[split], f"the eval loss on {split}", iter_num, cfg["out_dir"])
+                progress.val_loss, progress.best_val_loss = losses["val"], min(progress.best_val_loss, losses["val"])
+                log.evaluation(iter_num, losses, progress.tokens_seen)
+                if iter_num > start_iter or iter_num >= cfg["max_iters"]:  # max_iters=0 too: a checkpoint of the init
+                    save(cfg, meta, raw_model, optimizer, scaler, progress, master)
+                window_start, window_steps = time.time(), 0
+            if iter_num >= cfg["max_iters"]:
+                break
+            signum = distributed.stop_agreed(stop, device)
+            if signum:
+                weights = sum(w.float().abs().sum().item() for w in raw_model.parameters())
+                check_finite(weights, "the sum of the weights", iter_num, cfg["out_dir"])
+                save(cfg, meta, raw_model, optimizer, scaler, progress, master)
+                break
 
-    def log(record):
-        if master:
-            try:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                bar.close()
-                raise UserError(f"cannot append to {metrics_path} ({e.strerror}); the last checkpoint is kept") from None
-            if wandb:
-                wandb.log(record, step=record["iter"])
+            lr = learning_rate(cfg, iter_num)
+            loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp,
+                                  micro_batches(cfg, iter_num, rank, world_size, device), cfg["grad_clip"], lr)
+            progress.iter_num += 1
+            progress.tokens_seen += tokens_per_step
+            window_steps += 1
+            log.step_done()
+            if progress.iter_num % cfg["log_interval"] == 0:
+                # the mean over all micro-batches of all ranks
+                loss = distributed.sum_over_ranks(loss_sum).item() / cfg["gradient_accumulation_steps"]
+                check_finite(loss, "the training loss", progress.iter_num, cfg["out_dir"])
+                tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
+                mfu = flops_per_token * tokens_per_s / (world_size * peak) if peak else None
+                log.training(progress.iter_num, loss, lr, tokens_per_s, mfu, progress.tokens_seen)
+                window_start, window_steps = time.time(), 0
+    finally:
+        log.close()
 
-    def micro_batches(step):
-        for g in my_micro_steps:
-            key = (cfg["seed"], step, g)
-            yield *to_device(read_batch(cfg["dataset"], "train", key, B, T), device), dropout_seed(key)
-
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss on the same eval_iters batches of each split every time (curves are comparable)."""
-        model.eval()
-        out = {}
-        for split_id, split in enumerate(("train", "val")):
-            total = torch.zeros(2, device=device)
-            for k in range(rank, cfg["eval_iters"], world_size):
-                x, y = to_device(read_batch(cfg["dataset"], split, (cfg["seed"], EVAL_KEY, split_id, k), B, T), device)
-                with amp:
-                    loss = model(x, y)[1]
-                total += torch.stack((loss.float(), torch.ones((), device=device)))
-            if world_size > 1:
-                dist.all_reduce(total)
-            out[split] = (total[0] / total[1]).item()
-        model.train()
-        return out
-
-    def save():
-        if not master:
-            return
-        try:
-            save_checkpoint({
-                "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
-                "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "val_loss": val_loss,
-                "config": cfg, "meta": meta,
-                # no data or RNG state: the batches and dropout masks are a pure function of (seed, iter_num)
-            }, cfg["out_dir"])
-        except UserError:  # a full disk: the bar's line ends before the error's
-            bar.close()
-            raise
-
-    def check_finite(value, what):
-        """The one divergence check: stop with the last good checkpoint kept."""
-        if not math.isfinite(value):
-            bar.close()
-            kept = (f"the last good checkpoint in {cfg['out_dir']} is kept" if os.path.exists(
-                os.path.join(cfg["out_dir"], CKPT_NAME)) else "no checkpoint was written")
-            raise UserError(f"{what} is {value} at iter {iter_num}: training diverged; {kept} (try a lower "
-                            f"learning_rate)")
-
-    # the loop: evaluate and checkpoint, one optimizer step, log
-    bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, file=sys.stderr)
-    window_start, window_steps = time.time(), 0
-    while True:
-        # a resumed run's first step was evaluated before its checkpoint was saved
-        if (iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]) and not (resumed and iter_num == start_iter):
-            losses = estimate_loss()
-            check_finite(losses["train"], "the eval loss on train")
-            check_finite(losses["val"], "the eval loss on val")
-            val_loss, best_val_loss = losses["val"], min(best_val_loss, losses["val"])
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "tokens": tokens_seen})
-            if master:
-                bar.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if iter_num > start_iter or iter_num >= cfg["max_iters"]:  # max_iters=0 too: a checkpoint of the init
-                save()
-            window_start, window_steps = time.time(), 0
-        if iter_num >= cfg["max_iters"]:
-            break
-        signum = stop_agreed(stop, world_size, device)
-        if signum:
-            check_finite(sum(p.float().abs().sum().item() for p in raw_model.parameters()), "the sum of the weights")
-            save()
-            bar.close()
-            if master:
-                print(f"{signal.Signals(signum).name} at iter {iter_num}: checkpoint saved in {cfg['out_dir']}; "
-                      f"continue with python train.py --init_from=resume --out_dir={cfg['out_dir']}", file=sys.stderr)
-            finish(wandb, world_size)
-            sys.exit(128 + signum)
-
-        lr = learning_rate(cfg, iter_num)
-        loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp, micro_batches(iter_num),
-                              cfg["grad_clip"], lr)
-        iter_num += 1
-        tokens_seen += tokens_per_step
-        window_steps += 1
-        bar.update(1)
-
-        if iter_num % cfg["log_interval"] == 0:
-            if world_size > 1:
-                dist.all_reduce(loss_sum)
-            loss_value = loss_sum.item() / G  # the mean over all micro-batches of all ranks
-            check_finite(loss_value, "the training loss")
-            tokens_per_s = window_steps * tokens_per_step / (time.time() - window_start)
-            mfu = flops_per_token * tokens_per_s / (world_size * peak) if peak else None
-            log({"iter": iter_num, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                 "tokens": tokens_seen})
-            bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else ""))
-            window_start, window_steps = time.time(), 0
-    bar.close()
+    # finish: say how to continue a stopped run; leave the process group
     stop.close()
-    finish(wandb, world_size)
-
-
-def stop_agreed(stop, world_size, device):
-    """The signal that stops the run at this step boundary (0: go on); under DDP every rank takes the
-    same decision (any rank's signal counts)."""
-    signum = stop.caught[0] if stop.caught else 0
-    if world_size > 1:
-        flag = torch.tensor([float(signum)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item())
-    return signum
-
-
-def finish(wandb, world_size):
-    if wandb:
-        wandb.finish()
-    if world_size > 1:
-        dist.destroy_process_group()
+    if signum:
+        log.say(f"{signal.Signals(signum).name} at iter {progress.iter_num}: checkpoint saved in {cfg['out_dir']}; "
+                f"continue with python train.py --init_from=resume --out_dir={cfg['out_dir']}")
+    log.finish()
+    distributed.stop_processes()
+    if signum:
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import distributed
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import REPO, TINY_MODEL as TINY
@@ -104,26 +105,26 @@ def seen(**changes):
 
 def test_processes_that_fail_or_see_another_run_are_named_in_the_one_line():
     ok = {"host": "a", "failure": None, "seen": seen()}
-    assert train.disagreement([ok, {**ok, "host": "b"}]) is None
+    assert distributed.disagreement([ok, {**ok, "host": "b"}]) is None
     typo = "config key 'lr' does not exist"
-    assert train.disagreement([{**ok, "failure": typo, "seen": None}] * 2) == typo  # a setting: said as is
-    line = train.disagreement([ok, {"host": "b", "failure": "no checkpoint in 'run'", "seen": None}])
+    assert distributed.disagreement([{**ok, "failure": typo, "seen": None}] * 2) == typo  # a setting: said as is
+    line = distributed.disagreement([ok, {"host": "b", "failure": "no checkpoint in 'run'", "seen": None}])
     assert line.startswith("rank 1 on b (1 of 2 processes failed): no checkpoint in 'run'; every node must see")
-    line = train.disagreement([ok, {**ok, "host": "b", "seen": seen(settings={"learning_rate": 1e-3})}])
+    line = distributed.disagreement([ok, {**ok, "host": "b", "seen": seen(settings={"learning_rate": 1e-3})}])
     assert line.startswith("rank 1 on b does not see the run that rank 0 on a sees: it differs in settings "
                            "(learning_rate); every node")
     older = seen(checkpoint={"iter_num": 20, "best_val_loss": 2.5, "val_loss": 2.5})
-    assert "it differs in checkpoint;" in train.disagreement([ok, {**ok, "seen": older}])
-    assert "it differs in device, dataset;" in train.disagreement(
+    assert "it differs in checkpoint;" in distributed.disagreement([ok, {**ok, "seen": older}])
+    assert "it differs in device, dataset;" in distributed.disagreement(
         [ok, {**ok, "seen": seen(dataset={"vocab_size": 257, "train": 99, "val": 10}, device="cpu")}])
 
 
 def test_collective_timeout_is_the_process_group_timeout(monkeypatch):
     calls = []
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert train.start_processes({**DEFAULTS, "device": "cpu", "collective_timeout": 45.0}) == torch.device("cpu")
-    train.start_processes(None)  # a process whose checks failed still joins, to tell the others
+    assert distributed.start_processes({**DEFAULTS, "device": "cpu", "collective_timeout": 45.0}) == torch.device("cpu")
+    distributed.start_processes(None)  # a process whose checks failed still joins, to tell the others
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     assert calls == [(backend, timedelta(minutes=45)), (backend, timedelta(minutes=DEFAULTS["collective_timeout"]))]
     with pytest.raises(train.UserError, match="collective_timeout must be above 0"):
@@ -136,7 +137,7 @@ DDP_STEPS = r"""
 import json, sys, weakref
 from contextlib import nullcontext
 import torch, torch.distributed as dist
-import train, training
+import distributed, training
 from model import GPT, GPTConfig
 
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
@@ -153,7 +154,7 @@ def step(model, optimizer):
     training.train_step(model, gpt, optimizer, scaler, nullcontext(), batches, 1.0, 1e-3)
 
 step(gpt, training.make_optimizer(gpt, training.DEFAULTS, cpu))  # one process, no DDP
-ddp = train.wrap_ddp(gpt, cpu)
+ddp = distributed.wrap_ddp(gpt, cpu)
 optimizer = training.make_optimizer(gpt, training.DEFAULTS, cpu)
 storages = []
 for _ in range(4):
