@@ -20,13 +20,16 @@ block l, read with forward hooks. For every run and layer:
   with and without its leading space), the cosine similarity of their mean hidden states (centred on
   the layer's mean) against the same tokens with their partners shuffled.
 
-The probe is a linear discriminant (LDA): class means and one shared within-class covariance, with a
-small ridge, solved in closed form, so fitting costs one d x d solve and nothing is left to an
-optimizer's step count. It is linear because that is the smallest probe that decodes every injective
-code exactly: a nearest-class-mean rule separates any set of distinct input vectors, so at layer 0 an
-injective code scores exact id accuracy on every token the probe has seen, and a smaller probe (fewer
-directions than the code's bits) would show the probe's limit instead. Anything bigger (an MLP) would
-decode what a layer holds non-linearly, which the next layer may not be able to use.
+The probe (--probe=lda, the default) is a linear discriminant: class means and one shared
+within-class covariance, with a small ridge, solved in closed form, so fitting costs one d x d solve
+and nothing is left to an optimizer's step count. It is linear because that is the smallest probe that
+decodes every injective code exactly: a nearest-class-mean rule separates any set of distinct input
+vectors, so at layer 0 an injective code scores exact id accuracy on every token the probe has seen,
+where a smaller probe (fewer directions than the code's bits) would show the probe's limit instead;
+anything bigger (an MLP) would decode what a layer holds non-linearly, which the next layer may not
+be able to use. Its shared covariance is a lower bound on what is linearly there: --probe=softmax
+fits multinomial logistic regression instead (full-batch Adam from zeros, so it too is deterministic),
+which reads more of the previous id at the cost of ten times the time.
 
 Prints a table (every run, every layer) and the references each column is judged against: how far
 the current token alone predicts the previous one (the reverse bigram table counted over the train
@@ -58,6 +61,8 @@ SETTINGS = {  # key: (default, meaning)
     "positions": (32768, "held-out positions: the first positions + 1 tokens of val.bin, in eval.py's windows"),
     "train_positions": (65536, "train.bin positions the probes are fitted on, in block_size windows at random starts"),
     "seed": (1, "draws the train windows: the same seed gives the same probes and scores"),
+    "probe": ("lda", "lda (a linear discriminant, closed form) or softmax (logistic regression, 300 steps of "
+                     "full-batch Adam: stronger on the previous id, ten times slower; README, Inside the network)"),
     "plot": ("", "also draw the comparison into this .png ('': none; needs matplotlib)"),
     "json": ("", "also write every figure into this .json file ('': none)"),
     "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
@@ -69,6 +74,7 @@ WINDOWS_PER_FORWARD = 16
 COUNTED_TRAIN_TOKENS = 10_000_000  # the bigram table and frequency bands count at most this much of train.bin
 RIDGE = 1e-3  # of the mean variance per channel: keeps the covariance invertible, far below any code's spacing
 MIN_PAIR_COUNT = 3  # occurrences of each token of a pair among the positions, for its mean state to count
+SOFTMAX_STEPS, SOFTMAX_LR = 300, 3e-2  # from zeros, so the fit is deterministic; converged on the studies' runs
 SCORE_ROWS = 2048  # positions scored at once: bounds the (rows, classes) score matrix of a large vocabulary
 
 
@@ -213,6 +219,23 @@ def fit_probe(x, y):
     return classes, centre.float(), W.float(), b.float()
 
 
+def fit_softmax(x, y):
+    """Multinomial logistic regression on (x, y), full-batch Adam from zeros, in fit_probe's form."""
+    classes, inverse = torch.unique(y, return_inverse=True)
+    centre = x.mean(0)
+    scale = float(x.std()) or 1.0  # one scale for all channels: a channel constant in train stays silent
+    xs = (x - centre) / scale
+    W = torch.zeros(x.size(1), len(classes), requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    optimizer = torch.optim.Adam([W, b], lr=SOFTMAX_LR)
+    with torch.enable_grad():
+        for _ in range(SOFTMAX_STEPS):
+            optimizer.zero_grad()
+            F.cross_entropy(xs @ W + b, inverse).backward()
+            optimizer.step()
+    return classes, centre, W.detach() / scale, b.detach()
+
+
 def probe_accuracy(probe, x, y):
     classes, centre, W, b = probe
     correct = 0
@@ -319,7 +342,7 @@ def analyze_run(run, data, cfg, device, dtype):
         for name, target in targets.items():
             y_train, y_val = target(train_ids), target(val_ids)
             fit, score = y_train >= 0, y_val >= 0
-            probe = fit_probe(train_states[fit, layer], y_train[fit])
+            probe = (fit_softmax if cfg["probe"] == "softmax" else fit_probe)(train_states[fit, layer], y_train[fit])
             probes[name].append(probe_accuracy(probe, val_states[score, layer], y_val[score]))
 
     geometry, n_pairs = pair_similarity([(train_states, train_ids[0]), (val_states, val_ids[0])], data["pairs"],
@@ -418,6 +441,8 @@ def plot(results, title, path):
 def check_settings(cfg):
     if cfg["positions"] < 1 or cfg["train_positions"] < 1:
         fail(f"positions and train_positions must be at least 1, got {cfg['positions']} and {cfg['train_positions']}")
+    if cfg["probe"] not in ("lda", "softmax"):
+        fail(f"probe must be lda or softmax, got '{cfg['probe']}'")
     if cfg["seed"] < 0:
         fail(f"seed must be 0 or more, got {cfg['seed']}")
     if cfg["plot"] and not cfg["plot"].endswith(".png"):
@@ -479,16 +504,17 @@ def main(argv):
     first = results[0]
     pair_kind = "upper/lower-case letters" if data["encoding"] == "bytes" else "subwords with/without a leading space"
     summary = (f"{data['dataset']} ({data['encoding']}, V={data['vocab_size']:,}): {first['val_positions']:,} val "
-               f"positions in eval.py's windows, probes fitted on {first['train_positions']:,} train positions "
-               f"(seed {cfg['seed']}); {first['pairs']} pairs of {pair_kind}")
+               f"positions in eval.py's windows, {cfg['probe']} probes fitted on {first['train_positions']:,} train "
+               f"positions (seed {cfg['seed']}); {first['pairs']} pairs of {pair_kind}")
     print(summary + ".\n")
     lines = dict.fromkeys(  # runs of one block_size share their positions, so their references
-        f"{column}: {value:.3f}, {meaning}" for result in results for column, (value, meaning) in result["references"].items())
+        f"{column}: {value:.3f}, {meaning}"
+        for result in results for column, (value, meaning) in result["references"].items())
     print("references (what each probe column is judged against):\n" + "\n".join(f"- {line}" for line in lines))
     print("\n" + table(results))
     if cfg["json"]:
         report = {"dataset": data["dataset"], "encoding": data["encoding"], "vocab_size": data["vocab_size"],
-                  "seed": cfg["seed"], "runs": results}
+                  "seed": cfg["seed"], "probe": cfg["probe"], "runs": results}
         atomic_write(cfg["json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
         print(f"wrote {cfg['json']}", file=sys.stderr)
     if cfg["plot"]:

@@ -156,3 +156,12 @@ def test_a_plot_without_matplotlib_is_one_line_naming_it(trained_checkpoint, mon
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an install without matplotlib raises
     result = run_tool("analyze", [f"--runs={trained_checkpoint('fixed_min')}", f"--plot={tmp_path / 'inside.png'}"])
     assert result.returncode == 1 and result.stderr == "error: --plot needs matplotlib: pip install matplotlib\n"
+
+
+def test_the_softmax_probe_also_reads_a_fixed_code_exactly_and_no_previous_token_at_the_input(
+        trained_checkpoint, tmp_path):
+    run = trained_checkpoint("fixed_min")
+    result = analysis([run], tmp_path, "--probe=softmax", "--train_positions=512")["runs"][0]
+    at_input = result["layers"][0]["probes"]
+    assert at_input["current id"] == result["references"]["current id"][0] > 0.9
+    assert at_input["previous id"] <= result["references"]["previous id"][0]
