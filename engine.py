@@ -74,11 +74,15 @@ class KVCache:
         starts = self.lengths[:B]
         if max(starts) + T > self.block_size:
             raise ValueError(f"sequence of {max(starts) + T} tokens is longer than block_size {self.block_size}")
+        self.end = max(starts) + T
         if min(starts) == max(starts):
             self.positions = starts[0]
-        else:
+        else:  # rows of different lengths: the same positions and mask for every layer, made once here
             self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-        self.end = max(starts) + T
+            self.row_index = torch.arange(B, device=device)[:, None]
+            hidden = torch.arange(self.end, device=device) > self.positions[:, None, :, None]  # (B, 1, T, end)
+            # additive, in the keys' dtype: attention would turn a boolean mask into this in every layer
+            self.mask = torch.zeros(hidden.shape, dtype=self.k.dtype, device=device).masked_fill_(hidden, float("-inf"))
         return self.positions
 
     def update(self, layer, k, v):
@@ -101,11 +105,9 @@ class KVCache:
                 return keys, values, None, False
             mask = torch.arange(self.end, device=k.device) <= start + torch.arange(T, device=k.device)[:, None]
             return keys, values, mask, False  # new queries after cached ones: query i sees keys up to start + i
-        rows = torch.arange(B, device=k.device)[:, None]
-        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # (B, T, nh, hs) at each row's own positions
-        self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
-        mask = torch.arange(self.end, device=k.device) <= self.positions[:, None, :, None]  # (B, 1, T, end)
-        return self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end], mask, False
+        self.k[layer][self.row_index, :, self.positions] = k.transpose(1, 2)  # (B, T, nh, hs) at each row's own positions
+        self.v[layer][self.row_index, :, self.positions] = v.transpose(1, 2)
+        return self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end], self.mask, False
 
     def advance(self, B, T):
         for b in range(B):
@@ -284,7 +286,7 @@ class Engine:
         """Each sequence's next token from its row of logits (B, V); sequences that are done leave, and so
         does one whose sampling fails, with the error: one request's settings never fail the others."""
         done, greedy = [], logits.argmax(dim=-1).tolist()  # one call for the whole batch: most rows are greedy
-        for s, row, best_id in zip(sequences, logits, greedy):
+        for row, (s, best_id) in enumerate(zip(sequences, greedy)):  # rows of logits are read only when needed
             if s.made == s.max_tokens:
                 s.events.put((s.index, ("end", "length")))
                 done.append(s)
@@ -292,10 +294,10 @@ class Engine:
             try:
                 token = best_id
                 if s.temperature > 0:
-                    token = sample_next(row[None], s.temperature, s.top_k, s.top_p, s.generator).item()
+                    token = sample_next(logits[row:row + 1], s.temperature, s.top_k, s.top_p, s.generator).item()
                 logprob = top = None
                 if s.logprobs is not None:
-                    scores = row.float().log_softmax(dim=-1)
+                    scores = logits[row].float().log_softmax(dim=-1)
                     best = scores.topk(s.logprobs)
                     logprob, top = scores[token].item(), list(zip(best.indices.tolist(), best.values.tolist()))
             except Exception as e:  # a bug, in this sequence alone
@@ -312,7 +314,8 @@ class Engine:
 
     def leave(self, sequences):
         """Frees the rows of sequences: the last row moves into each freed one, so rows 0..n-1 stay in use."""
-        rows = sorted((r for r, s in enumerate(self.running) if any(s is t for t in sequences)), reverse=True)
+        leaving = {id(s) for s in sequences}
+        rows = sorted((r for r, s in enumerate(self.running) if id(s) in leaving), reverse=True)
         for row in rows:
             last = len(self.running) - 1
             if row != last:

@@ -416,7 +416,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def complete(self, request):
         """Submits one sequence per choice, then turns their events into the answer, streamed or whole."""
-        events, choices, sequences = queue.Queue(), [], []
+        events, choices, sequences = queue.SimpleQueue(), [], []  # the engine's put() takes no lock: it is per token
         for p, prompt in enumerate(request.prompts):
             for i in range(request.n):
                 index = p * request.n + i
