@@ -3,7 +3,7 @@ Inside the network: what each layer of a trained run holds, on held-out tokens, 
 differ only in their input code (fixed_min against the learned table) can be compared layer by layer.
 
     python analyze.py --runs=out-a,out-b --plot=inside.png --json=inside.json
-    python analyze.py --runs=out-a --dataset=NAME --positions=32768    # more held-out positions
+    python analyze.py --runs=out-a --dataset=NAME --positions=100000   # other data, more held-out positions
 
 Layer 0 is the input (what model.embed gives the first block), layer l the residual stream after
 block l, read with forward hooks. For every run and layer:
@@ -29,7 +29,7 @@ where a smaller probe (fewer directions than the code's bits) would show the pro
 anything bigger (an MLP) would decode what a layer holds non-linearly, which the next layer may not
 be able to use. Its shared covariance is a lower bound on what is linearly there: --probe=softmax
 fits multinomial logistic regression instead (full-batch Adam from zeros, so it too is deterministic),
-which reads more of the previous id at the cost of ten times the time.
+which reads more of the previous id at about 12 times the CPU time.
 
 Prints a table (every run, every layer) and the references each column is judged against: how far
 the current token alone predicts the previous one (the reverse bigram table counted over the train
@@ -62,7 +62,7 @@ SETTINGS = {  # key: (default, meaning)
     "train_positions": (65536, "train.bin positions the probes are fitted on, in block_size windows at random starts"),
     "seed": (1, "draws the train windows: the same seed gives the same probes and scores"),
     "probe": ("lda", "lda (a linear discriminant, closed form) or softmax (logistic regression, 300 steps of "
-                     "full-batch Adam: stronger on the previous id, ten times slower; README, Inside the network)"),
+                     "full-batch Adam: stronger on the previous id, about 12 times slower)"),
     "plot": ("", "also draw the comparison into this .png ('': none; needs matplotlib)"),
     "json": ("", "also write every figure into this .json file ('': none)"),
     "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
@@ -385,12 +385,12 @@ def fraction(hits):
 def table(results):
     columns = list(results[0]["layers"][0]["probes"])
     head = ["run", "layer", "depth", "lens loss", *columns, "pair cos", "shuffled cos"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for result in results:
         for layer in result["layers"]:
             cos = [f"{layer[k]:.3f}" if layer[k] is not None else "-" for k in ("pair_cosine", "shuffled_pair_cosine")]
-            cells = [result["label"], str(layer["layer"]), f"{layer['relative_depth']:.2f}", f"{layer['lens_loss']:.4f}",
-                     *(f"{layer['probes'][c]:.3f}" for c in columns), *cos]
+            cells = [result["label"], str(layer["layer"]), f"{layer['relative_depth']:.2f}",
+                     f"{layer['lens_loss']:.4f}", *(f"{layer['probes'][c]:.3f}" for c in columns), *cos]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
