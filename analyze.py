@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import atomic_write, build_model, load_checkpoint
-from common import UserError, autocast, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from checkpoint import build_model, load_checkpoint
+from common import UserError, atomic_write, autocast, data_dir, load_meta, resolve_device, resolve_dtype, run_main
 from configurator import parse_config, split_settings
 from tokenizer import get_encoding
 

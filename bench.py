@@ -28,7 +28,7 @@ where N counts the trainable parameters outside the input (every matmul weight, 
 included; the lift or table lookup does no matmul, so the three codes cost the same FLOPs), and the
 second term is attention's scores and values over the full T x T square, PaLM's convention. A causal
 flash kernel skips most of the masked half, so this MFU reads above what the GPU executes: by 6.7% at
-the paper config. Peak = model.peak_flops(torch.cuda.get_device_name()): dense bf16 tensor-core
+the paper config. Peak = training.peak_flops(torch.cuda.get_device_name()): dense bf16 tensor-core
 FLOP/s, e.g. 989e12 for H100 SXM and H200, 835e12 for H100 NVL, 756e12 for H100 PCIe, 312e12 for
 A100. On CPU (and unknown GPUs) MFU is not reported.
 
@@ -51,10 +51,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 import training
+from checkpoint import model_config
 from common import UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main
 from configurator import parse_config, split_settings
 from engine import generate_stream
-from model import GPT, INPUT_CODES, GPTConfig, peak_flops
+from model import CODES, GPT
 
 BENCH_SETTINGS = {  # key: (default, meaning); the other keys are train.py's
     "vocab_size": (None, "None: the dataset's (data/DATASET/meta.json) when it is prepared, else 65,536"),
@@ -89,8 +90,8 @@ def check_config(cfg):
         raise UserError("bench.py measures one process: run it with python, not torchrun")
     codes = parse_list(cfg, "codes", str)
     for code in codes:
-        if code not in INPUT_CODES:
-            raise UserError(f"unknown input code '{code}' in codes: choose from {', '.join(INPUT_CODES)}")
+        if code not in CODES:
+            raise UserError(f"unknown input code '{code}' in codes: choose from {', '.join(CODES)}")
     batch_sizes = parse_list(cfg, "decode_batch_sizes", int)
     if min(batch_sizes) < 1:
         raise UserError(f"decode_batch_sizes must be positive, got '{cfg['decode_batch_sizes']}'")
@@ -107,19 +108,11 @@ def check_config(cfg):
     vocab_size, source = vocab_of(cfg)
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise UserError(f"vocab_size must be an integer of at least 2, got {vocab_size!r}")
-    try:
-        for code in codes:
-            model_config(cfg, vocab_size, code)
-    except (TypeError, ValueError) as e:
-        raise UserError(str(e))
+    for code in codes:
+        model_config(cfg, vocab_size=vocab_size, input_code=code)
     device = resolve_device(cfg["device"])
     resolve_dtype(cfg["dtype"], torch.device("cpu"))  # checks the name; on the CPU so this process leaves the GPU alone
     return codes, batch_sizes, vocab_size, source, device
-
-
-def model_config(cfg, vocab_size, input_code):
-    settings = {k: cfg[k] for k in training.MODEL_KEYS if k != "input_code"}
-    return GPTConfig(**settings, vocab_size=vocab_size, input_code=input_code)
 
 
 def vocab_of(cfg):
@@ -195,7 +188,7 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
     device = resolve_device(cfg["device"])
     dtype, autocast, scaler = training.setup_precision(cfg, device)
     torch.manual_seed(cfg["seed"])
-    gpt = GPT(model_config(cfg, vocab_size, input_code)).to(device)
+    gpt = GPT(model_config(cfg, vocab_size=vocab_size, input_code=input_code)).to(device)
     optimizer = training.make_optimizer(gpt, cfg, device)
     model = torch.compile(gpt) if cfg["compile"] else gpt
     generator = torch.Generator().manual_seed(cfg["seed"])
@@ -222,7 +215,7 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
     tokens_per_s = cfg["steps"] * tokens_per_step / seconds
     flops_per_token = gpt.flops_per_token()
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = training.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     counts = gpt.param_counts()
     result = {
         "input_code": input_code, "tokens_per_s": tokens_per_s,

@@ -1,6 +1,8 @@
 """
-Checkpoints: written atomically, read back memory-mapped with torch.load(weights_only=True), turned
-into a model.
+Checkpoints: written atomically, read back memory-mapped with torch.load(weights_only=True), checked,
+turned into a model. Every check of what is loaded lives here: the file's digest, finite weights, the
+model settings (model_config, the one way from settings to a GPTConfig, which train.py and bench.py
+use too) and the input code's stored buffers (check_input_code).
 
 A checkpoint is out_dir/ckpt.pt, a dict of plain types and tensors:
   model_args     GPTConfig fields            model          state_dict (the code buffers A/b included)
@@ -22,8 +24,8 @@ from dataclasses import fields
 
 import torch
 
-from common import UserError, atomic_write
-from model import GPT, GPTConfig
+from common import UserError, atomic_write, closest
+from model import CODES, GPT, BinaryCode, GPTConfig
 from tokenizer import get_encoding
 
 CKPT_NAME = "ckpt.pt"
@@ -96,25 +98,69 @@ def load_checkpoint(out_dir, device="cpu"):
     return checkpoint
 
 
-def model_config(checkpoint):
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(checkpoint["model_args"]) - known)
+def model_config(settings, **overrides):
+    """The GPTConfig of settings (a training config or a checkpoint's model_args: the keys that are
+    GPTConfig fields) with overrides; a UserError naming what is wrong, and the nearest code to a
+    misspelt input_code."""
+    values = {**{f.name: settings[f.name] for f in fields(GPTConfig) if f.name in settings}, **overrides}
+    try:
+        return GPTConfig(**values)
+    except (ValueError, TypeError) as e:
+        code = values.get("input_code", "")
+        hint = closest(code, CODES) if isinstance(code, str) and code not in CODES else ""
+        raise UserError(f"{e}{hint}") from None
+
+
+def checkpoint_config(checkpoint):
+    """The GPTConfig a checkpoint was trained with; fields newer than the checkpoint take their defaults."""
+    unknown = sorted(set(checkpoint["model_args"]) - {f.name for f in fields(GPTConfig)})
     if unknown:
         raise CheckpointError(f"checkpoint has model settings this code does not know ({', '.join(unknown)}): "
                               f"it was written by a newer version of this repository")
     try:
-        return GPTConfig(**checkpoint["model_args"])
-    except ValueError as e:  # e.g. an input code registered by the process that trained it, not this one
+        return model_config(checkpoint["model_args"])
+    except UserError as e:  # e.g. an input code registered by the process that trained it, not this one
         raise CheckpointError(f"checkpoint's model settings are refused: {e}") from None
 
 
-def build_model(checkpoint, device="cpu"):
-    """The GPT of a checkpoint with its weights, on device, in eval mode."""
-    model = GPT(model_config(checkpoint))
+def check_input_code(model):
+    """Refuse a binary code whose stored buffers (affine's A and b, permuted's perm, random_wide's
+    codebook, a code of yours) do not give every id its own code: a damaged or hand-edited checkpoint.
+    A recoding code must map the ids to distinct K-bit ids; a code with a codebook of its own must give
+    distinct rows of bits 0 and 1."""
+    embed = model.embed
+    if not isinstance(embed, BinaryCode):
+        return
+    ids = torch.arange(model.config.vocab_size, device=model.lm_head.weight.device)
+    stored = ", ".join(f"embed.{name}" for name in embed.state_dict()) or "none"
+    if type(embed).bits is BinaryCode.bits:
+        recoded = embed.recode(ids)
+        if not bool(((recoded >= 0) & (recoded < 2 ** embed.K)).all()) or len(recoded.unique()) != len(ids):
+            raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) does not "
+                                  f"map the {len(ids)} ids to distinct {embed.K}-bit ids: it is damaged")
+        return
+    bits = embed.bits(ids)
+    if not bool(((bits == 0) | (bits == 1)).all()):
+        raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) holds values "
+                              f"other than 0 and 1: it is damaged")
+    if len(bits.unique(dim=0)) != len(ids):
+        raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) gives two ids "
+                              f"the same code: it is damaged")
+
+
+def load_weights(model, checkpoint):
+    """The checkpoint's weights and buffers into model (train.py's resume, build_model), then its input code checked."""
     try:
         model.load_state_dict(clean_state_dict(checkpoint["model"]))
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint weights do not fit its model: {' '.join(str(e).split())}") from None
+    check_input_code(model)
+
+
+def build_model(checkpoint, device="cpu"):
+    """The GPT of a checkpoint with its weights, on device, in eval mode."""
+    model = GPT(checkpoint_config(checkpoint))
+    load_weights(model, checkpoint)
     return model.to(device).eval()
 
 

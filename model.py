@@ -28,8 +28,9 @@ LayerNorm subtracts the mean, which sends every constant vector to one point: id
 id 65535 (all bits 1, our <|endoftext|>) would look the same to the first block, with {0,1} codes
 and with {-1,+1} codes alike. RMSNorm only rescales, and every bipolar code has RMS exactly
 code_scale, so the first block reads the codes unchanged (tests/test_codes.py checks all ids).
+
+This file imports only torch: export_hf.py ships it, as it is, inside every exported model folder.
 """
-import difflib
 import math
 from dataclasses import dataclass, field, fields
 
@@ -38,56 +39,78 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ------------------------------------------------------------------------------- input codes
+# ------------------------------------------------------------------------------- configuration
+
+def code_field(default, help):
+    return field(default=default, metadata={"help": help, "code": True})
+
+
+@dataclass
+class GPTConfig:
+    """The model's settings, each checked here (the one place): a bad value is a one-line ValueError."""
+    vocab_size: int = field(default=65536, metadata={"help": "V, the number of token ids (from the dataset's meta.json)"})
+    block_size: int = field(default=1024, metadata={"help": "context length in tokens"})
+    n_layer: int = field(default=32, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=32, metadata={"help": "attention heads; n_embd / n_head must be even (rotary)"})
+    n_embd: int = field(default=1024, metadata={"help": "model width"})
+    input_code: str = code_field("fixed_min", "the input interface, a name in model.CODES (fixed_min: the paper's "
+                                              "code; learned: the usual table)")
+    code_values: str = code_field("bipolar", "what a code bit becomes: 'bipolar' {-1, +1} or 'binary' {0, 1}")
+    code_scale: float = code_field(1.0, "the code's values are multiplied by this (finite, nonzero)")
+    code_seed: int = code_field(0, "draws the random codes (of the input codes that read it, e.g. affine)")
+    code_layout: str = code_field("tile", "code bits to channels: 'tile' (channel j carries bit j mod W) or "
+                                          "'repeat' (bit floor(j W / n_embd))")
+    code_width: int = code_field(0, "bits per code of the input codes that read it (random_wide): above K = "
+                                    "ceil(log2 V), e.g. 64 or 256; 0 for the others")
+    norm: str = field(default="rmsnorm", metadata={"help": "'rmsnorm' or 'layernorm' (model.py says why not LayerNorm)"})
+    bias: bool = field(default=False, metadata={"help": "biases in the linear layers and LayerNorm"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base"})
+
+    def __post_init__(self):
+        # n_layer >= 1: a GPT is a decoder; an input code alone is built from its class (CODES[name](config)).
+        require(self.input_code in CODES, f"input_code must be one of {quoted(CODES)}, got {self.input_code!r}")
+        code = CODES[self.input_code]
+        require(isinstance(code, type) and issubclass(code, InputCode) and issubclass(code, nn.Module),
+                f"CODES[{self.input_code!r}] must be an nn.Module subclass of model.InputCode, got {code!r}")
+        require(self.code_values in ("bipolar", "binary"), f"code_values must be 'bipolar' or 'binary', got {self.code_values!r}")
+        require(self.code_layout in LAYOUTS, f"code_layout must be one of {quoted(LAYOUTS)}, got {self.code_layout!r}")
+        require(math.isfinite(self.code_scale) and self.code_scale != 0, f"code_scale must be finite and nonzero, got {self.code_scale}")
+        require(0 <= self.code_seed < 2 ** 64, f"code_seed must be a whole number from 0 to 2^64 - 1, got {self.code_seed}")
+        require(self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        require(self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}")
+        require(min(self.block_size, self.n_layer, self.n_head, self.n_embd) >= 1,
+                "block_size, n_layer, n_head and n_embd must be at least 1")
+        require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        require((self.n_embd // self.n_head) % 2 == 0, "the head size n_embd/n_head must be even for rotary embeddings")
+        require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        require(math.isfinite(self.rope_theta) and self.rope_theta > 0, f"rope_theta must be above 0, got {self.rope_theta}")
+        for name in ("code_layout", "code_width"):  # a setting the code ignores would be a silent no-op
+            users = [other for other, cls in CODES.items() if name in cls.reads]
+            require(getattr(self, name) == GPTConfig.__dataclass_fields__[name].default or name in code.reads,
+                    f"{name} applies to input_code {quoted(users)} only, not {self.input_code!r}")
+        code.check(self)
+
+
+def require(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
+def quoted(names):
+    return ", ".join(repr(name) for name in names)
+
+
+def code_fields():
+    """The GPTConfig fields that set the input code (metadata 'code'): what a variant may differ in from its baseline."""
+    return [f.name for f in fields(GPTConfig) if f.metadata.get("code")]
+
+
+# --------------------------------------------------------------------------- the binary code
 
 def code_bits(vocab_size):
     """K = ceil(log2 V), the fewest bits that give every id its own code (at least 1)."""
     return max(1, (vocab_size - 1).bit_length())
-
-
-def gf2_inverse(A):
-    """Inverse of a square 0/1 matrix over GF(2) by Gauss-Jordan elimination, or None if it is singular."""
-    K = A.shape[0]
-    rows = [[int(v) for v in row] + [int(i == j) for j in range(K)] for i, row in enumerate(A.tolist())]
-    for col in range(K):
-        pivot = next((r for r in range(col, K) if rows[r][col]), None)
-        if pivot is None:
-            return None
-        rows[col], rows[pivot] = rows[pivot], rows[col]
-        for r in range(K):
-            if r != col and rows[r][col]:
-                rows[r] = [x ^ y for x, y in zip(rows[r], rows[col])]
-    return torch.tensor([row[K:] for row in rows], dtype=torch.uint8)
-
-
-# The random codes are drawn on a CPU generator, so every machine (and a meta-device build) draws the
-# same ones; they are persistent buffers all the same, because a torch upgrade may change a sampler:
-# a checkpoint carries its own code, and loading never re-draws it.
-
-def draw_affine(K, seed):
-    """A in GL(K, 2) and b in {0,1}^K."""
-    g = torch.Generator().manual_seed(seed)
-    while True:  # a random 0/1 matrix is invertible with probability about 0.29
-        A = torch.randint(0, 2, (K, K), generator=g, dtype=torch.uint8, device="cpu")
-        if gf2_inverse(A) is not None:
-            return A, torch.randint(0, 2, (K,), generator=g, dtype=torch.uint8, device="cpu")
-
-
-def first_duplicates(rows):
-    """(N,) bool: True for every row equal to an earlier one."""
-    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    order = torch.arange(len(rows), device=rows.device)
-    first = torch.full((len(rows),), len(rows), device=rows.device).scatter_reduce(0, inverse, order, "amin")
-    return first[inverse] != order
-
-
-def draw_wide_codes(V, width, seed):
-    """(V, width) uint8 0/1 rows, all distinct: uniform bits, a repeated row drawn again until none is left."""
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2, (V, width), generator=g, dtype=torch.uint8, device="cpu")
-    while (repeated := first_duplicates(codes)).any():
-        codes[repeated] = torch.randint(0, 2, (int(repeated.sum()), width), generator=g, dtype=torch.uint8, device="cpu")
-    return codes
 
 
 # code_layout: how (..., W) code values fill n_embd channels. Both put every bit on at least one channel
@@ -182,10 +205,33 @@ class BinaryCode(InputCode, nn.Module):
         return self.lift((2 * bits - 1 if self.bipolar else bits) * self.scale)
 
 
-def refuse(condition, message):
-    """A checkpoint's code buffer that fails a check is refused before torch copies it in."""
-    if condition:
-        raise ValueError(f"checkpoint input code: {message}")
+# ---------------------------------------------------------------------------- the other codes
+# The random codes are drawn on a CPU generator, so every machine (and a meta-device build) draws the
+# same ones; they are persistent buffers all the same, because a torch upgrade may change a sampler:
+# a checkpoint carries its own code, and loading never re-draws it (checkpoint.py checks what it loads).
+
+def gf2_inverse(A):
+    """Inverse of a square 0/1 matrix over GF(2) by Gauss-Jordan elimination, or None if it is singular."""
+    K = A.shape[0]
+    rows = [[int(v) for v in row] + [int(i == j) for j in range(K)] for i, row in enumerate(A.tolist())]
+    for col in range(K):
+        pivot = next((r for r in range(col, K) if rows[r][col]), None)
+        if pivot is None:
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(K):
+            if r != col and rows[r][col]:
+                rows[r] = [x ^ y for x, y in zip(rows[r], rows[col])]
+    return torch.tensor([row[K:] for row in rows], dtype=torch.uint8)
+
+
+def draw_affine(K, seed):
+    """A in GL(K, 2) and b in {0,1}^K."""
+    g = torch.Generator().manual_seed(seed)
+    while True:  # a random 0/1 matrix is invertible with probability about 0.29
+        A = torch.randint(0, 2, (K, K), generator=g, dtype=torch.uint8, device="cpu")
+        if gf2_inverse(A) is not None:
+            return A, torch.randint(0, 2, (K,), generator=g, dtype=torch.uint8, device="cpu")
 
 
 class AffineCode(BinaryCode):
@@ -206,15 +252,6 @@ class AffineCode(BinaryCode):
         for j in range(self.K):
             u = u ^ (((idx >> j) & 1) * columns[j])
         return u
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        A = state_dict.get(prefix + "A")
-        if A is not None:
-            refuse(A.shape != self.A.shape, f"affine A has shape {tuple(A.shape)}, this model needs "
-                                            f"{tuple(self.A.shape)}: its vocab_size differs")
-            refuse(not bool(((A == 0) | (A == 1)).all()) or gf2_inverse(A.to(torch.uint8).cpu()) is None,
-                   "affine A is not an invertible 0/1 matrix over GF(2)")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GrayCode(BinaryCode):
@@ -238,14 +275,22 @@ class PermutedCode(BinaryCode):
     def recode(self, idx):
         return self.perm[idx]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        perm = state_dict.get(prefix + "perm")
-        if perm is not None:
-            refuse(perm.shape != self.perm.shape, f"perm has shape {tuple(perm.shape)}, this model needs "
-                                                  f"{tuple(self.perm.shape)}: its vocab_size differs")
-            refuse(perm.is_floating_point() or not bool(((perm >= 0) & (perm < 2 ** self.K)).all())
-                   or len(perm.unique()) != len(perm), f"perm is not {len(perm)} distinct {self.K}-bit ids")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+def repeated_rows(rows):
+    """(N,) bool: True for every row equal to an earlier one."""
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    order = torch.arange(len(rows), device=rows.device)
+    first = torch.full((len(rows),), len(rows), device=rows.device).scatter_reduce(0, inverse, order, "amin")
+    return first[inverse] != order
+
+
+def draw_wide_codes(V, width, seed):
+    """(V, width) uint8 0/1 rows, all distinct: uniform bits, a repeated row drawn again until none is left."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2, (V, width), generator=g, dtype=torch.uint8, device="cpu")
+    while (repeated := repeated_rows(codes)).any():
+        codes[repeated] = torch.randint(0, 2, (int(repeated.sum()), width), generator=g, dtype=torch.uint8, device="cpu")
+    return codes
 
 
 class RandomWideCode(BinaryCode):
@@ -272,15 +317,6 @@ class RandomWideCode(BinaryCode):
 
     def bits(self, idx):
         return self.codebook[idx]
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        codebook = state_dict.get(prefix + "codebook")
-        if codebook is not None:
-            refuse(codebook.shape != self.codebook.shape, f"codebook has shape {tuple(codebook.shape)}, this "
-                                                          f"model needs {tuple(self.codebook.shape)}")
-            refuse(not bool(((codebook == 0) | (codebook == 1)).all()), "codebook holds values other than 0 and 1")
-            refuse(bool(first_duplicates(codebook).any()), "codebook gives two ids the same code")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LearnedLift(BinaryCode):
@@ -332,162 +368,31 @@ CODES = {
     "learned": LearnedTable,
     "frozen_random": FrozenRandomTable,
 }
-INPUT_CODES = CODES.keys()  # a live view: a code registered later is in it too
-BASELINE_CODE = "learned"   # what report.py compares every code to
+BASELINE_CODE = "learned"  # what report.py compares every code to
 
 
-def choices(names):
-    return ", ".join(repr(name) for name in names)
+# ------------------------------------------------------------------------------------ the decoder
+
+def rotary_tables(config):
+    """cos and sin of the rotary angles, each (block_size, head_size): position p turns the channel
+    pair (i, i + head_size/2) by p * rope_theta^(-2i / head_size), so both halves hold the same angles."""
+    head_size = config.n_embd // config.n_head
+    inv_freq = config.rope_theta ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq).repeat(1, 2)
+    return angles.cos(), angles.sin()
 
 
-def readers(name):
-    """The codes that use GPTConfig field `name`."""
-    return [code for code, cls in CODES.items() if name in cls.reads]
-
-
-def require(ok, message):
-    if not ok:
-        raise ValueError(message)
-
-
-def code_field(default, help):
-    return field(default=default, metadata={"help": help, "code": True})
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = field(default=65536, metadata={"help": "V, the number of token ids (from the dataset's meta.json)"})
-    block_size: int = field(default=1024, metadata={"help": "context length in tokens"})
-    n_layer: int = field(default=32, metadata={"help": "transformer blocks"})
-    n_head: int = field(default=32, metadata={"help": "attention heads; n_embd / n_head must be even (rotary)"})
-    n_embd: int = field(default=1024, metadata={"help": "model width"})
-    input_code: str = code_field("fixed_min", f"the input interface: {choices(CODES)} (model.CODES)")
-    code_values: str = code_field("bipolar", "what a code bit becomes: 'bipolar' {-1, +1} or 'binary' {0, 1}")
-    code_scale: float = code_field(1.0, "the code's values are multiplied by this (finite, nonzero)")
-    code_seed: int = code_field(0, f"draws the random codes of {choices(readers('code_seed'))}")
-    code_layout: str = code_field("tile", f"code bits to channels: {choices(LAYOUTS)}; channel j carries bit "
-                                          f"j mod W (tile) or floor(j W / n_embd) (repeat)")
-    code_width: int = code_field(0, f"bits per code of {choices(readers('code_width'))}: above K = ceil(log2 V), "
-                                    f"e.g. 64 or 256; 0 for the other codes")
-    norm: str = field(default="rmsnorm", metadata={"help": "'rmsnorm' or 'layernorm' (model.py says why not LayerNorm)"})
-    bias: bool = field(default=False, metadata={"help": "biases in the linear layers and LayerNorm"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
-    rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base"})
-
-    def __post_init__(self):
-        closest = difflib.get_close_matches(self.input_code, CODES, 1)
-        require(self.input_code in CODES, f"input_code must be one of {choices(CODES)}, got {self.input_code!r}"
-                                          + (f" (did you mean {closest[0]!r}?)" if closest else ""))
-        require(self.code_values in ("bipolar", "binary"), f"code_values must be 'bipolar' or 'binary', got {self.code_values!r}")
-        require(self.code_layout in LAYOUTS, f"code_layout must be one of {choices(LAYOUTS)}, got {self.code_layout!r}")
-        require(math.isfinite(self.code_scale) and self.code_scale != 0, f"code_scale must be finite and nonzero, got {self.code_scale}")
-        require(self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
-        require(self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}")
-        require(min(self.block_size, self.n_head, self.n_embd) >= 1 and self.n_layer >= 0,
-                "block_size, n_head and n_embd must be positive and n_layer not negative")
-        require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        require((self.n_embd // self.n_head) % 2 == 0, f"the head size n_embd/n_head must be even for rotary embeddings")
-        code = CODES[self.input_code]
-        require(isinstance(code, type) and issubclass(code, InputCode) and issubclass(code, nn.Module),
-                f"CODES[{self.input_code!r}] must be an nn.Module subclass of model.InputCode, got {code!r}")
-        for name in ("code_layout", "code_width"):  # newer than any checkpoint that could set them in vain
-            require(getattr(self, name) == GPTConfig.__dataclass_fields__[name].default or name in code.reads,
-                    f"{name} applies to input_code {choices(readers(name))} only, not {self.input_code!r}")
-        code.check(self)
-
-
-def code_fields():
-    """The GPTConfig fields that set the input code (metadata 'code'): what a variant may differ in from its baseline."""
-    return [f.name for f in fields(GPTConfig) if f.metadata.get("code")]
-
-def make_norm(config):
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm, with a backward of its own when it trains in float32 on a CPU: torch has no fused
-    RMSNorm kernel there, and autograd through the pieces of the formula took 0.60 ms a call forward
-    and backward where this takes 0.39 (LayerNorm: 0.25; BENCHMARKS.md). Elsewhere, and under
-    torch.compile, the standard F.rms_norm."""
-
-    def forward(self, x):
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            return RMSNormCPU.apply(x, self.weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
-        return super().forward(x)
-
-
-class RMSNormCPU(torch.autograd.Function):
-    """y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps) over the last dimension. Its gradient
-    is grad_x = rstd * (g - xhat * mean(g * xhat)) with g = grad * weight and xhat = x * rstd. LayerNorm's
-    gradient, given a mean of zero, is that less rstd * mean(g), the term for its mean: so the backward
-    is LayerNorm's fused kernel and one correction, where the formula as written takes eight passes."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        size = x.size(-1)
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
-        ctx.save_for_backward(x, weight, rstd)
-        return torch.mul(x, rstd).mul_(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        size = x.size(-1)
-        grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
-            grad, x, [size], torch.zeros_like(rstd), rstd, weight, None, [True, ctx.needs_input_grad[1], False])
-        rstd_mean_g = torch.mv(grad.reshape(-1, size), weight).div_(size).view(rstd.shape).mul_(rstd)
-        return grad_x.add_(rstd_mean_g), grad_weight, None
-
-
-def turn(x, cos, sin, sign=1, out=None):
-    """x (..., T, head_size) with the pair (i, i + head_size/2) turned by sign times its position's
-    angle: cos is (T, head_size), [cos, cos]; sin is (T, head_size/2). One product over the head and
-    two multiply-adds over its halves, computed in cos's dtype, into out (x's shape), or a new tensor of
-    x's dtype when out is None."""
-    h = x.size(-1) // 2
-    direct = out is not None and out.dtype == cos.dtype and not torch.compiler.is_compiling()  # no strided out= there
-    turned = torch.mul(x, cos, out=out if direct else None)
-    turned[..., :h].addcmul_(x[..., h:], sin, value=-sign)  # x1 cos - x2 sin
-    turned[..., h:].addcmul_(x[..., :h], sin, value=sign)   # x2 cos + x1 sin
-    if out is None:
-        return turned.to(x.dtype)
-    return turned if direct else out.copy_(turned)
-
-
-class HeadsWithRotary(torch.autograd.Function):
-    """The attention's projection (B, T, 3 * n_embd) -> queries and keys turned by the rotary
-    embedding, and values, each (B, n_head, T, head_size). Its backward turns the gradients by the
-    opposite angle straight into one gradient of the projection, where autograd through split, turn
-    and unbind concatenates them twice more. A layer's attention, forward and backward, on a CPU:
-    6.16 ms with it, 6.55 with autograd through those, 5.23 without rotary (BENCHMARKS.md)."""
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin, n_head):
-        B, T, three_c = qkv.shape
-        heads = qkv.view(B, T, 3, n_head, three_c // (3 * n_head)).permute(2, 0, 3, 1, 4)
-        q, k = turn(heads[:2], cos, sin).unbind(0)  # queries and keys turned together: half the ops
-        ctx.save_for_backward(cos, sin)
-        return q, k, heads[2]
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_k, grad_v):
-        cos, sin = ctx.saved_tensors
-        B, n_head, T, head_size = grad_v.shape
-        grad = grad_v.new_empty(B, T, 3, n_head, head_size)
-        heads = grad.permute(2, 0, 3, 1, 4)
-        turn(grad_q, cos, sin, sign=-1, out=heads[0])
-        turn(grad_k, cos, sin, sign=-1, out=heads[1])
-        heads[2].copy_(grad_v)
-        return grad.view(B, T, 3 * n_head * head_size), None, None, None
+def rotate(x, cos, sin):
+    """Rotary position embedding (RoFormer): x (..., T, head_size) with each pair (x1, x2) = (i, i +
+    head_size/2) turned by its position's angle, (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)  # the tables are float32; x may be bf16
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.layer = layer
+        self.layer = layer  # which of the cache's layers holds this one's keys and values
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -496,8 +401,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, C = x.shape
-        q, k, v = HeadsWithRotary.apply(self.c_attn(x), cos, sin, self.n_head)
-        mask, causal = None, True  # causal with T = 1 is one query seeing one key: no need to test T
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, nh, T, hs)
+        mask, causal = None, True
         if kv_cache is not None:
             k, v, mask, causal = kv_cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -516,6 +422,12 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
+def make_norm(config):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -527,6 +439,32 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, kv_cache=None):
         x = x + self.attn(self.norm_1(x), cos, sin, kv_cache)
         return x + self.mlp(self.norm_2(x))
+
+
+class SimpleKVCache:
+    """Keys and values of every layer, for rows that all hold the same positions: GPT.generate's cache.
+
+    The attention asks a cache three things, and engine.py's cache, whose rows hold sequences of
+    different lengths, answers them too: begin(B, T, device) before a forward of T new tokens on rows
+    0..B-1, giving their positions (an int: all rows start there; or a (B, T) tensor); update(layer,
+    k, v), which stores a layer's new keys and values and returns (all keys, all values, the attention
+    mask or None, whether plain causal attention applies); advance(B, T) after the forward."""
+
+    def __init__(self, n_layer):
+        self.keys, self.values = [None] * n_layer, [None] * n_layer
+        self.length = 0
+
+    def begin(self, B, T, device):
+        return self.length
+
+    def update(self, layer, k, v):
+        if self.length:  # generate runs a prompt into an empty cache, then one token at a time
+            k, v = torch.cat((self.keys[layer], k), dim=2), torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v, None, self.length == 0  # one new token sees every key; a prompt attends causally
+
+    def advance(self, B, T):
+        self.length += T
 
 
 class GPT(nn.Module):
@@ -542,11 +480,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        head_size = config.n_embd // config.n_head
-        inv_freq = config.rope_theta ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
-        self.register_buffer("rope_cos", torch.cat((angles.cos(), angles.cos()), -1), persistent=False)  # (block_size, head_size)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)  # (block_size, head_size / 2)
+        cos, sin = rotary_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         for part in (self.blocks, self.norm_f, self.lm_head, self.embed):
             for name, module in part.named_modules():
                 self._init_weights(module, name, init_rng)
@@ -571,7 +507,7 @@ class GPT(nn.Module):
         positions = kv_cache.begin(B, T, idx.device) if kv_cache is not None else 0
         if isinstance(positions, int):
             cos, sin = self.rope_cos[positions:positions + T], self.rope_sin[positions:positions + T]
-        else:  # each row at its own positions: (B, 1, T, hs) and (B, 1, T, hs/2), broadcast over the heads
+        else:  # each row at its own positions: (B, 1, T, hs), broadcast over the heads
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.drop(self.embed(idx).to(self.lm_head.weight.dtype))  # the codes are float32; weights may be bf16
         for block in self.blocks:
@@ -587,11 +523,38 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
-        """idx (B, T) followed by up to max_new_tokens sampled tokens; temperature=0 is greedy."""
-        from engine import generate_stream
-        new = list(generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
-        return torch.cat([idx] + new, dim=1)
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, generator=None):
+        """idx (B, T) followed by up to max_new_tokens tokens, each drawn from the softmax of the last
+        logits / temperature (from the top_k most likely only, if given; temperature 0 is greedy). The
+        model sees the last block_size tokens: a KV cache makes each step one token's forward until the
+        context is full, then each step recomputes the window, as a model that crops its input would.
+        Rows that produced eos_id keep emitting it; generation stops when every row has."""
+        cache = SimpleKVCache(self.config.n_layer)
+        logits, _ = self(idx[:, -self.config.block_size:], kv_cache=cache)
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            if step > 0 and cache.length == self.config.block_size:
+                cache = SimpleKVCache(self.config.n_layer)
+                logits, _ = self(idx[:, -self.config.block_size:], kv_cache=cache)
+            elif step > 0:
+                logits, _ = self(token, kv_cache=cache)
+            logits = logits[:, -1].float()
+            if temperature == 0:
+                token = logits.argmax(dim=-1, keepdim=True)
+            else:  # the top logit moved to 0 first: a tiny temperature then gives -inf, not nan
+                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+            if eos_id is not None:
+                token = torch.where(done, eos_id, token)
+                done |= token == eos_id
+            idx = torch.cat((idx, token), dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        return idx
 
     def param_counts(self):
         """Trainable parameters in all and in the input interface, and the fixed values the input holds."""
@@ -612,13 +575,3 @@ class GPT(nn.Module):
         counts = self.param_counts()
         cfg = self.config
         return 6 * (counts["trainable"] - counts["input_trainable"]) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-
-# Dense bf16 tensor-core peaks (FLOP/s), for MFU. The first key found in torch.cuda.get_device_name()
-# wins, so the H100 variants come before "H100" (the SXM part).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
-
-
-def peak_flops(device_name):
-    """The bf16 peak of a GPU called device_name, or None when it is not in the table (MFU unknown)."""
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)

@@ -34,7 +34,7 @@ import sys
 from checkpoint import CheckpointError, build_model, load_checkpoint
 from common import UserError, atomic_write, run_main
 from configurator import parse_config, split_settings
-from model import BASELINE_CODE, INPUT_CODES, code_fields
+from model import BASELINE_CODE, CODES, code_fields
 from training import DEFAULTS as TRAIN_DEFAULTS
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -101,7 +101,7 @@ def group_variants(runs):
     for run in runs:
         key = (run["settings"]["input_code"], tuple((k, run["settings"].get(k)) for k in differing))
         variants.setdefault(key, []).append(run)
-    order = {code: i for i, code in enumerate(INPUT_CODES)}
+    order = {code: i for i, code in enumerate(CODES)}
 
     def rank(item):  # the codes in the paper's order; under each, its default settings first
         code, name = item[0][0], label(item[0])
@@ -330,7 +330,7 @@ def paired_gaps(rows):
         if row["cell"]["seed"] in seen:
             fail(f"two results rows for {row['cell']}{differing(seen[row['cell']['seed']], row)}")
         seen[row["cell"]["seed"]] = row
-    order = {code: i for i, code in enumerate(INPUT_CODES)}
+    order = {code: i for i, code in enumerate(CODES)}
     gaps = []
     for setting in sorted(cells, key=setting_order):
         baseline = cells[setting].get(BASELINE_CODE, {})

@@ -167,3 +167,14 @@ def train_step(train_model, raw_model, optimizer, scaler, autocast, batches, gra
     # allocate fresh gradients beside the buckets
     optimizer.zero_grad(set_to_none=not ddp)
     return loss_sum
+
+
+# Dense bf16 tensor-core peaks (FLOP/s), for MFU. The first key found in torch.cuda.get_device_name()
+# wins, so the H100 variants come before "H100" (the SXM part).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops(device_name):
+    """The bf16 peak of a GPU called device_name, or None when it is not in the table (MFU unknown)."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)

@@ -79,14 +79,14 @@ class FixedCodeGPTForCausalLM(PreTrainedModel, GenerationMixin):
         """from_pretrained builds the model on the meta device, loads model.safetensors, and then calls
         this on every module holding a tensor it did not load. Those are only model.py's non-persistent
         buffers (rotary tables, the input code's bit indices), which follow from the config alone: copy
-        them from a model of the same config without blocks, built on the CPU. Loaded weights and the
+        them from a model of the same config with one block, built on the CPU. Loaded weights and the
         code's persistent buffers (A and b, perm, codebook, ...) are never touched."""
         if not module._non_persistent_buffers_set:
             return
         prefix = next(name for name, m in self.gpt.named_modules() if m is module)
         if not hasattr(self, "_fresh_buffers"):
             with torch.device("cpu"):
-                fresh = GPT(replace(self.config.gpt_config(), n_layer=0))
+                fresh = GPT(replace(self.config.gpt_config(), n_layer=1))  # the fewest blocks a GPT has
             self._fresh_buffers = {f"{name}.{b}".lstrip("."): getattr(m, b) for name, m in fresh.named_modules()
                                    for b in m._non_persistent_buffers_set}
         for name in module._non_persistent_buffers_set:

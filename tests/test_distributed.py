@@ -20,8 +20,8 @@ import distributed
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import REPO, TINY_MODEL as TINY
-from model import GPT, INPUT_CODES, GPTConfig, peak_flops
-from training import DEFAULTS, dropout_seed, load_optimizer_state, read_batch, to_device
+from model import CODES, GPT, GPTConfig
+from training import DEFAULTS, dropout_seed, load_optimizer_state, peak_flops, read_batch, to_device
 from test_codes import code_settings
 
 
@@ -179,7 +179,7 @@ def test_ddp_keeps_gradients_in_its_buckets_syncs_no_buffers_and_no_step_keeps_t
     assert len(rebuilt) < report["params"] and all(s == rebuilt for s in later), report["storages"]
 
 
-@pytest.mark.parametrize("input_code", INPUT_CODES)
+@pytest.mark.parametrize("input_code", CODES)
 def test_buffers_do_not_depend_on_the_global_rng_so_every_rank_builds_the_same(input_code):
     """What lets DDP skip broadcasting buffers: they are a function of the config alone."""
     config = GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=32, block_size=16,
