@@ -107,6 +107,17 @@ def test_a_subword_vocabulary_gets_its_columns_pairs_and_a_figure(subword, tmp_p
     assert result["pairs"] >= 2 and -1 <= layer["pair_cosine"] <= 1
 
 
+def test_runs_of_different_depths_are_compared_by_relative_depth(trained_checkpoint, shakespeare_bytes, tmp_path):
+    shallow = tmp_path / "one_layer"
+    run_in_process("train.py", f"--dataset={shakespeare_bytes}", f"--out_dir={shallow}", *TINY_MODEL, "--n_layer=1",
+                   "--batch_size=8", "--max_iters=10", "--eval_interval=10", "--eval_iters=1", "--warmup_iters=2",
+                   "--lr_decay_iters=10", "--log_interval=10")
+    runs = [trained_checkpoint("fixed_min"), str(shallow)]
+    result = analysis(runs, tmp_path, f"--plot={tmp_path / 'depths.png'}")
+    assert [[layer["relative_depth"] for layer in run["layers"]] for run in result["runs"]] == [[0, 0.5, 1], [0, 1]]
+    assert (tmp_path / "depths.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, shakespeare_bytes, trained_checkpoint, subword):
     root = tmp_path_factory.mktemp("bad")
@@ -127,6 +138,7 @@ BAD = {  # name: (arguments, what the one line says); RUN is the bytes fixed_min
     "different vocabularies": (["--runs={run},{sub_run}"], "runs of different vocabularies"),
     "dataset of another vocabulary": (["--runs={run}", "--dataset={sub_data}"], "but the runs were trained on bytes"),
     "runs of different datasets": (["--runs={run},{bad}/other_run"], "--dataset=NAME"),
+    "no such dataset": (["--runs={run}", "--dataset={bad}/nowhere"], "not found"),
     "no train split": (["--runs={run}", "--dataset={bad}/no_train"], "has no train split"),
     "no positions": (["--runs={run}", "--positions=0"], "must be at least 1"),
     "negative seed": (["--runs={run}", "--seed=-1"], "seed must be 0 or more"),
