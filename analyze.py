@@ -213,7 +213,7 @@ def fit_probe(x, y):
     means = torch.zeros(len(classes), x.size(1), dtype=x.dtype).index_add_(0, inverse, x) / counts[:, None]
     within = x - means[inverse]
     covariance = within.T @ within / len(x)
-    ridge = RIDGE * float(x.var(0).mean()) or RIDGE  # a constant input (one class) has no variance
+    ridge = RIDGE * float(x.var(0, correction=0).mean()) or RIDGE  # a constant input has no variance
     W = torch.linalg.solve(covariance + ridge * torch.eye(x.size(1), dtype=x.dtype), means.T)
     b = -0.5 * (means * W.T).sum(1) + torch.log(counts / len(x))
     return classes, centre.float(), W.float(), b.float()
@@ -223,7 +223,7 @@ def fit_softmax(x, y):
     """Multinomial logistic regression on (x, y), full-batch Adam from zeros, in fit_probe's form."""
     classes, inverse = torch.unique(y, return_inverse=True)
     centre = x.mean(0)
-    scale = float(x.std()) or 1.0  # one scale for all channels: a channel constant in train stays silent
+    scale = float(x.std(correction=0)) or 1.0  # one scale for all channels: a channel constant in train stays silent
     xs = (x - centre) / scale
     W = torch.zeros(x.size(1), len(classes), requires_grad=True)
     b = torch.zeros(len(classes), requires_grad=True)
@@ -342,6 +342,9 @@ def analyze_run(run, data, cfg, device, dtype):
         for name, target in targets.items():
             y_train, y_val = target(train_ids), target(val_ids)
             fit, score = y_train >= 0, y_val >= 0
+            if not (fit.any() and score.any()):  # too few positions for this column (no letter among them)
+                probes[name].append(None)
+                continue
             probe = (fit_softmax if cfg["probe"] == "softmax" else fit_probe)(train_states[fit, layer], y_train[fit])
             probes[name].append(probe_accuracy(probe, val_states[score, layer], y_val[score]))
 
@@ -370,17 +373,22 @@ def references(data, val_ids, train_ids):
                             "from the current id alone (the train split's reverse bigram table)")}
     for name, prop in data["properties"].items():
         y_val, y_train = prop[current], prop[train_ids[0]]
-        majority = torch.bincount(y_train[y_train >= 0]).argmax()
-        refs[name] = (fraction(y_val[y_val >= 0] == majority), "majority class (of the train positions)")
+        y_val, y_train = y_val[y_val >= 0], y_train[y_train >= 0]
+        majority = torch.bincount(y_train).argmax() if len(y_train) else -1
+        refs[name] = (fraction(y_val == majority), "majority class (of the train positions)")
     return refs
 
 
 def fraction(hits):
-    """The share of True in a bool tensor, counted exactly (as the probes' accuracies are)."""
-    return int(hits.sum()) / len(hits)
+    """The share of True in a bool tensor, counted exactly (as the probes' accuracies are); None if empty."""
+    return int(hits.sum()) / len(hits) if len(hits) else None
 
 
 # ------------------------------------------------------------------------------ table and figure
+
+def shown(value):
+    return "-" if value is None else f"{value:.3f}"
+
 
 def table(results):
     columns = list(results[0]["layers"][0]["probes"])
@@ -388,9 +396,9 @@ def table(results):
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for result in results:
         for layer in result["layers"]:
-            cos = [f"{layer[k]:.3f}" if layer[k] is not None else "-" for k in ("pair_cosine", "shuffled_pair_cosine")]
+            cos = [shown(layer[k]) for k in ("pair_cosine", "shuffled_pair_cosine")]
             cells = [result["label"], str(layer["layer"]), f"{layer['relative_depth']:.2f}",
-                     f"{layer['lens_loss']:.4f}", *(f"{layer['probes'][c]:.3f}" for c in columns), *cos]
+                     f"{layer['lens_loss']:.4f}", *(shown(layer["probes"][c]) for c in columns), *cos]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -425,12 +433,14 @@ def plot(results, title, path):
                           label=f"{result['label']}: shuffled")
     for panel, column in enumerate(columns, start=1):  # the reference each probe column is judged against
         value, meaning = results[0]["references"][column]
-        axes.flat[panel].axhline(value, color="grey", ls=":", lw=1, label=meaning.split(" (")[0])
+        if value is not None:
+            axes.flat[panel].axhline(value, color="grey", ls=":", lw=1, label=meaning.split(" (")[0])
     for ax, name in zip(axes.flat, panels):
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("relative depth (layer / n_layer)" if relative else "layer (0: the input)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # the geometry panel is empty without pairs
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
@@ -508,7 +518,7 @@ def main(argv):
                f"positions (seed {cfg['seed']}); {first['pairs']} pairs of {pair_kind}")
     print(summary + ".\n")
     lines = dict.fromkeys(  # runs of one block_size share their positions, so their references
-        f"{column}: {value:.3f}, {meaning}"
+        f"{column}: {shown(value)}, {meaning}"
         for result in results for column, (value, meaning) in result["references"].items())
     print("references (what each probe column is judged against):\n" + "\n".join(f"- {line}" for line in lines))
     print("\n" + table(results))

@@ -177,3 +177,9 @@ def test_the_softmax_probe_also_reads_a_fixed_code_exactly_and_no_previous_token
     at_input = result["layers"][0]["probes"]
     assert at_input["current id"] == result["references"]["current id"][0] > 0.9
     assert at_input["previous id"] <= result["references"]["previous id"][0]
+
+
+def test_positions_too_few_for_a_column_leave_it_empty(trained_checkpoint, tmp_path):
+    result = analysis([trained_checkpoint("fixed_min")], tmp_path, "--positions=1", "--train_positions=1")["runs"][0]
+    assert result["val_positions"] == 1 and result["pairs"] == 0
+    assert result["layers"][0]["probes"]["previous id"] is None  # the one position starts its window
