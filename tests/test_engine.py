@@ -1,5 +1,5 @@
 """engine.py: rows of different lengths in one KV cache decode as each alone (what serve.py's batches
-rely on); compiled generation neither breaks its graph nor compiles again for each new prompt length
+rely on); generate_stream gives GPT.generate's tokens; compiled generation neither breaks its graph nor compiles again for each new prompt length
 or window refill; sample_next's filters, and valid draws for any temperature > 0 and top_p in (0, 1];
 and the continuous-batching Engine driven step by step on a trained checkpoint."""
 import queue
@@ -35,6 +35,23 @@ def test_rows_of_different_lengths_decode_as_each_alone():
     batched = torch.tensor(tokens).view(-1, len(prompts)).T
     for ids, row in zip(prompts, batched):
         assert torch.equal(model.generate(ids[None], 11, temperature=0)[0, len(ids):], row)
+
+
+def test_generate_stream_gives_model_generates_tokens_past_the_context_and_after_the_end():
+    """The Engine's path (generate_stream) and model.py's plain loop (GPT.generate) agree: greedy rows
+    past block_size (the window refills), rows that reached eos_id repeating it, and a seeded draw."""
+    model = small()
+    prompt = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(1))
+    stream = lambda *args, **kwargs: torch.cat(list(generate_stream(model, *args, **kwargs)), dim=1)
+    plain = model.generate(prompt, 40, temperature=0)
+    assert torch.equal(stream(prompt, 40, temperature=0), plain[:, 20:])
+    eos = int(plain[0, 25])
+    ended = stream(prompt, 40, temperature=0, eos_id=eos)
+    assert torch.equal(ended, model.generate(prompt, 40, temperature=0, eos_id=eos)[:, 20:])
+    assert (ended[0, 5:] == eos).all()
+    drawn = stream(prompt[:1], 40, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, model.generate(prompt[:1], 40, temperature=0.8, top_k=50,
+                                             generator=torch.Generator().manual_seed(3))[:, 20:])
 
 
 def test_compiled_generation_has_no_graph_break_and_few_graphs():
