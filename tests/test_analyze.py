@@ -25,6 +25,12 @@ def analysis(runs, tmp_path, *args):
     return json.loads(out.read_text())
 
 
+def train_briefly(dataset, out_dir, steps, layers=2):
+    run_in_process("train.py", f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY_MODEL, f"--n_layer={layers}",
+                   "--batch_size=8", "--gradient_accumulation_steps=1", f"--max_iters={steps}", "--eval_iters=1",
+                   f"--eval_interval={steps}", "--warmup_iters=2", f"--lr_decay_iters={steps}", f"--log_interval={steps}")
+
+
 @pytest.fixture(scope="module")
 def bytes_runs(trained_checkpoint):
     return [trained_checkpoint("fixed_min"), trained_checkpoint("learned")]
@@ -43,10 +49,15 @@ def subword(tmp_path_factory):
         (root / "part.txt").write_text(f.read(200_000))
     run_in_process("prepare.py", f"--input={root / 'part.txt'}", "--dataset=sub", "--encoding=cl100k_512",
                    f"--out_root={root}", "--workers=1")
-    run_in_process("train.py", f"--dataset={root / 'sub'}", f"--out_dir={root / 'run'}", *TINY_MODEL,
-                   "--batch_size=8", "--max_iters=20", "--eval_interval=20", "--eval_iters=1", "--warmup_iters=2",
-                   "--lr_decay_iters=20", "--log_interval=10")
+    train_briefly(root / "sub", root / "run", steps=20)
     return str(root / "sub"), str(root / "run")
+
+
+@pytest.fixture(scope="module")
+def subword_analysis(subword, tmp_path_factory):
+    """analyze.py's --json of the subword run, and the folder where it drew its --plot (inside.png)."""
+    folder = tmp_path_factory.mktemp("subword_analysis")
+    return analysis([subword[1]], folder, f"--plot={folder / 'inside.png'}")["runs"][0], folder
 
 
 def test_the_lens_last_layer_is_eval_py_loss_on_the_same_tokens(bytes_runs, bytes_analysis, tmp_path):
@@ -61,13 +72,12 @@ def test_the_lens_last_layer_is_eval_py_loss_on_the_same_tokens(bytes_runs, byte
         assert len(lens) == result["n_layer"] + 1 and lens[0] > lens[-1]
 
 
-def test_a_fixed_code_is_read_exactly_at_the_input(bytes_analysis, subword, tmp_path):
+def test_a_fixed_code_is_read_exactly_at_the_input(bytes_analysis, subword_analysis):
     fixed_min = bytes_analysis["runs"][0]
     assert fixed_min["input_code"] == "fixed_min"
     ceiling, _ = fixed_min["references"]["current id"]  # val positions whose id the probe saw in train
     assert fixed_min["layers"][0]["probes"]["current id"] == ceiling > 0.99
-    dataset, run = subword  # 512 ids, most of them rare: the ceiling is well below 1
-    result = analysis([run], tmp_path)["runs"][0]
+    result, _ = subword_analysis  # 512 ids, most of them rare: the ceiling is well below 1
     ceiling, _ = result["references"]["current id"]
     assert result["layers"][0]["probes"]["current id"] == ceiling < 0.999
 
@@ -96,11 +106,9 @@ def test_probe_scores_are_a_function_of_the_seed(bytes_runs, bytes_analysis, tmp
     assert scores(analysis(bytes_runs, tmp_path, "--seed=2")) != scores(bytes_analysis)
 
 
-def test_a_subword_vocabulary_gets_its_columns_pairs_and_a_figure(subword, tmp_path):
-    dataset, run = subword
-    run_in_process("analyze.py", f"--runs={run}", f"--plot={tmp_path / 'inside.png'}", *SMALL)
-    assert (tmp_path / "inside.png").read_bytes()[:4] == b"\x89PNG"
-    result = analysis([run], tmp_path)["runs"][0]
+def test_a_subword_vocabulary_gets_its_columns_pairs_and_a_figure(subword_analysis):
+    result, folder = subword_analysis
+    assert (folder / "inside.png").read_bytes()[:4] == b"\x89PNG"
     layer = result["layers"][0]
     assert set(layer["probes"]) == {"current id", "previous id", "word start (leading space + letter)",
                                     "frequency band (train quarters)"}
@@ -109,9 +117,7 @@ def test_a_subword_vocabulary_gets_its_columns_pairs_and_a_figure(subword, tmp_p
 
 def test_runs_of_different_depths_are_compared_by_relative_depth(trained_checkpoint, shakespeare_bytes, tmp_path):
     shallow = tmp_path / "one_layer"
-    run_in_process("train.py", f"--dataset={shakespeare_bytes}", f"--out_dir={shallow}", *TINY_MODEL, "--n_layer=1",
-                   "--batch_size=8", "--max_iters=10", "--eval_interval=10", "--eval_iters=1", "--warmup_iters=2",
-                   "--lr_decay_iters=10", "--log_interval=10")
+    train_briefly(shakespeare_bytes, shallow, steps=10, layers=1)
     runs = [trained_checkpoint("fixed_min"), str(shallow)]
     result = analysis(runs, tmp_path, f"--plot={tmp_path / 'depths.png'}")
     assert [[layer["relative_depth"] for layer in run["layers"]] for run in result["runs"]] == [[0, 0.5, 1], [0, 1]]
