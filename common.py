@@ -2,12 +2,15 @@
 The helpers every script shares, importing nothing from this repository: the user-error type and the
 entry point (run_main) that turns it, Ctrl-C and SIGTERM into one line; the one way signals are
 handled (StopSignals); device and precision (one `auto` rule, one help text each); a dataset's folder
-and meta.json; atomic file writes; did-you-mean suggestions.
+and meta.json; the hashes of the code and the data that sweep.py records with each result; atomic file
+writes; did-you-mean suggestions.
 
 torch is imported inside the functions that use it, so that prepare.py, which needs no torch, starts
 in a fraction of a second.
 """
+import ast
 import difflib
+import hashlib
 import json
 import os
 import signal
@@ -174,6 +177,51 @@ def load_meta(dataset):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: it was not written by prepare.py; run it again")
     return meta
+
+
+def data_hash(dataset):
+    """sha256 (16 hex digits) of a dataset's meta.json and token files: the tokens a run trained and was scored on."""
+    digest = hashlib.sha256()
+    folder = data_dir(dataset)
+    for name in ("meta.json", "train.bin", "val.bin", "test.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            file_digest = hashlib.sha256()
+            with open(os.path.join(folder, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    file_digest.update(block)
+            digest.update(name.encode() + b"\0" + file_digest.digest())
+    return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ code version
+
+def code_files():
+    """train.py, eval.py and every module of this repository they import, transitively: the code that
+    decides a run's losses (and some that does not, such as error texts: a change there counts too)."""
+    todo, found = ["train.py", "eval.py"], set()
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            files = [f"{module.split('.')[0]}.py" for module in modules]
+            todo += [file for file in files if os.path.isfile(os.path.join(REPO, file))]
+    return sorted(found)
+
+
+def code_hash():
+    """sha256 (16 hex digits) over the names and contents of code_files(): runs of one code hash were made
+    by the same code, whatever the commit (uncommitted edits count)."""
+    digest = hashlib.sha256()
+    for name in code_files():
+        with open(os.path.join(REPO, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ files

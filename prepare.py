@@ -5,6 +5,7 @@ Text -> data/DATASET/train.bin, val.bin, optionally test.bin (raw little-endian 
     python prepare.py --input=assets/tinyshakespeare.txt.gz --dataset=shakespeare
     python prepare.py --input=assets/tinyshakespeare.txt.gz --dataset=study_bytes --encoding=bytes --test_fraction=0.1
     python prepare.py --input=assets/tinyshakespeare.txt.gz --dataset=shakespeare_4096 --encoding=cl100k_4096
+    python prepare.py --input=assets/novels/ --dataset=novels --encoding=bytes   # the second corpus: two novels
     python prepare.py --input='shards/,more/*.jsonl.gz' --dataset=mine --encoding=bytes
     python prepare.py --input=web/ --input2=books.parquet --mix=0.7 --dataset=mine   # two local streams, mixed
     python prepare.py --hf=fineweb-edu+cosmopedia            # needs `pip install datasets` and a network
@@ -26,7 +27,8 @@ characters, so even one .txt file has documents for a validation split; the blan
 dropped. Text with no blank line for 8 doc_chars is cut at a line end, and a line longer than that (a
 file with no line breaks) after a space. On disk the end-of-text token PRECEDES every document: each
 document, the first one too, starts right after eot, which is exactly what a generation prompted with
-eot sees.
+eot sees. A UTF-8 byte-order mark at the start of a file is dropped, with a note; Windows line ends
+(CRLF) in plain text are kept and counted in a note.
 
 Split. A document goes to val when a hash of (seed, its text) is below --val_fraction, to test when it
 is below val_fraction + --test_fraction, else to train: the same input gives byte-identical files
@@ -42,6 +44,11 @@ comes from the stream furthest below its share of tokens (--mix for the first; N
 shares), until --max_tokens or until a stream runs out (then it stops, so the shares hold). --hf
 defaults to the paper's 17B-token budget; fineweb-edu's sample-10BT holds about 10B tokens, so a --mix
 above ~0.55 needs a bigger sample (--hf_fineweb_edu=HuggingFaceFW/fineweb-edu:sample-100BT).
+
+Replacing. A dataset folder holding data of other sources or settings (meta.json differs in encoding,
+sources, split fractions, seed, doc_chars, text_field, max_tokens or mix) is replaced only with
+--overwrite=True; the same input and settings again rewrite it identically. A split that takes far
+more than its share of the tokens (too few documents) gets a note naming --val_fraction / --doc_chars.
 
 Checks. Every setting and every input file is checked before anything is written: a bad value, a
 missing or unreadable file, a parquet file without the text column, an unknown encoding or an
@@ -120,6 +127,8 @@ SETTINGS = {  # key: (default, meaning)
                   "None: 0.5"),
     "max_tokens": (None, f"stop before this many tokens in all, eot included (a whole number; 1e9 works); "
                          f"None: all the input, {HF_MAX_TOKENS:,.0f} with --hf"),
+    "overwrite": (False, "True: replace a dataset prepared from other sources or settings (encoding, splits, ...); "
+                         "the same input and settings again are always rewritten, identically"),
     "workers": (CPUS, "tokenizer processes, at least 1 (1: no pool); default: the CPUs this process may use"),
     "out_root": (os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"),
                  "writes OUT_ROOT/DATASET (default: data/ beside prepare.py)"),
@@ -128,6 +137,9 @@ DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
 Document = namedtuple("Document", "tokens n_bytes split_key")  # tokens: uint16, eot first
 WRITTEN = ("train.bin", "val.bin", "test.bin", "meta.json")  # all that OUT_ROOT/DATASET ever holds
+# meta.json's keys that say which tokens a dataset holds: another value replaces it only with --overwrite
+DATA_KEYS = ("encoding", "vocab_size", "source", "val_fraction", "test_fraction", "seed", "doc_chars", "text_field",
+             "max_tokens", "mix")
 
 
 class PrepareError(UserError):
@@ -226,22 +238,38 @@ def line_pieces(f, max_bytes):
 
 def utf8_lines(path, max_bytes=None):
     """The lines of a text file (gzipped if .gz), or with max_bytes its line_pieces; invalid UTF-8 is
-    replaced with U+FFFD and counted."""
+    replaced with U+FFFD and counted. A byte-order mark that some editors write at the start is not text:
+    it is dropped, with a note."""
     replaced = 0
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for raw in f if max_bytes is None else line_pieces(f, max_bytes):
+            for number, raw in enumerate(f if max_bytes is None else line_pieces(f, max_bytes)):
                 # a '\n' byte never occurs inside a UTF-8 sequence, so lines can be decoded alone
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     line = raw.decode("utf-8", errors="replace")
                     replaced += len(line) - len(raw.decode("utf-8", errors="ignore"))
+                if number == 0 and line.startswith("\ufeff"):
+                    note(f"{path} starts with a UTF-8 byte-order mark (U+FEFF): dropped it")
+                    line = line[1:]
                 yield line
     except (OSError, EOFError, zlib.error) as e:  # gzip reports a corrupt stream as any of the three
         raise PrepareError(f"cannot read {path}: {e}") from None
     if replaced:
         note(f"{path} is not valid UTF-8: replaced {replaced:,} invalid byte sequences with U+FFFD")
+
+
+def text_lines(path, max_bytes):
+    """utf8_lines of a plain-text file; Windows line ends (CRLF) are counted in a note: their '\\r' stays in
+    the tokens (in bytes it is a token of its own before every line end)."""
+    crlf = 0
+    for line in utf8_lines(path, max_bytes):
+        crlf += line.endswith("\r\n")
+        yield line
+    if crlf:
+        note(f"{path} has Windows line ends (CRLF) on {crlf:,} lines: their '\\r' stays in the tokens; "
+             f"convert the file (dos2unix, or sed -i 's/\\r$//') to leave it out")
 
 
 def paragraph_documents(lines, doc_chars):
@@ -287,7 +315,6 @@ def record_texts(records, field, source):
 
 def jsonl_records(path):
     for number, line in enumerate(utf8_lines(path), 1):
-        line = line.removeprefix("\ufeff") if number == 1 else line  # a byte-order mark some editors write
         if not line.strip():
             continue
         try:
@@ -340,7 +367,7 @@ def parquet_documents(path, field):
 
 def file_documents(path, args):
     if path.endswith((".txt", ".txt.gz")):
-        return paragraph_documents(utf8_lines(path, max_bytes=LONG_DOC_FACTOR * args.doc_chars), args.doc_chars)
+        return paragraph_documents(text_lines(path, LONG_DOC_FACTOR * args.doc_chars), args.doc_chars)
     if path.endswith(".parquet"):
         return parquet_documents(path, args.text_field)
     return jsonl_documents(path, args.text_field)
@@ -764,6 +791,47 @@ def make_meta(args, enc, streams, counts, per_stream):
     return meta
 
 
+def check_replacing(args, enc, streams, out_dir):
+    """A dataset already in out_dir that other sources or settings made is replaced only with --overwrite:
+    runs trained on it would otherwise meet other tokens (or refuse them) without a word."""
+    path = os.path.join(out_dir, "meta.json")
+    if args.overwrite or not os.path.isfile(path):
+        return
+    splits = ("train", "val", "test") if args.test_fraction else ("train", "val")
+    empty = {split: {"tokens": 0, "documents": 0, "bytes": 0} for split in splits}
+    planned = make_meta(args, enc, streams, empty, [{"tokens": 0, "documents": 0}] * len(streams))
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        changed = [key for key in DATA_KEYS if normalized(old.get(key)) != normalized(planned.get(key))]
+    except (OSError, ValueError, AttributeError):
+        changed = ["meta.json (unreadable)"]
+    if changed:
+        first = changed[0]
+        shown = f" ({first}: {old.get(first)!r} there, {planned.get(first)!r} now)" if first in DATA_KEYS else ""
+        raise PrepareError(f"{out_dir} holds a dataset of other {', '.join(changed)}{shown}: pass --overwrite=True "
+                           f"to replace it, or choose another --dataset")
+
+
+def normalized(value):
+    """Sources compared as paths (./a.txt is a.txt); every other value as it is."""
+    if isinstance(value, list):
+        return [os.path.normpath(v) if isinstance(v, str) and not v.startswith(("hf:", "pydoc")) else v for v in value]
+    return value
+
+
+def note_split_shares(meta, args):
+    """A split far larger than its fraction: the text is too few documents for the hash to share it out."""
+    total = sum(meta[f"{split}_tokens"] for split in ("train", "val", "test") if f"{split}_tokens" in meta)
+    for split, fraction in (("val", args.val_fraction), ("test", args.test_fraction)):
+        share = meta.get(f"{split}_tokens", 0) / total
+        if fraction and share > max(2 * fraction, fraction + 0.05):
+            documents = sum(meta[f"{s}_documents"] for s in ("train", "val", "test") if f"{s}_documents" in meta)
+            note(f"{split} holds {share:.0%} of the tokens, for --{split}_fraction={fraction:g}: the text is only "
+                 f"{documents:,} documents, and a document goes to one split whole; lower --doc_chars (now "
+                 f"{args.doc_chars:,}) to cut plain text into more documents, or change --{split}_fraction")
+
+
 def prepare(args, enc, streams, out_dir):
     """Tokenize into a temp dir beside out_dir and swap it in; returns (meta, seconds)."""
     for leftover in glob.glob(os.path.join(glob.escape(args.out_root), f".{glob.escape(args.dataset)}.*-*")):
@@ -803,6 +871,7 @@ def main(argv):
     enc = load_encoding(args.encoding)
     streams = open_streams(args)
     out_dir = output_dir(args)
+    check_replacing(args, enc, streams, out_dir)
     try:
         meta, seconds = prepare(args, enc, streams, out_dir)
     except KeyboardInterrupt as e:
@@ -810,6 +879,7 @@ def main(argv):
         print(f"{what}: {out_dir} is left as it was", file=sys.stderr)
         raise SystemExit(128 + signal_of(e)) from None
     report(out_dir, meta, seconds, args.workers)
+    note_split_shares(meta, args)
 
 
 if __name__ == "__main__":

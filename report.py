@@ -22,17 +22,31 @@ the grid (say n_layer = 4), a code's run of seed s is set against learned's run 
 started from the same decoder weights and read the same batches. The table gives, per setting and
 code, the mean of those per-seed loss differences with a 95% interval (Student's t over the seeds),
 and the figure draws them against the setting (n_layer, or the tokens seen). Grid keys that take one
-value per code (a learning rate tuned per code) belong to the code, not to the setting.
+value per code (a learning rate tuned per code) belong to the code, not to the setting. Every row shows
+the model's depth and width; the settings all rows share are said above the table. --where keeps the
+rows of chosen seeds or settings. Above the table a line says which code made the rows (their
+code_hash, see sweep.py): a table that mixes code versions, or was made by other code than this
+checkout's, says so.
+
+--fit fits, per dataset and code, the per-seed gap to learned (nats) by least squares against log2 of
+the tokens seen, of the width and of the depth (those that vary in the rows), and prints each
+coefficient (per doubling) with its 95% interval and what the fit gives at the paper's scale (32
+layers, width 1,024, 17B tokens): an extrapolation far outside the data, which holds only if the gap
+stays linear in those logs, with the interval of the fitted mean under that assumption.
 """
+import ast
 import glob
 import json
 import math
 import os
 import statistics
 import sys
+from collections import Counter
+
+import numpy as np
 
 from checkpoint import CheckpointError, build_model, load_checkpoint
-from common import UserError, atomic_write, run_main
+from common import UserError, atomic_write, code_hash, run_main
 from configurator import parse_config, split_settings
 from model import BASELINE_CODE, CODES, code_fields
 from training import DEFAULTS as TRAIN_DEFAULTS
@@ -43,6 +57,7 @@ COMPARABLE_KEYS = ("dataset", "evaluated_on", "encoding", "held_out_tokens", *SH
 # Not what a run is, only how it was seeded or run: runs differing in these are repeats of one variant.
 REPEAT_KEYS = {"seed", "code_seed", "out_dir", "init_from", "eval_interval", "eval_iters", "log_interval",
                "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile"}
+TUNED_KEYS = ("learning_rate", "min_lr")  # chosen per code, and perhaps per setting: part of the code's run
 CODE_KEYS = set(code_fields())  # what a row may differ in from its learned baseline (GPTConfig's code fields)
 
 
@@ -52,10 +67,15 @@ SETTINGS = {  # key: (default, meaning)
     "x": ("", "with results: the setting the figure's x axis shows, a grid key or tokens_seen ('': the one that varies)"),
     "plot": ("", "also write a figure to this .png ('': none): with runs, val loss against tokens; with "
                  "results, the paired gap to learned against the setting"),
+    "where": ("", "with results: only the rows whose grid values or train settings match, e.g. 'seed=1,2' or "
+                  "'n_embd=128;input_code=fixed_min,learned' (';' between keys, ',' between values)"),
+    "fit": (False, "with results: also fit the per-seed gap against log2 tokens, width and depth (least squares, "
+                   "95% intervals) and extrapolate it to the paper's scale"),
     "allow_mixed": (False, "True: report runs of different data or model shapes (what differs makes separate rows), "
                            "or results tables scored on different data or splits"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
+PAPER_SCALE = {"tokens_seen": 17e9, "n_embd": 1024, "n_layer": 32}  # the paper's 0.5B model and budget
 
 
 def fail(message):
@@ -72,8 +92,12 @@ def load_run(run_dir):
     eval_path = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(eval_path):
         fail(f"no eval.json in '{run_dir}': evaluate the run first (python eval.py --out_dir={run_dir})")
-    with open(eval_path) as f:
-        result = json.load(f)
+    try:
+        with open(eval_path) as f:
+            result = json.load(f)
+        result["loss"]
+    except (OSError, ValueError, KeyError, TypeError):
+        fail(f"{eval_path} is cut short or not eval.py's JSON: make it again (python eval.py --out_dir={run_dir})")
     if result.get("iter_num") != checkpoint.get("iter_num"):
         fail(f"eval.json in '{run_dir}' is of iter {result.get('iter_num')} but ckpt.pt is at iter "
              f"{checkpoint.get('iter_num')}: evaluate it again (python eval.py --out_dir={run_dir})")
@@ -97,10 +121,15 @@ def group_variants(runs):
     """{variant key: runs}; the key is the input code and the (key, value) pairs that tell runs apart."""
     keys = sorted({key for run in runs for key in run["settings"]} - REPEAT_KEYS - {"input_code"})
     differing = [key for key in keys if len({repr(run["settings"].get(key)) for run in runs}) > 1]
-    variants = {}
+    variants, seeds = {}, {}
     for run in runs:
         key = (run["settings"]["input_code"], tuple((k, run["settings"].get(k)) for k in differing))
         variants.setdefault(key, []).append(run)
+        seed = (key, run["settings"].get("seed"), run["settings"].get("code_seed"))
+        if seed in seeds:
+            fail(f"'{seeds[seed]}' and '{run['dir']}' are runs of the same settings and seed (a copy?): they are one "
+                 f"run, not two; give one of them")
+        seeds[seed] = run["dir"]
     order = {code: i for i, code in enumerate(CODES)}
 
     def rank(item):  # the codes in the paper's order; under each, its default settings first
@@ -290,7 +319,8 @@ def setting_keys(rows):
     """The grid keys that make a setting: all but the code's own (input_code and the code fields, but
     code_seed, which pairs a code's runs with learned's when the grid sets it), seed, the keys that
     take one value per code (a per-code learning rate belongs to the code) and those with one value
-    in all rows."""
+    in all rows. A learning rate tuned per code and setting (per width, say) belongs to the code too,
+    when the other keys tell the cells apart without it; in a learning-rate study it is the setting."""
     keys = sorted({k for row in rows for k in row["cell"]} - (CODE_KEYS - {"code_seed"}) - {"seed"})
     by_code = {}
     for row in rows:
@@ -299,7 +329,11 @@ def setting_keys(rows):
     per_code = {k for k, codes in by_code.items() if all(len(v) == 1 for v in codes.values()) and
                 len(set.union(*codes.values())) > 1}
     constant = {k for k, codes in by_code.items() if len(set.union(*codes.values())) == 1}  # says nothing
-    return [k for k in keys if k not in per_code | constant]
+    keys = [k for k in keys if k not in per_code | constant]
+    rest = [k for k in keys if k not in TUNED_KEYS]
+    cells = [(json.dumps([row["cell"].get(k) for k in rest]), code_label(row["cell"]), row["cell"]["seed"])
+             for row in rows]
+    return rest if len(set(cells)) == len(cells) else keys
 
 
 def differing(a, b):
@@ -307,6 +341,9 @@ def differing(a, b):
     keys = sorted(k for k in {**a.get("config", {}), **b.get("config", {})}
                   if k != "out_dir" and a.get("config", {}).get(k) != b.get("config", {}).get(k))
     keys += ["split"] if a.get("split") != b.get("split") else []
+    if not keys and a.get("code_hash") != b.get("code_hash"):
+        return (f": the same cell run by two code versions (code_hash {a.get('code_hash')} and {b.get('code_hash')}); "
+                f"keep the rows of one (python sweep.py STUDY --rerun=True replaces those of other code than yours)")
     if not keys:
         return ": the same run twice; remove one of the rows"
     return (f", which differ in {', '.join(keys)}, not a grid key: the table also holds rows of an earlier study "
@@ -350,13 +387,23 @@ def gap_stats(pairs):
     return statistics.mean(differences), half
 
 
-def setting_label(setting):
-    return ", ".join(f"{k}={v}" for k, v in setting) or "(one setting)"
+def setting_label(setting, shared):
+    return ", ".join(f"{k}={v}" for k, v in setting or shared) or "(one setting)"
 
 
-def results_table(gaps):
+def shared_settings(rows):
+    """[(grid key, value)] of the grid keys (not the code's, not seed) that take one value in every row."""
+    keys = sorted({k for row in rows for k in row["cell"]} - (CODE_KEYS - {"code_seed"}) - {"seed"})
+    return [(k, rows[0]["cell"].get(k)) for k in keys if len({json.dumps(row["cell"].get(k)) for row in rows}) == 1]
+
+
+def model_values(runs, key):
+    return "/".join(map(str, sorted({row["config"].get(key) for row in runs.values()}, key=str)))
+
+
+def results_table(gaps, shared):
     lines = ["| setting | input code | runs | held-out loss | paired seeds | loss - learned (mean ± 95% CI) "
-             "| relative | tokens seen |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| relative | tokens seen | layers | width |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for setting, code, runs, pairs in gaps:
         losses = [row["loss"] for row in runs.values()]
         mean, half = gap_stats(pairs)
@@ -367,8 +414,9 @@ def results_table(gaps):
             relative = f"{mean / statistics.mean(base for _, _, base in pairs):+.2%}"
         seen = sorted({row["tokens_seen"] for row in runs.values()})
         tokens = f"{seen[0]:,}" if len(seen) == 1 else f"{seen[0]:,} to {seen[-1]:,}"
-        lines.append(f"| {setting_label(setting)} | {code} | {len(runs)} | {mean_std(losses, 4)} | {len(pairs)} "
-                     f"| {gap} | {relative} | {tokens} |")
+        model = f"{model_values(runs, 'n_layer')} | {model_values(runs, 'n_embd')}"
+        lines.append(f"| {setting_label(setting, shared)} | {code} | {len(runs)} | {mean_std(losses, 4)} "
+                     f"| {len(pairs)} | {gap} | {relative} | {tokens} | {model} |")
     return "\n".join(lines)
 
 
@@ -425,20 +473,139 @@ def plot_gaps(gaps, x, title, path):
     save_figure(fig, plt, path)
 
 
+def literal(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def where_filter(rows, where):
+    """The rows whose grid value (else train setting) of each key of --where is one of its values."""
+    for part in filter(None, (p.strip() for p in where.split(";"))):
+        key, sep, values = (x.strip() for x in part.partition("="))
+        if not (key and sep and values):
+            fail(f"--where takes key=value[,value...] separated by ';', e.g. 'seed=1,2;n_embd=128', not {part!r}")
+        if not any(key in row["cell"] or key in row.get("config", {}) for row in rows):
+            fail(f"--where: no results row has {key}")
+        wanted = [literal(v.strip()) for v in values.split(",")]
+        rows = [row for row in rows if row["cell"].get(key, row.get("config", {}).get(key)) in wanted]
+        if not rows:
+            fail(f"--where: no results row has {key} in {', '.join(map(str, wanted))}")
+    return rows
+
+
+def code_line(rows):
+    """Which code made the rows (their code_hash, see sweep.py), against this checkout's."""
+    current, hashes = code_hash(), Counter(row.get("code_hash") for row in rows)
+    if set(hashes) == {current}:
+        return f"Code: every row was made by this checkout's code (code_hash {current})."
+    counts = ", ".join(f"{n} by {h or 'code not recorded (rows of before sweep.py recorded it)'}"
+                       for h, n in hashes.most_common())
+    mixed = f"this table MIXES {len(hashes)} code versions ({counts})" if len(hashes) > 1 else counts
+    others = sum(n for h, n in hashes.items() if h != current)
+    return (f"Code: {mixed}; {others} of {len(rows)} rows were made by other code than this checkout's "
+            f"(code_hash {current}): python sweep.py STUDY --rerun=True remakes them.")
+
+
+def fit_points(gaps):
+    """{(dataset, code): [(log2 tokens, log2 width, log2 depth, per-seed gap)]}."""
+    points = {}
+    for _, code, runs, pairs in gaps:
+        if code == BASELINE_CODE:
+            continue
+        for seed, loss, base in pairs:
+            row = runs[seed]
+            point = [math.log2(row["tokens_seen"]), math.log2(row["config"]["n_embd"]),
+                     math.log2(row["config"]["n_layer"]), loss - base]
+            points.setdefault((row.get("dataset"), code), []).append(point)
+    return points
+
+
+def fit_table(gaps):
+    """Least squares of the per-seed gap against the log2 factors that vary, per dataset and code: the
+    coefficients with 95% intervals and the fitted mean at PAPER_SCALE (an extrapolation)."""
+    names = ("tokens_seen", "n_embd", "n_layer")
+    lines = ["| dataset | input code | points | intercept | per doubling of tokens | per doubling of width "
+             "| per doubling of depth | at 32 layers x 1024 wide, 17B tokens (EXTRAPOLATION) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (dataset, code), points in fit_points(gaps).items():
+        data = np.array(points, dtype=np.float64)
+        varying = [i for i in range(3) if np.ptp(data[:, i]) > 0]
+        X = np.column_stack([np.ones(len(data)), data[:, varying]])
+        y, dof = data[:, 3], len(data) - X.shape[1]
+        if not varying:
+            lines.append(f"| {dataset} | {code} | {len(data)} | no factor varies in these rows: nothing to fit | | | | |")
+            continue
+        if dof < 1 or np.linalg.matrix_rank(X) < X.shape[1]:
+            lines.append(f"| {dataset} | {code} | {len(data)} | too few points or settings for a fit | | | | |")
+            continue
+        beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+        covariance = np.linalg.inv(X.T @ X) * float(np.sum((y - X @ beta) ** 2)) / dof
+        t = t_975(dof)
+        cells = [f"{b:+.4f} ± {t * math.sqrt(v):.4f}" for b, v in zip(beta, np.diag(covariance))]
+        by_factor = dict(zip(varying, cells[1:]))
+        shown = [by_factor.get(i, f"not varied ({2 ** data[0, i]:,.0f})") for i in range(3)]
+        x0 = np.array([1.0, *(math.log2(PAPER_SCALE[names[i]]) for i in varying)])
+        half = t * math.sqrt(float(x0 @ covariance @ x0))
+        lines.append(f"| {dataset} | {code} | {len(data)} | {cells[0]} | {' | '.join(shown)} "
+                     f"| {float(x0 @ beta):+.4f} ± {half:.4f} |")
+    return "\n".join(lines)
+
+
+def chosen_rates(path, wanted, keys=("dataset", "n_embd", "input_code")):
+    """{(dataset, n_embd, input_code): (learning_rate, min_lr)} of a learning-rate study scored on the test
+    split (config/study_width_lr.py): per key, the rate of lowest mean test loss over the seeds. For study
+    configs, which read the rates chosen by the step before them. A rate at the edge of those tried is
+    said in a note: the best may lie beyond it (add a rate to the study; its finished cells are kept).
+    wanted: the keys the study needs; one the table lacks is an error."""
+    try:
+        rows = [row for row in load_results([path]) if row["split"] == "test"]
+    except UserError as e:
+        raise UserError(f"{e} (the learning rates are chosen from it: run that step first)") from None
+    losses = {}
+    for row in rows:
+        key = tuple(row["config"][k] for k in keys)
+        rate = (row["config"]["learning_rate"], row["config"]["min_lr"])
+        losses.setdefault(key, {}).setdefault(rate, []).append(row["loss"])
+    chosen = {}
+    for key, by_rate in losses.items():
+        chosen[key] = min(by_rate, key=lambda rate: statistics.mean(by_rate[rate]))
+        if len(by_rate) > 1 and chosen[key][0] in (min(by_rate)[0], max(by_rate)[0]):
+            print(f"note: {path}: for {', '.join(map(str, key))} the best rate, {chosen[key][0]:g}, is at the edge of "
+                  f"those tried", file=sys.stderr)
+    missing = [key for key in wanted if key not in chosen]
+    if missing:
+        raise UserError(f"{path} has no test-split rows for {', '.join(map(str, missing[0]))}"
+                        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}: run the study that "
+                        f"chooses those rates first")
+    return chosen
+
+
 def report_results(cfg):
     rows = load_results([p for p in (item.strip() for item in cfg["results"].split(",")) if p])
+    rows = where_filter(rows, cfg["where"])
     kinds = sorted({f"{row.get('dataset')} ({row.get('split')})" for row in rows})
-    if len(kinds) > 1 and not cfg["allow_mixed"]:
+    by_design = all("dataset" in row["cell"] for row in rows)  # a study over datasets: each is a setting
+    if len(kinds) > 1 and not cfg["allow_mixed"] and not by_design:
         fail(f"these results were scored on different data: {', '.join(kinds[:3])}{' ...' if len(kinds) > 3 else ''}; "
              f"report one study at a time, or pass --allow_mixed=True")
     gaps = paired_gaps(rows)
     varying = [k for k in dict.fromkeys(k for setting, _, _, _ in gaps for k, _ in setting)
                if len({dict(s).get(k) for s, _, _, _ in gaps}) > 1]
     x = cfg["x"] or ("tokens_seen" if {"max_iters"} & set(varying) or not varying else varying[0])
+    shared = shared_settings(rows)
     print(f"Paired seeds: each code's run of seed s against {BASELINE_CODE}'s run of seed s; mean ± 95% "
           f"interval (Student's t) of those differences; relative: the mean difference / {BASELINE_CODE}'s "
-          f"mean loss.\n")
-    print(results_table(gaps))
+          f"mean loss." + (f" Every row: {setting_label(shared, [])}." if shared else ""))
+    print(code_line(rows) + "\n")
+    print(results_table(gaps, shared))
+    if cfg["fit"]:
+        print(f"\nFit of the per-seed gap (loss - {BASELINE_CODE}'s, nats) by least squares against log2 of the "
+              f"factors that vary, each per-seed gap one point; ± the 95% interval (Student's t). The last column "
+              f"is far outside the data: it holds only if the gap stays linear in these logs, and a factor not "
+              f"varied here is assumed to have no effect.\n")
+        print(fit_table(gaps))
     if cfg["plot"]:
         plot_gaps(gaps, x, f"gap to {BASELINE_CODE} against {x}", cfg["plot"])
         print(f"\nwrote {cfg['plot']}", file=sys.stderr)

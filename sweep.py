@@ -10,7 +10,8 @@ results table (JSONL, one row per finished run, for report.py or a notebook).
 A study is a config file of plain assignments of the keys below (configurator.py). `base` is a train
 config file or a dict of train.py keys; `grid` maps train.py keys to lists of values, and its product
 is the cells. Keys that move together are one tuple key with tuples of values:
-`("max_iters", "lr_decay_iters"): [(300, 300), (1200, 1200)]`. The grid holds input_code and seed.
+`("max_iters", "lr_decay_iters"): [(300, 300), (1200, 1200)]`. The grid holds input_code and seed, and
+may hold dataset (a study over several datasets: `prepare` is then {dataset: [prepare.py arguments]}).
 
 Paired seeds: code_seed follows seed (unless the grid sets it), so runs of one seed read the same
 batches (a pure function of seed and step) whatever their code, and the affine runs of seed s share
@@ -22,11 +23,20 @@ A cell: `python train.py BASE --key=value ... --dataset=DATASET --out_dir=RUNS_D
 each, up to `jobs` cells at once; both write to RUNS_DIR/NAME/log.txt. When eval.py succeeds the
 cell's row is appended to `results` in one write, fsynced: its grid values, the full train config
 (read back from the checkpoint), the held-out loss, tokens, parameter counts, wall times, torch,
-python and the commit.
+python, the commit, and two hashes that say what made the numbers: `code_hash`, sha256 over train.py,
+eval.py and every module of the repository they import (common.code_files: model.py, training.py,
+checkpoint.py, ...; uncommitted edits count), and `data_hash`, sha256 over the dataset's meta.json and
+token files. report.py says when a table mixes code versions or was made by other code than yours.
+
+Progress. A line per finished cell, and every `heartbeat_s` a line with each running cell's step (from
+its metrics.jsonl); the time left is the work left (each cell's tokens times its weights per token)
+at the pace measured on the cells finished so far, the table's earlier rows included.
 
 Resuming. A cell is finished when `results` holds a row of exactly its train config and eval split;
 a rerun skips it, so a killed study goes on where it stopped. Any other cell runs from scratch (the
-folder a kill or a failure left is cleared first). On Linux a cell's processes die with sweep.py, even
+folder a kill or a failure left is cleared first). From scratch: `--rerun=True` also redoes the cells
+whose row was made by other code than the checkout's (it removes those rows first, so the same command
+resumes), or `--results=NEW.jsonl` starts another table. On Linux a cell's processes die with sweep.py, even
 by kill -9, so none goes on writing into a folder that the resumed study clears. Rows of settings no
 longer in the grid are kept and said so. A cell that fails is reported with its log and the others go
 on; the exit status is 1 when any failed. Ctrl-C or SIGTERM launches nothing more and stops the
@@ -52,7 +62,8 @@ from datetime import datetime, timezone
 import torch
 
 from checkpoint import load_checkpoint
-from common import EVAL_FILES, REPO, STOP_SIGNALS, UserError, closest, data_dir, load_meta, run_main
+from common import (EVAL_FILES, REPO, STOP_SIGNALS, UserError, atomic_write, closest, code_hash, data_dir, data_hash,
+                    load_meta, run_main)
 from configurator import ConfigError, parse_config, split_settings
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -61,8 +72,10 @@ SETTINGS = {  # key: (default, meaning)
     "base": (None, "the train config every cell starts from: a config file, or a dict of train.py keys"),
     "grid": (None, "{train key: [values]}, or {(key, key): [(value, value)]} for keys that move together; "
                    "input_code and seed among them"),
-    "dataset": ("", "the dataset of every cell (a folder under data/ or a path), written by prepare.py"),
-    "prepare": (None, "prepare.py arguments (a list, --dataset added) that make the dataset when it is missing"),
+    "dataset": ("", "the dataset of every cell (a folder under data/ or a path), written by prepare.py; '': the "
+                    "grid has dataset as a key (a study over several datasets)"),
+    "prepare": (None, "prepare.py arguments (a list, --dataset added) that make the dataset when it is missing; "
+                      "with several datasets, a dict {dataset: [arguments]}"),
     "eval_split": ("val", "what eval.py scores: val (the reported loss) or test (to choose settings on)"),
     "results": ("", "the results table, one JSON row per finished cell (e.g. results/depth.jsonl)"),
     "runs_dir": ("", "each cell's run folder goes under this (e.g. out-study/depth)"),
@@ -70,6 +83,9 @@ SETTINGS = {  # key: (default, meaning)
     "threads": (1, "threads per run (OMP_NUM_THREADS); on a CPU, one per run and runs side by side use the "
                    "cores best"),
     "dry_run": (False, "True: list the cells and their commands, run nothing"),
+    "rerun": (False, "True: also redo the cells whose row was made by other code than this checkout's "
+                     "(another code_hash), removing those rows first; rerunning the same command resumes"),
+    "heartbeat_s": (60.0, "seconds between progress lines while cells run: each running cell's step, the time left"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 RUNNER_KEYS = ("out_dir", "init_from", "overwrite", "dataset")  # set by the study, not per cell
@@ -83,8 +99,8 @@ LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 def check_train_key(key, where):
     if not isinstance(key, str) or key not in TRAIN_DEFAULTS:
         raise UserError(f"{where}: {key!r} is not a train.py key{closest(str(key), TRAIN_DEFAULTS)}")
-    if key in RUNNER_KEYS:
-        raise UserError(f"{where}: {key} is set by sweep.py (out_dir per cell; dataset for the whole study)")
+    if key in RUNNER_KEYS and not (key == "dataset" and where == "grid"):
+        raise UserError(f"{where}: {key} is set by sweep.py (out_dir per cell; dataset by the study or its grid)")
 
 
 def grid_axes(grid):
@@ -134,8 +150,8 @@ def base_args(base):
 
 
 def cell_name(cell):
-    """fixed_min-n_layer4-seed1: the values in grid order, each but input_code after its key."""
-    parts = [str(value) if key == "input_code" else f"{key}{value}" for key, value in cell.items()]
+    """fixed_min-n_layer4-seed1: the values in grid order, each but input_code and dataset after its key."""
+    parts = [str(value) if key in ("input_code", "dataset") else f"{key}{value}" for key, value in cell.items()]
     return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join(parts))
 
 
@@ -149,8 +165,10 @@ def make_cells(study):
         name = cell_name(cell)
         out_dir = os.path.join(study["runs_dir"], name)
         paired = {} if "code_seed" in cell else {"code_seed": cell["seed"]}
-        args = [*head, *(as_arg(k, v) for k, v in {**cell, **paired}.items()), f"--dataset={study['dataset']}",
-                f"--out_dir={out_dir}"]
+        if ("dataset" in cell) == bool(study["dataset"]):
+            raise UserError("the study must set dataset, or have it as a grid key, not both")
+        dataset = [] if "dataset" in cell else [f"--dataset={study['dataset']}"]
+        args = [*head, *(as_arg(k, v) for k, v in {**cell, **paired}.items()), *dataset, f"--out_dir={out_dir}"]
         try:
             config = parse_config(TRAIN_DEFAULTS, args)
         except ConfigError as e:
@@ -168,11 +186,13 @@ def make_cells(study):
 
 
 def checked_study(study):
-    for key in ("results", "runs_dir", "dataset"):
+    for key in ("results", "runs_dir"):
         if not study[key]:
             raise UserError(f"the study must set {key}")
     if study["eval_split"] not in EVAL_FILES:
         raise UserError(f"eval_split must be val or test, got '{study['eval_split']}'")
+    if not study["heartbeat_s"] > 0:
+        raise UserError(f"heartbeat_s must be a number of seconds above 0, got {study['heartbeat_s']!r}")
     if study["threads"] < 1:
         raise UserError(f"threads must be at least 1, got {study['threads']}")
     if study["jobs"] is None:
@@ -181,28 +201,31 @@ def checked_study(study):
         raise UserError(f"jobs must be a whole number of at least 1 (or None: one per CPU), got {study['jobs']!r}")
     if not study["results"].endswith(".jsonl"):
         raise UserError(f"results must be a .jsonl file, got '{study['results']}'")
-    if study["prepare"] is not None and not (isinstance(study["prepare"], list) and
-                                             all(isinstance(a, str) for a in study["prepare"])):
-        raise UserError("prepare must be a list of prepare.py arguments, e.g. ['--encoding=bytes']")
+    arg_lists = study["prepare"].values() if isinstance(study["prepare"], dict) else [study["prepare"]]
+    if study["prepare"] is not None and not all(isinstance(args, list) and all(isinstance(a, str) for a in args)
+                                                for args in arg_lists):
+        raise UserError("prepare must be a list of prepare.py arguments, e.g. ['--encoding=bytes'], or a dict "
+                        "{dataset: [arguments]}")
     return study
 
 
-def ensure_dataset(study):
+def ensure_dataset(study, dataset):
     """Run prepare.py when the dataset is missing and the study says how; refuse a dataset without the
-    split to score."""
-    folder = data_dir(study["dataset"])
-    if not os.path.isfile(os.path.join(folder, "meta.json")) and study["prepare"] is not None:
-        command = [sys.executable, os.path.join(REPO, "prepare.py"), *study["prepare"],
+    split to score. Returns its meta.json."""
+    folder = data_dir(dataset)
+    how = study["prepare"].get(dataset) if isinstance(study["prepare"], dict) else study["prepare"]
+    if not os.path.isfile(os.path.join(folder, "meta.json")) and how is not None:
+        command = [sys.executable, os.path.join(REPO, "prepare.py"), *how,
                    f"--out_root={os.path.dirname(os.path.abspath(folder))}", f"--dataset={os.path.basename(folder)}"]
-        print(f"dataset '{study['dataset']}' is missing, making it: python prepare.py {' '.join(command[2:])}",
-              file=sys.stderr)
+        print(f"dataset '{dataset}' is missing, making it: python prepare.py {' '.join(command[2:])}", file=sys.stderr)
         if subprocess.run(command).returncode != 0:
-            raise UserError(f"prepare.py failed to make dataset '{study['dataset']}' (its error is above)")
-    load_meta(study["dataset"])  # a folder that prepare.py did not write is refused here
+            raise UserError(f"prepare.py failed to make dataset '{dataset}' (its error is above)")
+    meta = load_meta(dataset)  # a folder that prepare.py did not write is refused here
     split = study["eval_split"]
     if not os.path.isfile(os.path.join(folder, f"{split}.bin")):
-        raise UserError(f"dataset '{study['dataset']}' has no {split} split ({split}.bin): prepare it again with "
+        raise UserError(f"dataset '{dataset}' has no {split} split ({split}.bin): prepare it again with "
                         f"--test_fraction=0.1")
+    return meta
 
 
 # ---------------------------------------------------------------------------------- the results
@@ -248,8 +271,9 @@ def append_row(path, row):
         os.close(fd)
 
 
-def provenance():
-    """torch, python and the commit (with -dirty when tracked files differ from it), for every row."""
+def provenance(dataset):
+    """torch, python, the commit (with -dirty when tracked files differ from it), the code's and the data's
+    hashes, for every row."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
@@ -257,10 +281,11 @@ def provenance():
         commit = (commit + "-dirty" if dirty else commit) or None
     except OSError:  # no git on this machine
         commit = None
-    return {"torch": torch.__version__, "python": platform.python_version(), "commit": commit}
+    return {"torch": torch.__version__, "python": platform.python_version(), "commit": commit,
+            "code_hash": code_hash(), "data_hash": data_hash(dataset)}
 
 
-def result_row(job, study, extra):
+def result_row(job, study, extras):
     """The row of a finished cell, read back from what train.py and eval.py wrote."""
     checkpoint = load_checkpoint(job["out_dir"])
     with open(os.path.join(job["out_dir"], EVAL_FILES[study["eval_split"]])) as f:
@@ -270,7 +295,7 @@ def result_row(job, study, extra):
             "tokens_seen": checkpoint["tokens_seen"], "iter_num": checkpoint["iter_num"], "params": result["params"],
             "train_s": round(job["train_s"], 1), "eval_s": round(job["eval_s"], 1),
             "wall_s": round(job["train_s"] + job["eval_s"], 1), "jobs": study["jobs"], "threads": study["threads"],
-            **extra, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **extras[job["config"]["dataset"]], "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "out_dir": job["out_dir"], "config": checkpoint["config"]}
 
 
@@ -334,28 +359,69 @@ def duration(seconds):
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class Progress:
-    """One line per finished or failed cell: counts, elapsed, and the time left at the pace so far."""
+def cell_work(config, vocab_size, eval_tokens):
+    """What a cell's wall time grows with, in relative units: the tokens it trains on and scores (a
+    forward pass about a third of a training step) times the weights each token meets."""
+    per_token = 12 * config["n_layer"] * config["n_embd"] ** 2 + config["n_embd"] * vocab_size
+    trained = config["max_iters"] * config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
+    return (trained + eval_tokens / 3) * per_token
 
-    def __init__(self, total, jobs):
-        self.total, self.jobs, self.done, self.failed, self.walls = total, jobs, 0, [], []
-        self.start = time.time()
+
+def cell_step(job):
+    """'train step 350 of 600' from the last record of the cell's metrics.jsonl, or the phase."""
+    if job.get("phase") != "train":
+        return "eval"
+    try:
+        with open(os.path.join(job["out_dir"], "metrics.jsonl"), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            last = json.loads(f.read().splitlines()[-1])
+        return f"train step {last['iter']} of {job['config']['max_iters']}"
+    except (OSError, IndexError, ValueError, KeyError, TypeError):  # not written yet, or a line being written
+        return "train, starting"
+
+
+class Progress:
+    """One line per finished or failed cell, and a heartbeat: counts, elapsed, and the time left, which is
+    the work left at the pace measured on finished cells (the table's earlier rows too)."""
+
+    def __init__(self, todo, jobs, work, earlier):
+        self.total, self.jobs, self.done, self.failed = len(todo), jobs, 0, []
+        self.work = work  # {cell name: cell_work}
+        self.left = set(self.work)
+        self.pace = list(earlier)  # [(wall seconds, work)]
+        self.start = self.last_line = time.time()
+
+    def eta(self, running):
+        if not self.left:
+            return "all done"
+        if not self.pace:
+            return "time left unknown"
+        seconds_per_work = sum(wall for wall, _ in self.pace) / sum(work for _, work in self.pace)
+        started = {job["name"]: time.time() - job["cell_started"] for job in running}
+        left = sum(max(0.0, self.work[name] * seconds_per_work - started.get(name, 0.0)) for name in self.left)
+        return f"about {duration(left / min(self.jobs, len(self.left)))} left"
 
     def line(self, message, running):
         finished = self.done + len(self.failed)
-        left = self.total - finished
-        eta = (f"about {duration(sum(self.walls) / len(self.walls) * -(-left // self.jobs))} left" if self.walls and left
-               else "time left unknown" if left else "all done")
-        print(f"[{finished}/{self.total}] {message}; {len(self.failed)} failed, {running} running, "
-              f"{duration(time.time() - self.start)} elapsed, {eta}", file=sys.stderr, flush=True)
+        print(f"[{finished}/{self.total}] {message}; {len(self.failed)} failed, {len(running)} running, "
+              f"{duration(time.time() - self.start)} elapsed, {self.eta(running)}", file=sys.stderr, flush=True)
+        self.last_line = time.time()
+
+    def finished(self, job, wall=None):
+        self.left.discard(job["name"])
+        if wall is not None:
+            self.done += 1
+            self.pace.append((wall, self.work[job["name"]]))
+        else:
+            self.failed.append(job)
 
 
-def run_cells(todo, study, extra):
+def run_cells(todo, study, extras, work, earlier):
     """Run the cells, up to jobs at once; returns the failed ones. KeyboardInterrupt (Ctrl-C, or
     SIGTERM through common.run_main) stops the running cells and passes on."""
     env, split = child_env(study["threads"]), study["eval_split"]
     pending, running = deque(todo), []
-    progress = Progress(len(todo), study["jobs"])
+    progress = Progress(todo, study["jobs"], work, earlier)
     try:
         while pending or running:
             while pending and len(running) < study["jobs"]:
@@ -365,7 +431,12 @@ def run_cells(todo, study, extra):
                 os.makedirs(job["out_dir"])
                 running.append(job)  # before it starts: an interrupt from here on stops it too
                 start(job, "train", env, split)
+                job["cell_started"] = job["started"]
             time.sleep(POLL_S)
+            if time.time() - progress.last_line >= study["heartbeat_s"]:
+                states = ", ".join(f"{job['name']}: {cell_step(job)}, {duration(time.time() - job['cell_started'])}"
+                                   for job in running)
+                progress.line(f"running {states}", running)
             for job in [job for job in running if job["proc"].poll() is not None]:
                 seconds, code = time.time() - job["started"], job["proc"].returncode
                 job[f"{job['phase']}_s"] = seconds
@@ -374,19 +445,18 @@ def run_cells(todo, study, extra):
                     continue
                 running.remove(job)
                 try:
-                    row = result_row(job, study, extra) if code == 0 else None
+                    row = result_row(job, study, extras) if code == 0 else None
                 except (UserError, OSError, ValueError, KeyError) as e:  # what the scripts wrote is unusable
                     row, code = None, f"0 but its results are unreadable ({e})"
                 if row:
                     append_row(study["results"], row)
-                    progress.done += 1
-                    progress.walls.append(row["wall_s"])
+                    progress.finished(job, row["wall_s"])
                     progress.line(f"{job['name']}: {split} loss {row['loss']:.4f} in {duration(row['wall_s'])}",
-                                  len(running))
+                                  running)
                 else:
-                    progress.failed.append(job)
+                    progress.finished(job)
                     progress.line(f"FAILED {job['name']}: {job['phase']}.py exit {code}: {last_error(job['log'])} "
-                                  f"(log: {job['log']})", len(running))
+                                  f"(log: {job['log']})", running)
     except OSError as e:  # a cell's folder that cannot be cleared or made, a full disk, ...
         stop(running)
         raise UserError(f"the study stopped: {e}; the running cells were stopped, finished rows are in "
@@ -429,25 +499,56 @@ def lock_results(path):
     return lock
 
 
+def drop_stale(study, rows, ours, lock):
+    """--rerun: the rows of this grid that other code made are removed from the table (git keeps them), so
+    that their cells run again and a killed rerun resumes; returns (the rows left, the lock, now on the
+    rewritten table)."""
+    current = code_hash()
+    stale = [row for row in rows if identity(row["config"], row["split"]) in ours and row.get("code_hash") != current]
+    if not stale or lock is None:
+        return [row for row in rows if row not in stale], lock
+    kept = [row for row in rows if row not in stale]
+    atomic_write(study["results"], lambda f: f.write("".join(json.dumps(row) + "\n" for row in kept).encode()))
+    lock.close()
+    print(f"note: --rerun: removed {len(stale)} rows of this grid made by other code than this checkout's "
+          f"(code_hash {current}) from {study['results']}; their cells run again", file=sys.stderr)
+    return kept, lock_results(study["results"])
+
+
+def pace_of(rows, metas):
+    """[(wall seconds, work)] of the table's rows of these datasets, for the time left."""
+    return [(row["wall_s"], cell_work(row["config"], metas[row["config"]["dataset"]]["vocab_size"], row["eval_tokens"]))
+            for row in rows if row.get("wall_s") and row.get("eval_tokens") and row["config"].get("dataset") in metas]
+
+
 def main(argv):
     study = checked_study(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
     cells = make_cells(study)
     lock = None if study["dry_run"] else lock_results(study["results"])  # held until exit
     rows = read_results(study["results"], repair=lock is not None)
+    ours = {identity(c["config"], study["eval_split"]) for c in cells}
+    if study["rerun"]:
+        rows, lock = drop_stale(study, rows, ours, lock)
     finished = {identity(row["config"], row["split"]) for row in rows}
     todo = [c for c in cells if identity(c["config"], study["eval_split"]) not in finished]
-    ours = {identity(c["config"], study["eval_split"]) for c in cells}
     others = sum(identity(row["config"], row["split"]) not in ours for row in rows)
     print(f"{len(cells)} cells: {len(cells) - len(todo)} finished before (skipped), {len(todo)} to run, "
           f"{study['jobs']} at once with {study['threads']} thread(s) each; results: {study['results']}"
           + (f" (it also holds {others} rows of settings not in this grid, kept)" if others else ""), file=sys.stderr)
+    current = code_hash()
+    other_code = sum(identity(row["config"], row["split"]) in ours and row.get("code_hash") != current for row in rows)
+    if other_code:
+        print(f"note: {other_code} of the finished cells were run by other code than this checkout's (another "
+              f"code_hash, or none recorded); --rerun=True runs them again", file=sys.stderr)
     if study["dry_run"]:
         for c in todo:
             print(f"{c['name']}: python train.py {' '.join(c['args'])}")
         return
     if not todo:
         return
-    ensure_dataset(study)
+    metas = {dataset: ensure_dataset(study, dataset) for dataset in dict.fromkeys(c["config"]["dataset"] for c in todo)}
+    work = {c["name"]: cell_work(c["config"], metas[c["config"]["dataset"]]["vocab_size"],
+                                 metas[c["config"]["dataset"]][f"{study['eval_split']}_tokens"]) for c in todo}
     for c in todo:
         if os.path.islink(c["out_dir"]) or os.path.lexists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
             raise UserError(f"{c['out_dir']} is a {'link' if os.path.islink(c['out_dir']) else 'file'}, not a "
@@ -458,7 +559,8 @@ def main(argv):
     except OSError as e:
         raise UserError(f"cannot make runs_dir {study['runs_dir']} ({e.strerror})") from None
     try:
-        failed = run_cells(todo, study, provenance())
+        extras = {dataset: provenance(dataset) for dataset in metas}
+        failed = run_cells(todo, study, extras, work, pace_of(rows, metas))
     except KeyboardInterrupt as e:
         signum = e.args[0] if e.args else signal.SIGINT
         print(f"interrupted ({signal.Signals(signum).name}): the running cells were stopped (their folders are "

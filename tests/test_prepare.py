@@ -215,7 +215,7 @@ def test_mixing_two_streams_of_hub_style_records(tmp_path):
     assert meta["streams"][0]["source"] == [str(tmp_path / "web" / f"shard_{i}.jsonl.gz") for i in range(2)]
     # With no budget, it stops when the smaller stream (the pydoc "books") runs out, keeping the mix.
     result = prepared(tmp_path / "out", f"--input={tmp_path / 'web'}", f"--input2={tmp_path / 'cosmo.parquet'}",
-                      "--dataset=mix", "--mix=0.7")
+                      "--dataset=mix", "--mix=0.7", "--overwrite=True")
     assert "ran out" in result.stderr
     check(tmp_path / "out" / "mix", 0.7)
 
@@ -399,7 +399,7 @@ def test_bad_input_is_one_clear_error_and_leaves_data_intact(tmp_path, previous,
     env = None
     if case == "oversized encoding":
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([plugin_path(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    result = run_prepare(previous[0], "--dataset=prev", *args, env=env)
+    result = run_prepare(previous[0], "--dataset=prev", "--overwrite=True", *args, env=env)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -562,7 +562,7 @@ def start_on_a_pipe(tmp_path, out_root, *args):
     then waits mid-way, its temp dir in place, for text that comes only when the test says."""
     fifo = tmp_path / "slow.txt"
     os.mkfifo(fifo)
-    process = subprocess.Popen([sys.executable, "prepare.py", f"--input={fifo}", "--dataset=prev",
+    process = subprocess.Popen([sys.executable, "prepare.py", f"--input={fifo}", "--dataset=prev", "--overwrite=True",
                                 f"--out_root={out_root}", *args], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     pipe = open(fifo, "w")
@@ -664,8 +664,8 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous
 @pytest.mark.parametrize("workers", [1, 2])  # with 2, a tokenizer process's batch file is what fails too
 def test_a_full_disk_mid_run_is_one_line_and_leaves_previous_data_intact(previous, workers):
     result = subprocess.run([sys.executable, "prepare.py", f"--input={SHAKESPEARE}", "--dataset=prev",
-                             "--encoding=bytes", f"--out_root={previous[0]}", f"--workers={workers}"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(200_000))
+                             "--overwrite=True", "--encoding=bytes", f"--out_root={previous[0]}", f"--workers={workers}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(200_000))
     assert result.returncode == 1, result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line == f"error: cannot write {previous[0] / 'prev'}: [Errno 27] File too large"
@@ -679,3 +679,53 @@ def test_a_signal_during_the_swap_waits_until_it_is_done(capsys):
         time.sleep(0.1)
     assert "SIGINT came while the new data was swapped in" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def prepare_here(*args):
+    """prepare.py in this process (run_tool): (exit code, stderr)."""
+    result = run_tool("prepare", ["--workers=1", *map(str, args)])
+    return result.returncode, result.stderr
+
+
+def test_a_byte_order_mark_is_dropped_and_windows_line_ends_are_reported(tmp_path):
+    text = shakespeare_text()[:40_000]
+    (tmp_path / "win.txt").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    code, stderr = prepare_here(f"--input={tmp_path / 'win.txt'}", "--dataset=win", "--encoding=bytes",
+                                f"--out_root={tmp_path}", "--doc_chars=2000")
+    assert code == 0, stderr
+    assert f"note: {tmp_path / 'win.txt'} starts with a UTF-8 byte-order mark (U+FEFF): dropped it" in stderr
+    assert f"has Windows line ends (CRLF) on {text.count(chr(10)):,} lines" in stderr  # every line, blank ones too
+    meta, tokens = load(tmp_path / "win")
+    written = "".join(documents(tokens["train"], meta) + documents(tokens["val"], meta))
+    assert "\ufeff" not in written and "\r\n" in written  # the mark is gone; the line ends are as they were
+
+
+def test_a_dataset_of_other_input_or_settings_is_replaced_only_with_overwrite(tmp_path, shakespeare_file):
+    args = [f"--input={shakespeare_file}", "--dataset=d", f"--out_root={tmp_path}"]
+    assert prepare_here(*args, "--encoding=bytes")[0] == 0
+    first = {name: (tmp_path / "d" / name).read_bytes() for name in os.listdir(tmp_path / "d")}
+    assert prepare_here(*args, "--encoding=bytes")[0] == 0  # the same input again: an identical rewrite
+    assert {name: (tmp_path / "d" / name).read_bytes() for name in os.listdir(tmp_path / "d")} == first
+    code, stderr = prepare_here(*args)  # the default encoding, as the README's example once did
+    assert code == 1 and stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'd'} holds a dataset of other encoding, vocab_size (encoding: 'bytes' there, "
+        f"'cl100k_65536' now): pass --overwrite=True to replace it, or choose another --dataset"]
+    code, stderr = prepare_here(*args, "--encoding=bytes", "--test_fraction=0.1")
+    assert code == 1 and "other test_fraction" in stderr
+    assert {name: (tmp_path / "d" / name).read_bytes() for name in os.listdir(tmp_path / "d")} == first
+    assert prepare_here(*args, "--overwrite=True")[0] == 0
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["encoding"] == "cl100k_65536"
+
+
+def test_a_split_much_larger_than_its_share_says_how_to_cut_more_documents(tmp_path):
+    (tmp_path / "small.txt").write_text(shakespeare_text()[:8000])  # 8 KB: a few documents of 4,000 characters
+    code, stderr = prepare_here(f"--input={tmp_path / 'small.txt'}", "--dataset=s", "--encoding=bytes",
+                                f"--out_root={tmp_path}")
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    share = meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"])
+    assert code == 0 and share > 0.2
+    assert f"note: val holds {share:.0%} of the tokens, for --val_fraction=0.1" in stderr
+    assert "lower --doc_chars (now 4,000)" in stderr
+    code, stderr = prepare_here(f"--input={tmp_path / 'small.txt'}", "--dataset=s2", "--encoding=bytes",
+                                f"--out_root={tmp_path}", "--doc_chars=200")
+    assert code == 0 and "holds" not in stderr

@@ -251,3 +251,75 @@ def test_a_grid_over_code_seed_pairs_each_code_seed_with_learned(tmp_path, repor
     lines = table_lines(report_results(rows))
     affine = {line[0]: float(line[5].split()[0]) for line in lines if line[1] == "affine"}
     assert len(affine) == 8 and affine["code_seed=2, n_layer=4"] - affine["code_seed=1, n_layer=4"] == pytest.approx(0.01)
+
+
+def test_an_eval_json_cut_short_is_one_line_saying_how_to_remake_it(runs, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(runs["learned-1337"], cut)
+    text = (cut / "eval.json").read_text()
+    (cut / "eval.json").write_text(text[:len(text) // 2])  # cut by hand: eval.py writes it atomically
+    result = run_tool("report", [f"--runs={runs['fixed_min-1337']},{cut}"])
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert f"{cut / 'eval.json'} is cut short" in result.stderr
+    assert f"python eval.py --out_dir={cut}" in result.stderr
+
+
+def test_two_runs_of_the_same_seed_and_settings_are_flagged_not_averaged(runs, tmp_path):
+    shutil.copytree(runs["fixed_min-1337"], tmp_path / "copy")
+    result = run_tool("report", [f"--runs={runs['fixed_min-1337']},{tmp_path / 'copy'},{runs['learned-1337']}"])
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "are runs of the same settings and seed" in result.stderr and str(tmp_path / "copy") in result.stderr
+
+
+def test_a_table_of_one_setting_names_it_and_every_row_has_its_depth_and_width(report_results):
+    result = report_results("results/depth.jsonl", "--where=n_layer=4;seed=1,2")
+    lines = table_lines(result)
+    assert {line[0] for line in lines} == {"learning_rate=0.012, min_lr=0.0012, n_layer=4"}
+    assert {(line[-2], line[-1]) for line in lines} == {("4", "64")} and {line[2] for line in lines} == {"2"}
+    assert "Every row: learning_rate=0.012, min_lr=0.0012, n_layer=4." in result.stdout
+
+
+def test_the_fit_of_the_gap_against_depth_and_its_extrapolation(report_results):
+    """Against one factor the least-squares line is the textbook one: slope cov(x, y) / var(x)."""
+    import math
+    import report
+    result = report_results("results/depth.jsonl", "--fit=True")
+    assert result.returncode == 0, result.stderr
+    loss = {(r["cell"]["input_code"], r["cell"]["n_layer"], r["cell"]["seed"]): r["loss"] for r in committed("depth")}
+    points = [(math.log2(depth), loss["fixed_min", depth, seed] - loss["learned", depth, seed])
+              for depth, seed in {(d, s) for _, d, s in loss}]
+    x_mean, y_mean = statistics.mean(x for x, _ in points), statistics.mean(y for _, y in points)
+    slope = sum((x - x_mean) * (y - y_mean) for x, y in points) / sum((x - x_mean) ** 2 for x, _ in points)
+    intercept = y_mean - slope * x_mean
+    line = next(line for line in result.stdout.splitlines() if line.startswith("| study_bytes | fixed_min |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "12" and cells[3].startswith(f"{intercept:+.4f} ± ")
+    assert cells[6].startswith(f"{slope:+.4f} ± ")
+    assert cells[4] == "not varied (614,400)" and cells[5] == "not varied (64)"
+    assert cells[7].startswith(f"{intercept + slope * math.log2(report.PAPER_SCALE['n_layer']):+.4f} ± ")
+    assert "EXTRAPOLATION" in result.stdout
+
+
+def test_the_rates_a_study_reads_are_those_of_lowest_mean_test_loss(tmp_path):
+    import report
+    rows = committed("lr")
+    chosen = report.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 64, "learned")])
+    for code in ("fixed_min", "affine", "learned"):
+        by_rate = {}
+        for row in rows:
+            if row["config"]["input_code"] == code:
+                by_rate.setdefault((row["config"]["learning_rate"], row["config"]["min_lr"]), []).append(row["loss"])
+        assert chosen["study_bytes", 64, code] == min(by_rate, key=lambda rate: statistics.mean(by_rate[rate]))
+    with pytest.raises(report.UserError, match="no test-split rows for study_bytes, 128, learned"):
+        report.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 128, "learned")])
+
+
+def test_a_rate_tuned_per_code_and_setting_belongs_to_the_code(report_results):
+    """As in config/study_width.py: each code at its own rate at each width; the pairs stay by setting."""
+    depth = committed("depth")
+    for row in depth:
+        if row["cell"]["input_code"] == "fixed_min":
+            row["cell"]["learning_rate"] = row["config"]["learning_rate"] = 0.001 * row["cell"]["n_layer"]
+    lines = table_lines(report_results(depth))
+    assert [line[0] for line in lines if line[1] == "fixed_min"] == [f"n_layer={n}" for n in (1, 2, 4, 8)]
+    assert all(line[4] == "3" for line in lines)  # every fixed_min run paired with learned's of its seed

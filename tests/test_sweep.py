@@ -15,9 +15,10 @@ import time
 import pytest
 import torch
 
+import common
 import sweep
 from common import UserError
-from conftest import REPO, run, shakespeare_text
+from conftest import REPO, run, run_tool, shakespeare_text
 
 pytestmark = pytest.mark.xdist_group("sweep")  # one worker: its module fixtures are made once
 
@@ -224,9 +225,18 @@ def test_a_second_sweep_of_the_same_table_is_refused(tmp_path, dataset):
     assert not (tmp_path / "runs").exists()
 
 
+READS_RATES = {"study_width.py": "width_lr.jsonl", "study_scale.py": "width_lr.jsonl",
+               "study_tokens.py": "width_lr.jsonl", "study_gpu_width.py": "gpu_width_lr.jsonl"}
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "config", "study_*.py"))))
 def test_the_bundled_studies_are_valid(path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # their paths are relative to the checkout, as in the README's commands
+    rates = READS_RATES.get(os.path.basename(path))
+    if rates and not os.path.exists(os.path.join(REPO, "results", rates)):
+        with pytest.raises(UserError, match=f"{rates}.*the learning rates are chosen from it"):
+            sweep.main([path, "--dry_run=True"])  # the step that chooses them has not run yet
+        return
     sweep.main([path, "--dry_run=True"])
     cells = int(capsys.readouterr().err.split(" cells: ")[0])
     assert cells >= 9  # 3 codes x 3 seeds, or x 3 learning rates x 2 seeds
@@ -273,3 +283,85 @@ def test_a_code_setting_in_the_grid_is_its_own_code_in_the_report_paired_with_le
         differences = [loss["fixed_min", layout, s] - loss["learned", "tile", s] for s in (1, 2)]
         assert line[4] == "2" and line[5].startswith(f"{statistics.mean(differences):+.4f} ± ")
     assert loss["fixed_min", "repeat", 1] != loss["fixed_min", "tile", 1]
+
+
+# ------------------------------------------- a study over datasets, widths and input scales, and its provenance
+
+@pytest.fixture(scope="module")
+def factors(tmp_path_factory, dataset):
+    """A study over two datasets (the Shakespeare fixture, and the bundled novels, which sweep.py prepares
+    from assets/novels/), two widths on the first, fixed_min at code_scale 0.1 against learned, 2 seeds:
+    12 cells. (its folder, the sweep's result)."""
+    root = tmp_path_factory.mktemp("factors")
+    novels = str(root / "novels")
+    grid = {("dataset", "n_embd"): [(dataset, 16), (dataset, 32), (novels, 32)],
+            ("input_code", "code_scale"): [("fixed_min", 0.1), ("learned", 1.0)], "seed": [1, 2]}
+    prepare = {novels: ["--input=assets/novels/", "--encoding=bytes", "--max_tokens=200000", "--doc_chars=2000",
+                        "--workers=1"]}
+    result = run_sweep(write_study(root / "study.py", "", grid, prepare=prepare))
+    return root, result
+
+
+def test_a_study_over_datasets_widths_and_scales_records_what_made_each_row(factors, dataset):
+    root, result = factors
+    assert result.returncode == 0, result.stderr
+    found = rows(root)
+    assert len(found) == 12 and f"dataset '{root / 'novels'}' is missing, making it" in result.stderr
+    with open(root / "novels" / "meta.json") as f:
+        assert [os.path.basename(s) for s in json.load(f)["source"]] == [
+            "pg1342_austen_pride_and_prejudice.txt.gz", "pg145_eliot_middlemarch.txt.gz"]
+    for row in found:
+        config = row["config"]
+        assert (config["dataset"], config["n_embd"], config["input_code"], config["code_scale"]) == (
+            row["cell"]["dataset"], row["cell"]["n_embd"], row["cell"]["input_code"], row["cell"]["code_scale"])
+        assert row["code_hash"] == common.code_hash() and row["data_hash"] == common.data_hash(config["dataset"])
+        assert row["name"].startswith(config["dataset"].replace("/", "_"))
+    assert len({row["data_hash"] for row in found}) == 2
+    assert sweep.cell_step({"phase": "train", "out_dir": found[0]["out_dir"], "config": found[0]["config"]}) == \
+        "train step 4 of 4"
+
+
+def test_the_report_of_the_study_shows_each_rows_model_and_fits_the_gap_against_width(factors, dataset):
+    root, _ = factors
+    result = run_tool("report", [f"--results={root / 'results.jsonl'}", "--fit=True"])
+    assert result.returncode == 0, result.stderr
+    assert f"every row was made by this checkout's code (code_hash {common.code_hash()})" in result.stdout
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+             if line.startswith("| dataset=")]
+    assert len(table) == 6 and {(line[-2], line[-1]) for line in table} == {("1", "16"), ("1", "32")}
+    loss = {(r["cell"]["dataset"], r["cell"]["n_embd"], r["cell"]["input_code"], r["cell"]["seed"]): r["loss"]
+            for r in rows(root)}
+    gap = {}
+    for width in (16, 32):
+        gap[width] = statistics.mean(loss[dataset, width, "fixed_min", s] - loss[dataset, width, "learned", s]
+                                     for s in (1, 2))
+    fit = next(line for line in result.stdout.splitlines() if line.startswith(f"| {dataset} | fixed_min code_scale=0.1 |"))
+    slope = [c.strip() for c in fit.strip("|").split("|")][5]
+    assert slope.startswith(f"{gap[32] - gap[16]:+.4f} ± ")  # two widths an octave apart: the slope is the change
+    assert "no factor varies" in result.stdout  # the novels: one width
+
+    one_seed = run_tool("report", [f"--results={root / 'results.jsonl'}", "--where=seed=1;n_embd=32"])
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in one_seed.stdout.splitlines()
+             if line.startswith("| dataset=")]
+    assert len(lines) == 4 and all(line[2] == "1" and line[-1] == "32" for line in lines)
+    nothing = run_tool("report", [f"--results={root / 'results.jsonl'}", "--where=seed=7"])
+    assert nothing.returncode == 1 and "no results row has seed in 7" in nothing.stderr
+
+
+def test_rerun_redoes_only_the_cells_that_other_code_made(factors, tmp_path):
+    root, _ = factors
+    table = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    table[0]["code_hash"] = "0123456789abcdef"  # as if made before the last change to model.py
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in table))
+    mixed = run_tool("report", [f"--results={tmp_path / 'results.jsonl'}"])
+    assert "this table MIXES 2 code versions" in mixed.stdout and "1 of 12 rows were made by other code" in mixed.stdout
+    study = (root / "study.py").read_text().replace(str(root / "results.jsonl"), str(tmp_path / "results.jsonl"))
+    (tmp_path / "study.py").write_text(study.replace(str(root / "runs"), str(tmp_path / "runs")))
+    plain = run_tool("sweep", [str(tmp_path / "study.py")])
+    assert "12 finished before (skipped), 0 to run" in plain.stderr and "1 of the finished cells" in plain.stderr
+    rerun = run_tool("sweep", [str(tmp_path / "study.py"), "--rerun=True"])
+    assert rerun.returncode == 0, rerun.stderr
+    assert "removed 1 rows" in rerun.stderr and "11 finished before (skipped), 1 to run" in rerun.stderr
+    after = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(after) == 12 and {row["code_hash"] for row in after} == {common.code_hash()}
+    assert after[:11] == table[1:]
