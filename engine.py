@@ -247,7 +247,7 @@ class Engine:
             logits, _ = self.model(idx, kv_cache=self.cache)
             for s in decoding:
                 s.window.append(s.pending)
-            self.advance(decoding, logits[:, -1])
+            self.pick_tokens(decoding, logits[:, -1])
         for s in full:
             s.window = (s.window + [s.pending])[-self.block_size:]
         for s in newcomers:
@@ -272,7 +272,7 @@ class Engine:
                 self.send_prompt_scores(s, logits[row, :lengths[row]])
         self.running.extend(sequences)
         last = logits[torch.arange(len(sequences)), torch.tensor(lengths) - 1] if scored else logits[:, -1]
-        self.advance(sequences, last)
+        self.pick_tokens(sequences, last)
 
     def send_prompt_scores(self, s, logits):
         scores = logits.float().log_softmax(dim=-1)[:-1]  # row i scores token i + 1
@@ -282,7 +282,7 @@ class Engine:
         tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
         s.events.put((s.index, ("prompt", picked, tops)))
 
-    def advance(self, sequences, logits):
+    def pick_tokens(self, sequences, logits):
         """Each sequence's next token from its row of logits (B, V); sequences that are done leave, and so
         does one whose sampling fails, with the error: one request's settings never fail the others."""
         done, greedy = [], logits.argmax(dim=-1).tolist()  # one call for the whole batch: most rows are greedy
@@ -314,6 +314,8 @@ class Engine:
 
     def leave(self, sequences):
         """Frees the rows of sequences: the last row moves into each freed one, so rows 0..n-1 stay in use."""
+        if not sequences:  # most calls, most steps
+            return
         leaving = {id(s) for s in sequences}
         rows = sorted((r for r, s in enumerate(self.running) if id(s) in leaving), reverse=True)
         for row in rows:
