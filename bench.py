@@ -4,6 +4,7 @@ Training and decode speed of the input codes, side by side: tokens/s, MFU, peak 
     python bench.py config/quickstart.py                        # CPU, under a minute
     python bench.py config/fixed_min.py --json=bench.json       # the paper's model, one GPU
     python bench.py --n_layer=4 --n_embd=256 --n_head=4 --codes=fixed_min,learned --decode=False
+    torchrun --standalone --nproc_per_node=2 bench.py config/quickstart.py --parallel=fsdp --codes=fixed_min
 
 The keys are train.py's (so a training config file works as is; keys that only matter to a run, such
 as out_dir or max_iters, are accepted and ignored) plus the bench keys below. For each input code, in
@@ -32,6 +33,9 @@ the paper config. Peak = training.peak_flops(torch.cuda.get_device_name()): dens
 FLOP/s, e.g. 989e12 for H100 SXM and H200, 835e12 for H100 NVL, 756e12 for H100 PCIe, 312e12 for
 A100. On CPU (and unknown GPUs) MFU is not reported.
 
+With --parallel=fsdp (under torchrun, or on one process) it measures instead the bytes each process
+holds of the weights, the gradients and AdamW's state once FSDP has sharded them.
+
 Peak memory is torch.cuda.max_memory_allocated on CUDA, and the measuring process's peak resident
 set size (resource.getrusage ru_maxrss, the ~0.3 GiB of torch itself included) elsewhere.
 Optimizer state is the bytes of every AdamW state tensor after a step (exp_avg, exp_avg_sq, step).
@@ -47,9 +51,11 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
+import distributed
 import training
 from checkpoint import model_config
 from common import UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main
@@ -86,8 +92,8 @@ def parse_list(cfg, key, kind):
 
 def check_config(cfg):
     """The validated settings a measurement needs; every mistake is a one-line error here, before any process starts."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("bench.py measures one process: run it with python, not torchrun")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and cfg["parallel"] != "fsdp":
+        raise UserError("bench.py measures one process: run it with python, not torchrun (or with --parallel=fsdp)")
     codes = parse_list(cfg, "codes", str)
     for code in codes:
         if code not in CODES:
@@ -240,6 +246,40 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
     return result
 
 
+def measure_sharded(cfg, input_code, vocab_size, device):
+    """parallel=fsdp, on every process of torchrun (or on one): the bytes each process holds of the
+    weights, the gradients (after a backward) and AdamW's state (after a step), as FSDP shards them.
+    Returns every rank's figures."""
+    dtype, autocast, scaler = training.setup_precision(cfg, device)
+    torch.manual_seed(cfg["seed"])
+    gpt = GPT(model_config(cfg, vocab_size=vocab_size, input_code=input_code)).to(device)
+    distributed.shard(gpt, dtype, cfg["compile"])
+    optimizer = training.make_optimizer(gpt, cfg, device)
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    train_step(gpt, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator)
+    x, y, _ = random_batch(generator, vocab_size, cfg["batch_size"], cfg["block_size"], device)
+    with autocast:
+        gpt(x, y)[1].backward()
+
+    def held(tensors):
+        return sum(distributed.local(t).numel() * distributed.local(t).element_size() for t in tensors)
+    mine = {"input_code": input_code, "weights": held(gpt.parameters()),
+            "gradients": held(p.grad for p in gpt.parameters()),
+            "optimizer_state": held(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def sharded_table(results):
+    lines = ["| input code | rank | weights | gradients | AdamW state | together |", "|---|---:|---:|---:|---:|---:|"]
+    for ranks in results:
+        for rank, r in enumerate(ranks):
+            lines.append(f"| {r['input_code']} | {rank} | {size(r['weights'])} | {size(r['gradients'])} | "
+                         f"{size(r['optimizer_state'])} | {size(r['weights'] + r['gradients'] + r['optimizer_state'])} |")
+    return "\n".join(lines)
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -281,6 +321,16 @@ def main(argv):
     cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
     codes, batch_sizes, vocab_size, source, device = check_config(cfg)
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
+    if cfg["parallel"] == "fsdp":
+        device = distributed.start_processes(cfg)
+        results = [measure_sharded(cfg, code, vocab_size, device) for code in codes]
+        distributed.stop_processes()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d')}: bytes each of {len(results[0])} "
+                  f"process(es) holds under FSDP on {device}, torch {torch.__version__}\n\n{sharded_table(results)}")
+            if cfg["json"]:
+                atomic_write(cfg["json"], lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
+        return
     results = []
     spawn = multiprocessing.get_context("spawn")
     for code in codes:

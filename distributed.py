@@ -1,7 +1,9 @@
 """
 Training on many processes (torchrun, one node or many), for train.py: the process group, the
-agreement every process reaches before anything is written, the wrapping of the model for data
-parallelism (DDP), and the decisions every rank must take alike (a signal's stop, summed losses).
+agreement every process reaches before anything is written, the model wrapped for data parallelism
+(DDP: a whole copy per process; or FSDP2: weights, gradients and AdamW state sharded over the
+processes, with checkpoints gathered into the one ckpt.pt format), and the decisions every rank must
+take alike (a signal's stop, summed losses).
 
 Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK) each process checks its own files: its
 config files, data/, out_dir and the checkpoint it resumes from. Without a shared filesystem these
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import UserError, data_dir, resolve_device
-from training import DEFAULTS
+from training import DEFAULTS, groups_with_options
 
 SHARED = "every node must see the same config files, data/ and out_dir: a shared filesystem, or copies"
 # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning
@@ -33,7 +35,8 @@ def start(configure, argv):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         cfg, meta, checkpoint = configure(argv)
-        return cfg, meta, checkpoint, 0, 1, resolve_device(cfg["device"])
+        device = start_processes(cfg) if cfg["parallel"] == "fsdp" else resolve_device(cfg["device"])
+        return cfg, meta, checkpoint, 0, 1, device
     try:
         configured, failure = configure(argv), None
     except Exception as e:  # any failure, a bug's included: the others must hear of it before it is raised
@@ -44,18 +47,27 @@ def start(configure, argv):
 
 
 def start_processes(cfg):
-    """Join the process group (cfg is None where this process's checks failed); this process's device."""
+    """Join the process group (cfg is None where this process's checks failed); this process's device.
+    Outside torchrun, a group of this one process: what FSDP needs to run on one."""
     device = resolve_device(cfg["device"]) if cfg else torch.device("cpu")
+    alone = "WORLD_SIZE" not in os.environ
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        index = device.index if alone else int(os.environ["LOCAL_RANK"])
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         torch.cuda.set_device(device)
-    # gloo carries CPU tensors, so the agreement works on every process whatever its device, and NCCL
-    # the CUDA tensors of training; NCCL connects at its first collective, which a process that
-    # failed its checks never reaches
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    minutes = cfg["collective_timeout"] if cfg else DEFAULTS["collective_timeout"]
-    dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+    timeout = timedelta(minutes=cfg["collective_timeout"] if cfg else DEFAULTS["collective_timeout"])
+    if alone:
+        dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend(), timeout=timeout)
     return device
+
+
+def backend():
+    """gloo carries CPU tensors, so the agreement works on every process whatever its device, and NCCL
+    the CUDA tensors of training; NCCL connects at its first collective, which a process that failed
+    its checks never reaches."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def agree(configured, device, failure):
@@ -110,6 +122,80 @@ def wrap_ddp(model, device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
                **NO_BUFFER_SYNC)
 
+
+# ------------------------------------------------------------------------------------------- FSDP
+
+def fsdp_available():
+    """Whether this torch has FSDP2's public API (torch.distributed.fsdp.fully_shard, torch >= 2.6)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def shard(raw_model, dtype, compile):
+    """FSDP2 on raw_model, in place: each Block, then the whole model (the embedding, the final norm
+    and the head), as fully_shard asks (bottom-up). Each parameter becomes a DTensor holding this
+    rank's slice of dim 0; a block's full weights exist only while it runs, gathered just in time.
+
+    Under bfloat16 the weights are gathered and computed in bfloat16 and the gradients reduced in
+    float32 (FSDP2's MixedPrecisionPolicy), while the float32 slices stay the master copy AdamW
+    updates. train.py still enters autocast, as under DDP: it keeps norms, softmax and the loss in
+    float32 and lets the input code's float32 buffers meet bfloat16 weights. With compile, each block
+    is compiled before it is sharded (the order of torchtitan, PyTorch's FSDP2 reference), and the
+    FSDP hooks run between compiled blocks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy() if dtype == torch.float32 else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in raw_model.blocks:
+        if compile:
+            block.compile()  # in place: the parameter names, so checkpoints, stay as they are
+        fully_shard(block, mp_policy=policy)
+    fully_shard(raw_model, mp_policy=policy)
+
+
+def sharded(raw_model):
+    from torch.distributed.fsdp import FSDPModule  # only reached where fsdp_available()
+    return isinstance(raw_model, FSDPModule)
+
+
+def full_state(raw_model, optimizer):
+    """(model state, optimizer state) as ckpt.pt holds them: whole tensors, the optimizer's state
+    keyed by its parameters' order. Under FSDP every rank must call this: the slices are gathered
+    onto rank 0's CPU one tensor at a time (GPU memory grows by one parameter, not the model),
+    and the other ranks get (None, None). So eval, sample, serve, export_hf, report and a DDP resume
+    read an FSDP run's checkpoint as any other, whatever the number of processes."""
+    if not dist.is_initialized() or not sharded(raw_model):
+        return raw_model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_state, by_name = get_state_dict(raw_model, optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None, None
+    index = {name: i for i, name in enumerate(name for group in by_name["param_groups"] for name in group["params"])}
+    return model_state, {"state": {index[name]: state for name, state in by_name["state"].items()},
+                         "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                          for group in by_name["param_groups"]]}
+
+
+def load_sharded_optimizer_state(raw_model, optimizer, saved):
+    """training.load_optimizer_state for a model sharded by FSDP: every rank holds the checkpoint's
+    whole tensors (memory-mapped) and keeps its slice of each."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {id(p): name for name, p in raw_model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {"state": {order[i]: state for i, state in saved["state"].items()},
+               "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                for group in groups_with_options(saved, optimizer)]}
+    set_optimizer_state_dict(raw_model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def local(tensor):
+    """This rank's part of a tensor: its slice under FSDP, else all of it."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+# ----------------------------------------------------------------------------- what ranks agree on
 
 def sum_over_ranks(tensor):
     """tensor summed over every process, in place (as is on one process)."""

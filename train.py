@@ -1,9 +1,10 @@
 """
-Train a GPT with a fixed, affine-recoded or learned input code, on one process or many (torchrun DDP).
+Train a GPT with a fixed, affine-recoded or learned input code, on one process or many (torchrun: DDP or FSDP).
 
     python train.py config/quickstart.py                       # CPU, about two minutes
     python train.py config/fixed_min.py                        # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/fixed_min.py
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt_7b.py      # parallel=fsdp: sharded
     python train.py --init_from=resume --out_dir=out-fixed_min --max_iters=40000
     python train.py config/fixed_min.py --help                 # every key, its value and its meaning
 
@@ -46,8 +47,9 @@ from common import (EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, 
                     resolve_dtype, run_folder, run_main)
 from configurator import parse_config
 from model import GPT, GPTConfig
-from training import (DEFAULTS, MEANINGS, MODEL_KEYS, dropout_seed, learning_rate, load_optimizer_state,
-                      make_optimizer, peak_flops, read_batch, setup_precision, to_device, train_step)
+from training import (DEFAULTS, MEANINGS, MODEL_KEYS, checkpoint_activations, dropout_seed, learning_rate,
+                      load_optimizer_state, make_optimizer, peak_flops, read_batch, setup_precision, to_device,
+                      train_step)
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
 RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what a run replaced by overwrite=True leaves
@@ -98,6 +100,7 @@ def check_settings(cfg):
         (cfg["weight_decay"] >= 0, f"weight_decay must be 0 or more, got {cfg['weight_decay']}"),
         (0 <= cfg["beta1"] < 1 and 0 <= cfg["beta2"] < 1, "beta1 and beta2 must be in [0, 1)"),
         (cfg["grad_clip"] >= 0, f"grad_clip must be 0 (off) or more, got {cfg['grad_clip']}"),
+        (cfg["parallel"] in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, got '{cfg['parallel']}'"),
         (cfg["collective_timeout"] > 0, f"collective_timeout must be above 0 minutes, got {cfg['collective_timeout']}"),
         (0 <= cfg["seed"] < 2 ** 64, f"seed must be a whole number from 0 to 2^64 - 1, got {cfg['seed']}"),
         (not cfg["wandb_log"] or importlib.util.find_spec("wandb") is not None,
@@ -111,10 +114,23 @@ def check_settings(cfg):
         raise UserError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple of "
                         f"the number of processes ({world_size}): tokens per step stay the same whatever the world size")
     device = resolve_device(cfg["device"])
-    resolve_dtype(cfg["dtype"], device)
+    dtype = resolve_dtype(cfg["dtype"], device)
+    if cfg["parallel"] == "fsdp":
+        check_fsdp(cfg, device, dtype)
     if world_size > 1 and device.type == "cuda" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
         raise UserError(f"torchrun started more processes on {socket.gethostname()} than it has GPUs "
                         f"({torch.cuda.device_count()}): use --nproc_per_node={torch.cuda.device_count()}")
+
+
+def check_fsdp(cfg, device, dtype):
+    if not distributed.fsdp_available():
+        raise UserError(f"parallel=fsdp needs torch >= 2.6 (FSDP2's torch.distributed.fsdp.fully_shard), and this "
+                        f"is torch {torch.__version__}: pip install -U torch, or use parallel=ddp")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"parallel=fsdp runs on cuda or cpu, not {device.type}: use parallel=ddp")
+    if dtype == torch.float16:
+        raise UserError(f"parallel=fsdp cannot train in float16 (dtype={cfg['dtype']} here): FSDP2 has no sharded "
+                        f"GradScaler for its loss scaling; use --dtype=bfloat16, or float32 on a GPU without it")
 
 
 def check_data(cfg, meta):
@@ -162,17 +178,29 @@ def check_out_dir(cfg):
 
 # ------------------------------------------------------------------------------------------- build
 
-def build(cfg, meta, device, checkpoint):
-    """The raw model and its optimizer, fresh or restored from the checkpoint being resumed."""
+def build(cfg, meta, device, dtype, checkpoint, world_size):
+    """(raw_model, model, train_model, optimizer), fresh or restored from the checkpoint being resumed.
+    Every rank builds the whole model from the seed (or the checkpoint) before FSDP shards it, so a
+    sharded run starts from the weights a DDP run starts from."""
     torch.manual_seed(cfg["seed"])
     raw_model = GPT(model_config(cfg, vocab_size=meta["vocab_size"]))
     if checkpoint is not None:
         load_weights(raw_model, checkpoint)
     raw_model.to(device)
-    optimizer = make_optimizer(raw_model, cfg, device)
-    if checkpoint is not None:
+    if cfg["activation_checkpointing"]:
+        checkpoint_activations(raw_model.blocks)
+    if cfg["parallel"] == "fsdp":
+        distributed.shard(raw_model, dtype, cfg["compile"])  # in place; its blocks compiled
+        model = train_model = raw_model
+    else:
+        model = torch.compile(raw_model) if cfg["compile"] else raw_model
+        train_model = distributed.wrap_ddp(model, device) if world_size > 1 else model
+    optimizer = make_optimizer(raw_model, cfg, device)  # after sharding: AdamW's state is sharded too
+    if checkpoint is not None and cfg["parallel"] == "fsdp":
+        distributed.load_sharded_optimizer_state(raw_model, optimizer, checkpoint["optimizer"])
+    elif checkpoint is not None:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
-    return raw_model, optimizer
+    return raw_model, model, train_model, optimizer
 
 
 @dataclass
@@ -207,12 +235,15 @@ def evaluate(cfg, model, amp, rank, world_size, device):
     out = {}
     for split_id, split in enumerate(("train", "val")):
         total = torch.zeros(2, device=device)
-        for k in range(rank, cfg["eval_iters"], world_size):
+        # every rank runs as many forwards (under FSDP each one is a collective); those past
+        # eval_iters are not counted
+        for k in range(rank, math.ceil(cfg["eval_iters"] / world_size) * world_size, world_size):
             key = (cfg["seed"], EVAL_KEY, split_id, k)
             x, y = to_device(read_batch(cfg["dataset"], split, key, cfg["batch_size"], cfg["block_size"]), device)
             with amp:
                 loss = model(x, y)[1]
-            total += torch.stack((loss.float(), torch.ones((), device=device)))
+            if k < cfg["eval_iters"]:
+                total += torch.stack((loss.float(), torch.ones((), device=device)))
         distributed.sum_over_ranks(total)
         out[split] = (total[0] / total[1]).item()
     model.train()
@@ -220,10 +251,12 @@ def evaluate(cfg, model, amp, rank, world_size, device):
 
 
 def save(cfg, meta, raw_model, optimizer, scaler, progress, master):
+    """ckpt.pt, written by rank 0; every rank calls this (under FSDP they gather the weights together)."""
+    model_state, optimizer_state = distributed.full_state(raw_model, optimizer)
     if master:
-        save_checkpoint({"model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **asdict(progress),
-                         "config": cfg, "meta": meta}, cfg["out_dir"])
+        save_checkpoint({"model_args": asdict(raw_model.config), "model": model_state, "optimizer": optimizer_state,
+                         "scaler": scaler.state_dict(), **asdict(progress), "config": cfg, "meta": meta},
+                        cfg["out_dir"])
 
 
 def check_finite(value, what, iter_num, out_dir):
@@ -324,13 +357,14 @@ def start_wandb(cfg):
 def main(argv):
     # configure: every setting checked, on every process, and the processes agree (distributed.py)
     cfg, meta, checkpoint, rank, world_size, device = distributed.start(configure, argv)
-    master = rank == 0
+    master, fsdp = rank == 0, cfg["parallel"] == "fsdp"
 
     # build: the model under its three names, the optimizer, and where the run stands
     dtype, amp, scaler = setup_precision(cfg, device)
-    raw_model, optimizer = build(cfg, meta, device, checkpoint)  # raw_model: the weights, counts, checkpoints
-    model = torch.compile(raw_model) if cfg["compile"] else raw_model  # model: what evaluation runs
-    train_model = distributed.wrap_ddp(model, device) if world_size > 1 else model  # train_model: what trains
+    raw_model, model, train_model, optimizer = build(cfg, meta, device, dtype, checkpoint, world_size)
+    # raw_model: the weights, their counts, the checkpoints (sharded in place under FSDP)
+    # model: raw_model compiled or not, what evaluation runs
+    # train_model: model wrapped for DDP (or model itself), what training runs
     progress, resumed = Progress.resumed(checkpoint), checkpoint is not None
     if resumed and checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale, as the run left it
         scaler.load_state_dict(checkpoint["scaler"])
@@ -343,8 +377,10 @@ def main(argv):
         prepare_out_dir(cfg, start_iter)
     log = Log(cfg, master, start_iter,
               f"{cfg['input_code']}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in "
-              f"the input), {world_size} process(es) on {device}, {str(dtype).removeprefix('torch.')}, "
-              f"{tokens_per_step:,} tokens/step")
+              f"the input), {world_size} process(es){' (FSDP)' if fsdp else ''} on {device}, "
+              f"{str(dtype).removeprefix('torch.')}, {tokens_per_step:,} tokens/step"
+              + ("\nparallel=fsdp on 1 process shards nothing: the memory of a plain run (a check of the setup)"
+                 if fsdp and world_size == 1 else ""))
 
     # the loop: evaluate and checkpoint, stop if asked to, one optimizer step, log
     stop = StopSignals(defer=1)  # the first signal: checkpoint and stop at the next step boundary
@@ -367,8 +403,9 @@ def main(argv):
                 break
             signum = distributed.stop_agreed(stop, device)
             if signum:
-                weights = sum(w.float().abs().sum().item() for w in raw_model.parameters())
-                check_finite(weights, "the sum of the weights", iter_num, cfg["out_dir"])
+                weights = sum(distributed.local(w).float().abs().sum() for w in raw_model.parameters())
+                check_finite(distributed.sum_over_ranks(weights).item(), "the sum of the weights", iter_num,
+                             cfg["out_dir"])
                 save(cfg, meta, raw_model, optimizer, scaler, progress, master)
                 break
 

@@ -13,10 +13,12 @@ import math
 import os
 from contextlib import nullcontext
 from dataclasses import fields
+from functools import partial
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from common import DEVICE_HELP, DTYPE_HELP, autocast, data_dir, resolve_dtype
 from configurator import split_settings
@@ -56,7 +58,11 @@ SETTINGS = {  # key: (default, meaning)
     # system
     "device": ("auto", f"{DEVICE_HELP}; torchrun picks cuda:LOCAL_RANK"),
     "dtype": ("auto", DTYPE_HELP),
-    "compile": (True, "torch.compile the model"),
+    "compile": (True, "torch.compile the model (under FSDP each block, before it is sharded)"),
+    "parallel": ("ddp", "under torchrun: ddp (every process holds the whole model and its AdamW state) or fsdp "
+                        "(FSDP2: weights, gradients and AdamW state sharded over the processes; torch >= 2.6)"),
+    "activation_checkpointing": (False, "recompute each block's activations in backward instead of keeping them: "
+                                        "less memory for about a third more compute"),
     "seed": (1337, "the initialization, the data order and the dropout masks"),
     "collective_timeout": (30.0, "minutes a process waits for the others (DDP) before the run fails; rank 0 "
                                  "writes each checkpoint (5.6 GB at the paper config) while the others wait"),
@@ -91,9 +97,21 @@ def load_optimizer_state(optimizer, saved):
     the saved run's options, so a run started on CPU would stay non-fused on CUDA and a new
     weight_decay on resume would be silently ignored. Passing the current options also places the
     step counts where they belong: on the device for fused AdamW, on the CPU otherwise."""
-    groups = [{**group, **{k: v for k, v in mine.items() if k != "params"}}
-              for group, mine in zip(saved["param_groups"], optimizer.param_groups)]
-    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups_with_options(saved, optimizer)})
+
+
+def groups_with_options(saved, optimizer):
+    """saved's parameter groups with optimizer's own options (all but their "params")."""
+    return [{**group, **{k: v for k, v in mine.items() if k != "params"}}
+            for group, mine in zip(saved["param_groups"], optimizer.param_groups)]
+
+
+def checkpoint_activations(blocks):
+    """Keep only each block's input for backward, and recompute the rest there (torch.utils.checkpoint,
+    which replays the dropout masks too). The module tree and its parameter names stay as they are,
+    so checkpoints do not change."""
+    for block in blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def read_batch(dataset, split, key, batch_size, block_size):
@@ -143,7 +161,8 @@ def learning_rate(cfg, it):
 def train_step(train_model, raw_model, optimizer, scaler, autocast, batches, grad_clip, lr):
     """One optimizer step over batches, an iterable of (x, y, seed) per micro-batch, x and y on the
     device: forward and backward of each micro-batch with torch's RNG reseeded to its dropout seed
-    (gradients all-reduced once, on the last), clipping, the AdamW step. Returns the summed
+    (under DDP gradients all-reduced once, on the last; under FSDP reduce-scattered into each rank's
+    slice after each), clipping (of the whole gradient's norm, sharded or not), the AdamW step. Returns the summed
     micro-batch losses, a tensor, so that nothing waits for the device here."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -123,6 +123,7 @@ def test_collective_timeout_is_the_process_group_timeout(monkeypatch):
     calls = []
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
     monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert distributed.start_processes({**DEFAULTS, "device": "cpu", "collective_timeout": 45.0}) == torch.device("cpu")
     distributed.start_processes(None)  # a process whose checks failed still joins, to tell the others
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
@@ -236,7 +237,7 @@ def test_resume_takes_the_optimizer_state_from_the_checkpoint_and_its_options_fr
                for group in saved["param_groups"]]
     save_checkpoint({**checkpoint, "optimizer": {**saved, "param_groups": unfused}}, tmp_path)
     cfg, meta, resumed = train.configure(["--init_from=resume", f"--out_dir={tmp_path}", "--weight_decay=0.05"])
-    _, optimizer = train.build(cfg, meta, torch.device("cpu"), resumed)
+    *_, optimizer = train.build(cfg, meta, torch.device("cpu"), torch.float32, resumed, 1)
     assert [(g["weight_decay"], g["fused"]) for g in optimizer.param_groups] == [(0.05, True), (0.0, True)]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, p in enumerate(params):
