@@ -253,7 +253,7 @@ def measure_sharded(cfg, input_code, vocab_size, device):
     dtype, autocast, scaler = training.setup_precision(cfg, device)
     torch.manual_seed(cfg["seed"])
     gpt = GPT(model_config(cfg, vocab_size=vocab_size, input_code=input_code)).to(device)
-    distributed.shard(gpt, dtype, cfg["compile"])
+    distributed.shard(gpt, device, dtype, cfg["compile"])
     optimizer = training.make_optimizer(gpt, cfg, device)
     generator = torch.Generator().manual_seed(cfg["seed"])
     train_step(gpt, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator)
@@ -263,9 +263,9 @@ def measure_sharded(cfg, input_code, vocab_size, device):
 
     def held(tensors):
         return sum(distributed.local(t).numel() * distributed.local(t).element_size() for t in tensors)
+    adamw_state = (t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
     mine = {"input_code": input_code, "weights": held(gpt.parameters()),
-            "gradients": held(p.grad for p in gpt.parameters()),
-            "optimizer_state": held(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))}
+            "gradients": held(p.grad for p in gpt.parameters()), "optimizer_state": held(adamw_state)}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return everyone
@@ -275,8 +275,8 @@ def sharded_table(results):
     lines = ["| input code | rank | weights | gradients | AdamW state | together |", "|---|---:|---:|---:|---:|---:|"]
     for ranks in results:
         for rank, r in enumerate(ranks):
-            lines.append(f"| {r['input_code']} | {rank} | {size(r['weights'])} | {size(r['gradients'])} | "
-                         f"{size(r['optimizer_state'])} | {size(r['weights'] + r['gradients'] + r['optimizer_state'])} |")
+            parts = [r["weights"], r["gradients"], r["optimizer_state"]]
+            lines.append(f"| {r['input_code']} | {rank} | " + " | ".join(map(size, [*parts, sum(parts)])) + " |")
     return "\n".join(lines)
 
 

@@ -134,7 +134,7 @@ def fsdp_available():
     return True
 
 
-def shard(raw_model, dtype, compile):
+def shard(raw_model, device, dtype, compile):
     """FSDP2 on raw_model, in place: each Block, then the whole model (the embedding, the final norm
     and the head), as fully_shard asks (bottom-up). Each parameter becomes a DTensor holding this
     rank's slice of dim 0; a block's full weights exist only while it runs, gathered just in time.
@@ -145,28 +145,25 @@ def shard(raw_model, dtype, compile):
     float32 and lets the input code's float32 buffers meet bfloat16 weights. With compile, each block
     is compiled before it is sharded (the order of torchtitan, PyTorch's FSDP2 reference), and the
     FSDP hooks run between compiled blocks."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy() if dtype == torch.float32 else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the run's device, even on a GPU machine
+    policy = (MixedPrecisionPolicy() if dtype == torch.float32
+              else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
     for block in raw_model.blocks:
         if compile:
             block.compile()  # in place: the parameter names, so checkpoints, stay as they are
-        fully_shard(block, mp_policy=policy)
-    fully_shard(raw_model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(raw_model, mesh=mesh, mp_policy=policy)
 
 
-def sharded(raw_model):
-    from torch.distributed.fsdp import FSDPModule  # only reached where fsdp_available()
-    return isinstance(raw_model, FSDPModule)
-
-
-def full_state(raw_model, optimizer):
-    """(model state, optimizer state) as ckpt.pt holds them: whole tensors, the optimizer's state
-    keyed by its parameters' order. Under FSDP every rank must call this: the slices are gathered
-    onto rank 0's CPU one tensor at a time (GPU memory grows by one parameter, not the model),
-    and the other ranks get (None, None). So eval, sample, serve, export_hf, report and a DDP resume
-    read an FSDP run's checkpoint as any other, whatever the number of processes."""
-    if not dist.is_initialized() or not sharded(raw_model):
-        return raw_model.state_dict(), optimizer.state_dict()
+def gathered_state(raw_model, optimizer):
+    """(model state, optimizer state) of a model sharded by FSDP, as ckpt.pt holds them under DDP:
+    whole tensors, the optimizer's state keyed by its parameters' order. Every rank must call this:
+    the slices are gathered onto rank 0's CPU one tensor at a time (GPU memory grows by one
+    parameter, not the model), and the other ranks get (None, None). So eval, sample, serve,
+    export_hf, report and a DDP resume read an FSDP run's checkpoint as any other, whatever the
+    number of processes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_state, by_name = get_state_dict(raw_model, optimizer,
                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))

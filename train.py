@@ -190,7 +190,7 @@ def build(cfg, meta, device, dtype, checkpoint, world_size):
     if cfg["activation_checkpointing"]:
         checkpoint_activations(raw_model.blocks)
     if cfg["parallel"] == "fsdp":
-        distributed.shard(raw_model, dtype, cfg["compile"])  # in place; its blocks compiled
+        distributed.shard(raw_model, device, dtype, cfg["compile"])  # in place; its blocks compiled
         model = train_model = raw_model
     else:
         model = torch.compile(raw_model) if cfg["compile"] else raw_model
@@ -252,7 +252,10 @@ def evaluate(cfg, model, amp, rank, world_size, device):
 
 def save(cfg, meta, raw_model, optimizer, scaler, progress, master):
     """ckpt.pt, written by rank 0; every rank calls this (under FSDP they gather the weights together)."""
-    model_state, optimizer_state = distributed.full_state(raw_model, optimizer)
+    if cfg["parallel"] == "fsdp":
+        model_state, optimizer_state = distributed.gathered_state(raw_model, optimizer)
+    else:
+        model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
     if master:
         save_checkpoint({"model_args": asdict(raw_model.config), "model": model_state, "optimizer": optimizer_state,
                          "scaler": scaler.state_dict(), **asdict(progress), "config": cfg, "meta": meta},

@@ -104,8 +104,8 @@ def test_fsdp_settings_it_cannot_run_are_one_line(bad, match, shakespeare_bytes,
 
 def test_bench_measures_each_of_two_fsdp_processes_holding_half_the_weights_gradients_and_adamw_state(tmp_path):
     bench = ["bench.py", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=32", "--vocab_size=257",
-             "--batch_size=2", "--gradient_accumulation_steps=2", "--compile=False", "--device=cpu", "--codes=fixed_min",
-             "--decode=False",
+             "--batch_size=2", "--gradient_accumulation_steps=2", "--compile=False", "--device=cpu",
+             "--codes=fixed_min", "--decode=False",
              "--parallel=fsdp"]
     result = run_tool("bench", [*bench[1:], f"--json={tmp_path / 'one.json'}"])
     assert result.returncode == 0, result.stderr[-3000:]
