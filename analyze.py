@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import build_model, load_checkpoint
-from common import UserError, atomic_write, autocast, data_dir, load_meta, resolve_device, resolve_dtype, run_main
+from common import (DEVICE_HELP, DTYPE_HELP, UserError, atomic_write, autocast, data_dir, load_meta, resolve_device,
+                    resolve_dtype, run_main)
 from configurator import parse_config, split_settings
 from tokenizer import get_encoding
 
@@ -65,9 +66,8 @@ SETTINGS = {  # key: (default, meaning)
                      "full-batch Adam: stronger on the previous id, about 12 times slower)"),
     "plot": ("", "also draw the comparison into this .png ('': none; needs matplotlib)"),
     "json": ("", "also write every figure into this .json file ('': none)"),
-    "device": ("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:N or mps"),
-    "dtype": ("auto", "auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU), float32, "
-                      "bfloat16 or float16: as eval.py, so the lens's last layer is eval.py's loss"),
+    "device": ("auto", DEVICE_HELP),
+    "dtype": ("auto", f"{DTYPE_HELP}: as eval.py, so the lens's last layer is eval.py's loss"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 WINDOWS_PER_FORWARD = 16

@@ -26,11 +26,10 @@ def shakespeare_text():
 
 
 def run_tool(tool, argv):
-    """tool.main(argv) in this process, as its __main__ block runs it (common.run_main), with the SIGTERM
-    handler run_main sets put back: a CompletedProcess of its exit code (0 when it returned), stdout and
-    stderr. Dozens of cases cost seconds, where a process each would cost a torch import each."""
+    """tool.main(argv) in this process, as its __main__ block runs it (common.run_main, which puts the
+    signal handlers back as it found them): a CompletedProcess of its exit code (0 when it returned),
+    stdout and stderr. Dozens of cases cost seconds, where a process each would cost a torch import each."""
     from common import run_main
-    term = signal.getsignal(signal.SIGTERM)
     code = 0
     out, err = io.StringIO(), io.StringIO()
     try:
@@ -38,8 +37,6 @@ def run_tool(tool, argv):
             run_main(importlib.import_module(tool).main, argv)
     except SystemExit as e:
         code = e.code
-    finally:
-        signal.signal(signal.SIGTERM, term)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
