@@ -346,6 +346,17 @@ class Log:
             self.wandb.finish()
 
 
+def run_header(cfg, raw_model, world_size, device, dtype, tokens_per_step):
+    counts = raw_model.param_counts()
+    fsdp = cfg["parallel"] == "fsdp"
+    line = (f"{cfg['input_code']}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in the "
+            f"input), {world_size} process(es){' (FSDP)' if fsdp else ''} on {device}, "
+            f"{str(dtype).removeprefix('torch.')}, {tokens_per_step:,} tokens/step")
+    if fsdp and world_size == 1:
+        line += "\nparallel=fsdp on 1 process shards nothing: the memory of a plain run (a check of the setup)"
+    return line
+
+
 def start_wandb(cfg):
     try:
         import wandb
@@ -360,7 +371,7 @@ def start_wandb(cfg):
 def main(argv):
     # configure: every setting checked, on every process, and the processes agree (distributed.py)
     cfg, meta, checkpoint, rank, world_size, device = distributed.start(configure, argv)
-    master, fsdp = rank == 0, cfg["parallel"] == "fsdp"
+    master = rank == 0
 
     # build: the model under its three names, the optimizer, and where the run stands
     dtype, amp, scaler = setup_precision(cfg, device)
@@ -374,16 +385,11 @@ def main(argv):
     del checkpoint
     start_iter = progress.iter_num
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
-    counts, flops_per_token = raw_model.param_counts(), raw_model.flops_per_token()
+    flops_per_token = raw_model.flops_per_token()
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if master:
         prepare_out_dir(cfg, start_iter)
-    log = Log(cfg, master, start_iter,
-              f"{cfg['input_code']}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in "
-              f"the input), {world_size} process(es){' (FSDP)' if fsdp else ''} on {device}, "
-              f"{str(dtype).removeprefix('torch.')}, {tokens_per_step:,} tokens/step"
-              + ("\nparallel=fsdp on 1 process shards nothing: the memory of a plain run (a check of the setup)"
-                 if fsdp and world_size == 1 else ""))
+    log = Log(cfg, master, start_iter, run_header(cfg, raw_model, world_size, device, dtype, tokens_per_step))
 
     # the loop: evaluate and checkpoint, stop if asked to, one optimizer step, log
     stop = StopSignals(defer=1)  # the first signal: checkpoint and stop at the next step boundary
