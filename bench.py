@@ -5,6 +5,8 @@ Training and decode speed of the input codes, side by side: tokens/s, MFU, peak 
     python bench.py config/fixed_min.py --json=bench.json       # the paper's model, one GPU
     python bench.py --n_layer=4 --n_embd=256 --n_head=4 --codes=fixed_min,learned --decode=False
     torchrun --standalone --nproc_per_node=2 bench.py config/quickstart.py --parallel=fsdp --codes=fixed_min
+    python bench.py --suite=gpu --json=bench-gpu.json            # the whole GPU check: at most 8 minutes
+    python bench.py --suite=gpu --device=cpu                     # its rehearsal, every step at toy size
 
 The keys are train.py's (so a training config file works as is; keys that only matter to a run, such
 as out_dir or max_iters, are accepted and ignored) plus the bench keys below. For each input code, in
@@ -39,13 +41,28 @@ holds of the weights, the gradients and AdamW's state once FSDP has sharded them
 Peak memory is torch.cuda.max_memory_allocated on CUDA, and the measuring process's peak resident
 set size (resource.getrusage ru_maxrss, the ~0.3 GiB of torch itself included) elsewhere.
 Optimizer state is the bytes of every AdamW state tensor after a step (exp_avg, exp_avg_sq, step).
+
+suite=gpu is the GPU check of BENCHMARKS.md as one command, its steps in order of importance, each a
+process: (1) the paper's model for the three codes (compiled, bf16; 131,072 tokens a step); (2)
+train.py on prepare.py's pydoc corpus (4 layers of the paper's width) stopped by SIGTERM, resumed, and
+an uninterrupted run beside it, then sample.py; (3) the tests that need CUDA; (4) greedy decode at
+batch 1 and 32; (5) one speed setting changed at a time for fixed_min. A step that would overrun
+budget_s is skipped and named, one whose package is missing too (in one line: nothing is installed).
+It writes one JSON file (bench-gpu.json unless json names another) and prints BENCHMARKS.md's rows.
+With --device=cpu every step runs at toy size, in seconds: the rehearsal the tests run.
 """
+import importlib.util
 import json
 import multiprocessing
 import os
 import platform
+import re
 import shlex
+import signal
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -58,14 +75,14 @@ from torch.profiler import ProfilerActivity, profile
 import distributed
 import training
 from checkpoint import model_config
-from common import UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main
+from common import REPO, UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main
 from configurator import parse_config, split_settings
 from engine import generate_stream
 from model import CODES, GPT
 
 BENCH_SETTINGS = {  # key: (default, meaning); the other keys are train.py's
     "vocab_size": (None, "None: the dataset's (data/DATASET/meta.json) when it is prepared, else 65,536"),
-    "json": ("", "write the results here as a JSON list, one object per input code"),
+    "json": ("", "write the results here as a JSON list, one object per input code (suite=gpu: one object)"),
     "codes": ("fixed_min,affine,learned", "the input codes to measure, comma-separated"),
     "warmup_steps": (1, "optimizer steps run before timing (compilation happens here)"),
     "steps": (4, "optimizer steps timed"),
@@ -75,10 +92,16 @@ BENCH_SETTINGS = {  # key: (default, meaning); the other keys are train.py's
     "prompt_tokens": (16, "prompt length before the timed decode"),
     "decode_tokens": (32, "tokens decoded per timing"),
     "profile": (False, "also trace one more step with torch.profiler and print its largest kernels"),
+    "suite": ("", "gpu: the whole GPU check in one command (the other keys but device, json and budget_s are "
+                  "its own); with --device=cpu, its rehearsal at toy size"),
+    "budget_s": (480.0, "suite=gpu: the seconds it may take; a step that would overrun them is skipped and named"),
 }
 BENCH_DEFAULTS, BENCH_MEANINGS = split_settings(BENCH_SETTINGS)
 DEFAULTS = {**training.DEFAULTS, **BENCH_DEFAULTS}
 MEANINGS = {**training.MEANINGS, **BENCH_MEANINGS}
+USED = {*training.MODEL_KEYS, "dataset", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+        "beta1", "beta2", "grad_clip", "device", "dtype", "compile", "seed", "threads", "parallel", *BENCH_DEFAULTS}
+IGNORED = [key for key in training.DEFAULTS if key not in USED]  # out_dir, max_iters, ...: a run's, not a step's
 
 DEFAULT_VOCAB_SIZE = 65536
 
@@ -109,6 +132,8 @@ def check_config(cfg):
         raise UserError("prompt_tokens must be at least 1 and decode_tokens at least 2")
     if cfg["steps"] < 1 or cfg["warmup_steps"] < 1:
         raise UserError("steps and warmup_steps must be at least 1 (the first step allocates the optimizer state)")
+    if cfg["threads"] < 0:
+        raise UserError(f"threads must be 0 (auto) or a count, got {cfg['threads']}")
     if cfg["sdpa"] not in ("auto", "flash", "efficient", "math"):
         raise UserError(f"sdpa must be auto, flash, efficient or math, got '{cfg['sdpa']}'")
     vocab_size, source = vocab_of(cfg)
@@ -195,6 +220,7 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
     dtype, autocast, scaler = training.setup_precision(cfg, device)
     torch.manual_seed(cfg["seed"])
     gpt = GPT(model_config(cfg, vocab_size=vocab_size, input_code=input_code)).to(device)
+    training.set_threads(cfg, gpt, device)
     optimizer = training.make_optimizer(gpt, cfg, device)
     model = torch.compile(gpt) if cfg["compile"] else gpt
     generator = torch.Generator().manual_seed(cfg["seed"])
@@ -317,8 +343,239 @@ def decode_table(results):
     return "\n".join(lines)
 
 
+# -------------------------------------------------------------------------------------- the GPU check
+
+PAPER = "config/fixed_min.py"
+CODES_ALL = "--codes=fixed_min,affine,learned"
+TIMED = ["--warmup_steps=2", "--steps=5", "--gradient_accumulation_steps=8"]  # 131,072 tokens a step, a quarter of 32
+# on the CPU every step runs at this size (and a vocabulary of 512), so that a typo fails the rehearsal,
+# not the GPU run
+TOY = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--batch_size=4", "--compile=False"]
+SPEED_SETTINGS = ["--compile=False", "--dtype=float32", "--sdpa=math", "--sdpa=flash",
+                  "--batch_size=32 --gradient_accumulation_steps=4"]  # one change each, tokens per step kept
+TRAIN_STOP, TRAIN_MORE = 20, 20  # SIGTERM once this step is logged; the resumed run goes this many steps further
+
+
+class StepFailed(Exception):
+    pass
+
+
+class Suite:
+    """The steps of `bench.py --suite=gpu`, in order of importance; each runs its commands as processes
+    inside the time left, writing their output to WORK/NAME.log."""
+
+    def __init__(self, device, budget_s, work):
+        self.gpu = device.type == "cuda"
+        self.device = f"--device={device.type}"
+        self.size = [self.device] if self.gpu else [*TOY, self.device]
+        self.vocab = [] if self.gpu else ["--vocab_size=512"]  # bench.py's; prepare.py's encoding below
+        self.deadline = time.monotonic() + budget_s
+        self.work = work
+        self.per_code_s = 90.0 if self.gpu else 5.0  # a bench process's time, until the first step measures it
+
+    def steps(self):
+        """(name, seconds it is expected to take, packages it needs, function) of every step."""
+        gpu = self.gpu
+        return [("paper", 240 if gpu else 20, (), self.paper),
+                ("train", 150 if gpu else 20, ("tiktoken", "pydoc_data"), self.train),
+                ("tests", 60 if gpu else 10, ("pytest",), self.tests),
+                ("decode", 60 if gpu else 10, (), self.decode),
+                *((f"speed {setting}", None, (), lambda s=setting: self.speed(s)) for setting in SPEED_SETTINGS)]
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def start(self, name, *args):
+        log = open(os.path.join(self.work, f"{name}.log"), "w")
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc.log, proc.name = log, name
+        return proc
+
+    def wait(self, proc, expected=0):
+        """Its log's text once it has exited with the expected code; the time left bounds the wait."""
+        try:
+            code = proc.wait(timeout=max(1.0, self.left()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            proc.log.close()
+        with open(proc.log.name) as f:
+            text = f.read()
+        if code != expected:
+            last = [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-1:] or ["(no output)"]
+            raise StepFailed(f"{proc.name} exited with {code}, not {expected}: {last[0].strip()}")
+        return text
+
+    def python(self, name, *args):
+        return self.wait(self.start(name, *args))
+
+    def bench(self, name, *args):
+        path = os.path.join(self.work, f"{name}.json")
+        self.python(name, "bench.py", PAPER, *args, *self.vocab, f"--json={path}")
+        with open(path) as f:
+            return json.load(f)
+
+    def paper(self):
+        start = time.monotonic()
+        results = self.bench("paper", CODES_ALL, "--decode=False", *TIMED, *self.size)
+        self.per_code_s = (time.monotonic() - start) / len(results)
+        return {"results": results}
+
+    def train(self):
+        """prepare.py's pydoc corpus; train.py stopped by SIGTERM, resumed, and an uninterrupted run beside
+        it; then sample.py on the resumed checkpoint."""
+        data = os.path.join(self.work, "data")
+        self.python("prepare", "prepare.py", f"--out_root={data}", *([] if self.gpu else ["--encoding=cl100k_512"]))
+        run, reference = os.path.join(self.work, "run"), os.path.join(self.work, "reference")
+        settings = [PAPER, f"--dataset={os.path.join(data, 'pydoc')}", "--n_layer=4", "--batch_size=8",
+                    "--gradient_accumulation_steps=2", "--warmup_iters=10", "--lr_decay_iters=100000",
+                    "--eval_interval=20", "--eval_iters=2", "--log_interval=5", *self.size]
+        proc = self.start("train", "train.py", *settings, "--max_iters=100000", f"--out_dir={run}")
+        while not any(r.get("iter", 0) >= TRAIN_STOP for r in metrics(run)) and proc.poll() is None:
+            if self.left() < 1:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stopped = re.search(r"SIGTERM at iter (\d+)", self.wait(proc, 128 + signal.SIGTERM))
+        if not stopped:
+            raise StepFailed("train.py did not say at which step SIGTERM stopped it")
+        stop = int(stopped.group(1))
+        self.python("resume", "train.py", "--init_from=resume", f"--out_dir={run}", f"--max_iters={stop + TRAIN_MORE}")
+        self.python("reference", "train.py", *settings, f"--max_iters={stop + TRAIN_MORE}", f"--out_dir={reference}")
+        resumed, uninterrupted = ({r["iter"]: r["loss"] for r in metrics(d) if "loss" in r} for d in (run, reference))
+        after = [i for i in resumed if i > stop]
+        if not after or set(after) - set(uninterrupted):
+            raise StepFailed(f"the resumed run logged steps {after}, the uninterrupted one {sorted(uninterrupted)}")
+        speeds = [r for r in metrics(reference) if r.get("tokens_per_s")][1:]  # the first window holds compilation
+        sample = self.python("sample", "sample.py", f"--out_dir={run}", "--start=def ", "--max_new_tokens=32",
+                             "--seed=1", self.device)
+        decode = re.search(r"([\d.]+) tokens/s decode", sample)
+        return {"stopped_at": stop, "resumed_to": stop + TRAIN_MORE,
+                "max_loss_diff_resumed_vs_uninterrupted": max(abs(resumed[i] - uninterrupted[i]) for i in after),
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in speeds) if speeds else None,
+                "mfu": statistics.median(r["mfu"] for r in speeds) if speeds and speeds[0]["mfu"] else None,
+                "sample_decode_tokens_per_s": float(decode.group(1)) if decode else None}
+
+    def tests(self):
+        """The tests marked cuda (pytest.ini), which only a CUDA GPU runs."""
+        folder = os.path.join(REPO, "tests")
+        files = [os.path.join("tests", name) for name in sorted(os.listdir(folder)) if name.startswith("test_")
+                 and "@pytest.mark.cuda\n" in open(os.path.join(folder, name)).read()]
+        text = self.python("tests", "-m", "pytest", "-q", "-rs", "-o", "addopts=", "-p", "no:cacheprovider",
+                           "-m", "cuda", *files)
+        return {"files": files, "summary": text.strip().splitlines()[-1]}
+
+    def decode(self):
+        results = self.bench("decode", CODES_ALL, "--compile=False", "--gradient_accumulation_steps=1",
+                             "--warmup_steps=1", "--steps=1", "--decode_batch_sizes=1,32", *self.size)
+        return {"decode": {r["input_code"]: r["decode"] for r in results}}
+
+    def speed(self, setting):
+        return {"setting": setting, "result": self.bench("speed", "--codes=fixed_min", "--decode=False", *TIMED,
+                                                         *self.size, *setting.split())[0]}
+
+
+def metrics(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]  # a line being written is left out
+
+
+def run_suite(cfg, argv):
+    """bench.py --suite=gpu: every step that fits in budget_s, one JSON file, the BENCHMARKS.md rows."""
+    if cfg["suite"] != "gpu":
+        raise UserError(f"suite must be gpu (or '' for one measurement), got '{cfg['suite']}'")
+    own = [k for k in DEFAULTS if k not in ("suite", "device", "json", "budget_s") and cfg[k] != DEFAULTS[k]]
+    if own:
+        raise UserError(f"suite=gpu sets its own {', '.join(own)}: give it only --device, --json and --budget_s")
+    if not cfg["budget_s"] > 0:
+        raise UserError(f"budget_s must be a positive number of seconds, got {cfg['budget_s']}")
+    device = resolve_device(cfg["device"])
+    if device.type != "cuda" and cfg["device"] != "cpu":
+        raise UserError(f"suite=gpu needs a CUDA GPU and this machine has none: --device=cpu rehearses it at toy size")
+    path = cfg["json"] or ("bench-gpu.json" if device.type == "cuda" else "bench-gpu-rehearsal.json")
+    started, records = time.monotonic(), []
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as work:
+        suite = Suite(device, cfg["budget_s"], work)
+        for name, estimate, needs, step in suite.steps():
+            estimate = suite.per_code_s if estimate is None else estimate
+            missing = [m for m in needs if importlib.util.find_spec(m) is None]
+            record = {"step": name, "status": "skipped"}
+            if missing:
+                record["reason"] = f"{', '.join(missing)} missing here (pip install {' '.join(missing)})"
+            elif estimate > suite.left():
+                record["reason"] = f"would overrun: about {estimate:.0f} s, {max(0, suite.left()):.0f} s left"
+            else:
+                begun = time.monotonic()
+                try:
+                    record.update(status="done", **step())
+                except subprocess.TimeoutExpired:
+                    record.update(status="cut", reason="stopped at the end of budget_s")
+                except StepFailed as e:
+                    record.update(status="failed", reason=str(e))
+                record["seconds"] = round(time.monotonic() - begun, 1)
+            print(f"{name}: {record['status']}" + (f" ({record['reason']})" if "reason" in record else "") +
+                  (f" in {record['seconds']} s" if "seconds" in record else ""), file=sys.stderr, flush=True)
+            records.append(record)
+    report = {"command": f"python bench.py {shlex.join(argv)}", "date": time.strftime("%Y-%m-%d"),
+              "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+              "budget_s": cfg["budget_s"], "seconds": round(time.monotonic() - started, 1), "steps": records}
+    atomic_write(path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    print(suite_rows(report))
+    print(f"wrote {path}", file=sys.stderr)
+    failed = [r["step"] for r in records if r["status"] in ("failed", "cut")]
+    if failed:
+        raise UserError(f"{len(failed)} step(s) did not finish: {', '.join(failed)} (why: above, and in {path})")
+
+
+def suite_rows(report):
+    """The GPU section's rows of BENCHMARKS.md, from the suite's report."""
+    steps = {r["step"]: r for r in report["steps"]}
+    device = report["device_name"].removeprefix("NVIDIA ")
+    done = lambda name: steps[name]["status"] == "done"
+    decode = steps["decode"].get("decode", {}) if done("decode") else {}
+    lines = [report["command"],
+             f"{report['date']}: {report['device_name']}, torch {report['torch']}; {report['seconds']:.0f} s of a "
+             f"{report['budget_s']:.0f} s budget", "",
+             "| device | input code | tokens/s | MFU | peak memory | optimizer state | decode b1 / b32 |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in steps["paper"].get("results", []):
+        rates = " / ".join(f"{d['tokens_per_s']:,.0f}" for d in decode.get(r["input_code"], [])) or "-"
+        lines.append(f"| {device} | {r['input_code']} | {r['tokens_per_s']:,.0f} | {percent(r['mfu'])} | "
+                     f"{size(r['peak_mem_bytes'])} | {size(r['optimizer_state_bytes'])} | {rates} |")
+    lines += ["", "| device | fixed_min, one change | tokens/s | MFU | peak memory |", "|---|---|---:|---:|---:|"]
+    for name, r in steps.items():
+        if name.startswith("speed ") and r["status"] == "done":
+            m = r["result"]
+            lines.append(f"| {device} | `{r['setting']}` | {m['tokens_per_s']:,.0f} | {percent(m['mfu'])} | "
+                         f"{size(m['peak_mem_bytes'])} |")
+    if done("train"):
+        t = steps["train"]
+        lines += ["", f"train.py on pydoc (4 layers of the paper's width): SIGTERM at step {t['stopped_at']}, resumed "
+                      f"to {t['resumed_to']}; largest loss difference to an uninterrupted run "
+                      f"{t['max_loss_diff_resumed_vs_uninterrupted']:.2e}; "
+                      f"{'-' if t['tokens_per_s'] is None else format(t['tokens_per_s'], ',.0f')} tokens/s, MFU "
+                      f"{percent(t['mfu'])}; sample.py {t['sample_decode_tokens_per_s']} tokens/s at batch 1"]
+    if done("tests"):
+        lines += ["", f"GPU-only tests ({', '.join(steps['tests']['files'])}): {steps['tests']['summary']}"]
+    left = [f"{r['step']} ({r['status']}: {r.get('reason', '')})" for r in report["steps"] if r["status"] != "done"]
+    if left:
+        lines += ["", "not done: " + "; ".join(left)]
+    return "\n".join(lines)
+
+
+def percent(fraction):
+    return "-" if fraction is None else f"{fraction:.1%}"
+
+
 def main(argv):
-    cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
+    cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__, ignored=IGNORED)
+    if cfg["suite"]:
+        return run_suite(cfg, argv)
     codes, batch_sizes, vocab_size, source, device = check_config(cfg)
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
     if cfg["parallel"] == "fsdp":

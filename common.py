@@ -179,6 +179,23 @@ def load_meta(dataset):
     return meta
 
 
+def make_dataset(dataset, prepare_args):
+    """Run prepare.py with prepare_args (a list, as a config's `prepare` names them) to make a dataset
+    that is missing, saying so in one line; UserError with prepare.py's own error when it fails."""
+    import shlex
+    import subprocess
+    folder = data_dir(dataset)
+    args = [*prepare_args, f"--out_root={os.path.dirname(os.path.abspath(folder))}",
+            f"--dataset={os.path.basename(folder)}"]
+    print(f"dataset '{dataset}' is missing, making it: python prepare.py {shlex.join(args)}", file=sys.stderr,
+          flush=True)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines() or ["no message"]
+        raise UserError(f"prepare.py failed to make dataset '{dataset}': {said[-1].removeprefix('error: ')}")
+
+
 def data_hash(dataset):
     """sha256 (16 hex digits) of a dataset's meta.json and token files: the tokens a run trained and was scored on."""
     digest = hashlib.sha256()

@@ -99,27 +99,31 @@ def split_settings(settings):
             {key: meaning for key, (_, meaning) in settings.items()})
 
 
-def help_text(config, meanings, usage):
-    """usage, then one line per key: --key=value (after the config files on the line) and its meaning."""
-    width = min(40, max(len(f"--{k}={v!r}") for k, v in config.items()))
+def help_text(config, meanings, usage, ignored=()):
+    """usage, then one line per key: --key=value (after the config files on the line) and its meaning;
+    the ignored keys in one line at the end."""
+    listed = {k: v for k, v in config.items() if k not in ignored}
+    width = min(40, max(len(f"--{k}={v!r}") for k, v in listed.items()))
     lines = [usage.strip(), "", "keys (values after the config files given; --key=value overrides):"]
-    for key, value in config.items():
+    for key, value in listed.items():
         shown = f"--{key}={value!r}"
         meaning = meanings.get(key, "")
         lines.append(f"  {shown:<{width}}  {meaning}" if len(shown) <= width else f"  {shown}\n  {'':<{width}}  {meaning}")
+    if ignored:
+        lines += ["", f"accepted and ignored, so that a training config file works as is: {', '.join(ignored)}"]
     return "\n".join(line.rstrip() for line in lines)
 
 
-def parse_config(defaults, argv, meanings=None, usage="", nullable=()):
+def parse_config(defaults, argv, meanings=None, usage="", nullable=(), ignored=()):
     """defaults (dict) updated by config files and --key=value arguments, in the order given; the keys
     in nullable also take None. --help (anywhere) prints each key's value after the other arguments,
-    with its meaning, and exits."""
+    with its meaning, and exits; it lists the ignored keys (accepted, unused) by name only."""
     config = dict(defaults)
     wants_help = any(arg in ("-h", "--help") for arg in argv)
     for arg in argv:
         if arg not in ("-h", "--help"):
             _apply(config, defaults, arg, nullable)
     if wants_help:
-        print(help_text(config, meanings or {}, usage))
+        print(help_text(config, meanings or {}, usage, ignored))
         raise SystemExit(0)
     return config

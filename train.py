@@ -43,13 +43,13 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import CKPT_NAME, load_checkpoint, load_weights, model_config, save_checkpoint
-from common import (EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, load_meta, resolve_device,
-                    resolve_dtype, run_folder, run_main)
+from common import (EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, load_meta, make_dataset,
+                    resolve_device, resolve_dtype, run_folder, run_main)
 from configurator import parse_config
 from model import GPT, GPTConfig
 from training import (DEFAULTS, MEANINGS, MODEL_KEYS, checkpoint_activations, dropout_seed, learning_rate,
-                      load_optimizer_state, make_optimizer, peak_flops, read_batch, setup_precision, to_device,
-                      train_step)
+                      load_optimizer_state, make_optimizer, peak_flops, read_batch, set_threads, setup_precision,
+                      to_device, train_step)
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
 RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what a run replaced by overwrite=True leaves
@@ -72,6 +72,9 @@ def configure(argv):
         cfg = parse_config({**DEFAULTS, **saved}, argv, MEANINGS, __doc__)
         cfg["out_dir"] = run_folder(cfg["out_dir"])  # --out_dir=RUN/ckpt.pt resumes RUN
     check_settings(cfg)
+    missing = not os.path.isfile(os.path.join(data_dir(cfg["dataset"]), "meta.json"))
+    if missing and cfg["prepare"] is not None and int(os.environ.get("WORLD_SIZE", 1)) == 1:  # torchrun's would race
+        make_dataset(cfg["dataset"], cfg["prepare"])
     meta = load_meta(cfg["dataset"])
     check_data(cfg, meta)
     model_config(cfg, vocab_size=meta["vocab_size"])  # a model that cannot be built is refused here, not after setup
@@ -103,6 +106,9 @@ def check_settings(cfg):
         (cfg["parallel"] in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, got '{cfg['parallel']}'"),
         (cfg["collective_timeout"] > 0, f"collective_timeout must be above 0 minutes, got {cfg['collective_timeout']}"),
         (0 <= cfg["seed"] < 2 ** 64, f"seed must be a whole number from 0 to 2^64 - 1, got {cfg['seed']}"),
+        (cfg["threads"] >= 0, f"threads must be 0 (auto) or a count, got {cfg['threads']}"),
+        (cfg["prepare"] is None or isinstance(cfg["prepare"], list) and all(isinstance(a, str) for a in cfg["prepare"]),
+         "prepare must be a list of prepare.py arguments, e.g. ['--encoding=bytes']"),
         (not cfg["wandb_log"] or importlib.util.find_spec("wandb") is not None,
          "wandb_log=True needs wandb: pip install wandb"),
     ]
@@ -346,11 +352,11 @@ class Log:
             self.wandb.finish()
 
 
-def run_header(cfg, raw_model, world_size, device, dtype, tokens_per_step):
+def run_header(cfg, raw_model, world_size, on, dtype, tokens_per_step):
     counts = raw_model.param_counts()
     fsdp = cfg["parallel"] == "fsdp"
     line = (f"{cfg['input_code']}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in the "
-            f"input), {world_size} process(es){' (FSDP)' if fsdp else ''} on {device}, "
+            f"input), {world_size} process(es){' (FSDP)' if fsdp else ''} on {on}, "
             f"{str(dtype).removeprefix('torch.')}, {tokens_per_step:,} tokens/step")
     if fsdp and world_size == 1:
         line += "\nparallel=fsdp on 1 process shards nothing: the memory of a plain run (a check of the setup)"
@@ -387,9 +393,11 @@ def main(argv):
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
     flops_per_token = raw_model.flops_per_token()
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    threads = set_threads(cfg, raw_model, device)
+    on = f"{device} ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else str(device)
     if master:
         prepare_out_dir(cfg, start_iter)
-    log = Log(cfg, master, start_iter, run_header(cfg, raw_model, world_size, device, dtype, tokens_per_step))
+    log = Log(cfg, master, start_iter, run_header(cfg, raw_model, world_size, on, dtype, tokens_per_step))
 
     # the loop: evaluate and checkpoint, stop if asked to, one optimizer step, log
     stop = StopSignals(defer=1)  # the first signal: checkpoint and stop at the next step boundary

@@ -31,6 +31,7 @@ SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder: ckpt.pt, metrics.jsonl (and eval.json from eval.py); on resume also "
                        "a path to its ckpt.pt"),
     "dataset": ("pydoc", "a folder under data/ written by prepare.py, or a path to one"),
+    "prepare": (None, "prepare.py arguments (a list; --dataset is added) that make the dataset when it is missing"),
     "init_from": ("scratch", "scratch (a new run) or resume (from out_dir/ckpt.pt; its config is the base)"),
     "overwrite": (False, "True: a fresh run may replace the run already in out_dir"),
     "eval_interval": (250, "evaluate (and checkpoint) every this many steps, and at the end"),
@@ -64,10 +65,28 @@ SETTINGS = {  # key: (default, meaning)
     "activation_checkpointing": (False, "recompute each block's activations in backward instead of keeping them: "
                                         "less memory for about a third more compute"),
     "seed": (1337, "the initialization, the data order and the dropout masks"),
+    "threads": (0, "CPU threads of torch's operations; 0: auto, 1 for a model under 10 GFLOP a micro-batch (the "
+                   "quickstart's 4), where a second thread gains little and on a busy machine costs 5x, else "
+                   "torch's own count; OMP_NUM_THREADS, when set, wins over auto"),
     "collective_timeout": (30.0, "minutes a process waits for the others (DDP) before the run fails; rank 0 "
                                  "writes each checkpoint (5.6 GB at the paper config) while the others wait"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
+
+
+SMALL_MICRO_BATCH_FLOPS = 1e10  # below this, one CPU thread (BENCHMARKS.md, "A busy machine")
+
+
+def set_threads(cfg, model, device):
+    """torch's CPU threads for this run, set and returned. Auto picks 1 for a small model on the CPU:
+    its operations are too short to split, and while other processes hold the cores, a second thread
+    spins at every operation's end waiting for the first (5x the step time measured under load)."""
+    small = model.flops_per_token() * cfg["batch_size"] * cfg["block_size"] < SMALL_MICRO_BATCH_FLOPS
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    elif device.type == "cpu" and small and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def setup_precision(cfg, device):

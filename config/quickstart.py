@@ -1,12 +1,12 @@
 # The quickstart: a small fixed_min model on Tiny Shakespeare (bundled) in the bytes encoding
-# (V = 257, so K = 9 bits, 0 trainable input parameters), about two minutes on two CPU cores:
-#   python prepare.py --input=assets/tinyshakespeare.txt.gz --encoding=bytes --dataset=shakespeare
-#   python train.py config/quickstart.py
+# (V = 257, so K = 9 bits, 0 trainable input parameters), a few minutes on a CPU:
+#   python train.py config/quickstart.py       # makes data/shakespeare first when it is missing (prepare, below)
 #   python sample.py --out_dir=out-quickstart --start="ROMEO:"
 # The shape and schedule are nanoGPT's CPU recipe for shakespeare_char (4 layers, 4 heads, width 128,
 # context 64, batch 12), so the two can be compared side by side. Try --input_code=learned or affine.
 out_dir = 'out-quickstart'
 dataset = 'shakespeare'
+prepare = ['--input=assets/tinyshakespeare.txt.gz', '--encoding=bytes']  # how train.py makes it when it is missing
 input_code = 'fixed_min'
 
 n_layer = 4

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, run_tool
 
@@ -94,6 +95,8 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("train", [*TRAIN, "--seed=-1"], "seed"),
     ("train", [*TRAIN, f"--seed={2 ** 64}"], "seed"),
     ("train", [*TRAIN, "--rope_theta=0"], "rope_theta"),
+    ("train", [*TRAIN, "--threads=-1"], "threads"),
+    ("train", [*TRAIN, "--dataset={root}/to_make", "--prepare=5"], "prepare must be a list"),
     *([("train", [*TRAIN, "--out_dir={root}/run", "--overwrite=True", "--wandb_log=True"], "pip install wandb")]
       if importlib.util.find_spec("wandb") is None else []),  # refused before the run it would replace is cleared
     ("train", ["--init_from=resume", "--out_dir={root}/nowhere"], "resume"),
@@ -121,6 +124,10 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--decode_batch_sizes=a,b"], "decode_batch_sizes"),
     ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--sdpa=bogus"], "sdpa"),
     ("bench", [*TINY, "--block_size=64", "--dataset={root}/data", "--prompt_tokens=0"], "prompt_tokens"),
+    ("bench", ["--suite=gpu", "--device=cpu", "--n_layer=4"], "sets its own n_layer"),
+    ("bench", ["--suite=tpu", "--device=cpu"], "suite must be gpu"),
+    ("bench", ["--suite=gpu", "--device=cpu", "--budget_s=0"], "budget_s"),
+    *([("bench", ["--suite=gpu"], "--device=cpu rehearses")] if not torch.cuda.is_available() else []),
     ("export_hf", ["--out_dir={root}/nowhere"], "does not exist"),
     ("export_hf", ["--out_dir={root}/run", "--hf_dir={root}/mine"], "earlier export"),
     ("export_hf", ["--out_dir={root}/run", "--hf_dri=x"], "hf_dir"),
@@ -165,6 +172,23 @@ def test_bad_input_is_one_line_and_changes_nothing(workspace, tool, args, mentio
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert mentions in lines[0], lines[0]
     assert snapshot(workspace) == before
+
+
+def test_train_makes_a_missing_dataset_as_its_config_says(tmp_path):
+    """config/quickstart.py's way: `prepare` names prepare.py's arguments; one line says what is made."""
+    dataset = tmp_path / "shakespeare"
+    result = run_tool("train", ["config/quickstart.py", f"--dataset={dataset}", f"--out_dir={tmp_path / 'run'}",
+                                *TINY, "--max_iters=1", "--eval_iters=1"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads((dataset / "meta.json").read_text())["encoding"] == "bytes"
+    made = [line for line in result.stderr.splitlines() if "prepare.py" in line]
+    assert made == [f"dataset '{dataset}' is missing, making it: python prepare.py --input=assets/tinyshakespeare.txt.gz"
+                    f" --encoding=bytes --out_root={tmp_path} --dataset=shakespeare"]
+    failed = run_tool("train", [f"--dataset={tmp_path / 'other'}", "--prepare=['--input=no_such.txt']",
+                                f"--out_dir={tmp_path / 'run2'}", *TINY])
+    assert failed.returncode == 1 and failed.stderr.splitlines()[-1] == (
+        f"error: prepare.py failed to make dataset '{tmp_path / 'other'}': input not found: no_such.txt")
+    assert sorted(os.listdir(tmp_path)) == ["run", "shakespeare"]
 
 
 def test_a_checkpoint_path_works_wherever_a_run_folder_does(trained_checkpoint, tmp_path):

@@ -8,79 +8,116 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import REPO
+from conftest import REPO, run_tool
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.xdist_group("bench")  # one worker: its module fixtures are made once
 
-TINY = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--batch_size=4",
-        "--gradient_accumulation_steps=2", "--compile=False", "--device=cpu", "--warmup_steps=1", "--steps=2",
-        "--prompt_tokens=8", "--decode_tokens=8", "--decode_batch_sizes=1,4"]
+SPEED_SETTINGS = ["--compile=False", "--dtype=float32", "--sdpa=math", "--sdpa=flash",
+                  "--batch_size=32 --gradient_accumulation_steps=4"]
 
 
 def bench(*args):
     # one thread: a tiny model gains nothing from two, and on a busy machine two threads wait on each other
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=env)
 
 
 @pytest.fixture(scope="module")
-def report(shakespeare_bytes, tmp_path_factory):
-    """(stdout, JSON list) of one bench of all three codes on the Shakespeare bytes dataset's vocabulary."""
-    path = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = bench(*TINY, f"--dataset={shakespeare_bytes}", f"--json={path}")
+def rehearsal(tmp_path_factory):
+    """(stdout, report) of `bench.py --suite=gpu --device=cpu`: every step of the GPU check as the GPU
+    run gives it, at toy size (2 layers, width 64, block 64, batch 4, V = 512)."""
+    path = tmp_path_factory.mktemp("suite") / "suite.json"
+    result = bench("--suite=gpu", "--device=cpu", f"--json={path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(path) as f:
-        return result.stdout, json.load(f)
+    return result.stdout, json.loads(path.read_text())
+
+
+def steps(rehearsal):
+    return {s["step"]: s for s in rehearsal[1]["steps"]}
 
 
 def built(input_code):
-    """The model bench.py measures, built here from the same settings: V = 257 comes from meta.json."""
-    return GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=64, input_code=input_code))
+    """The model bench.py measures, built here from the same settings."""
+    return GPT(GPTConfig(vocab_size=512, n_layer=2, n_head=4, n_embd=64, block_size=64, input_code=input_code))
 
 
-def test_json_has_one_object_per_code_with_the_promised_fields(report):
-    _, results = report
+def test_every_step_of_the_gpu_check_is_rehearsed_on_the_cpu(rehearsal):
+    stdout, _ = rehearsal
+    done = steps(rehearsal)
+    assert list(done) == ["paper", "train", "tests", "decode", *(f"speed {s}" for s in SPEED_SETTINGS)]
+    assert all(s["status"] == "done" for s in done.values()), [s for s in done.values() if s["status"] != "done"]
+    train = done["train"]
+    assert train["stopped_at"] >= 20 and train["resumed_to"] == train["stopped_at"] + 20
+    assert train["max_loss_diff_resumed_vs_uninterrupted"] == 0.0  # resume is exact on the CPU
+    assert train["tokens_per_s"] > 0 and train["sample_decode_tokens_per_s"] > 0
+    assert done["tests"]["files"] == ["tests/test_distributed.py"] and "1 skipped" in done["tests"]["summary"]
+    assert done["speed --batch_size=32 --gradient_accumulation_steps=4"]["result"]["tokens_per_step"] == 32 * 4 * 64
+    assert "not done" not in stdout
+
+
+def test_json_has_one_object_per_code_with_the_promised_fields(rehearsal):
+    done = steps(rehearsal)
+    results = done["paper"]["results"]
     assert [r["input_code"] for r in results] == ["fixed_min", "affine", "learned"]
     for r in results:
-        assert r["vocab_size"] == 257  # read from the dataset's meta.json: no --vocab_size was given
-        assert r["tokens_per_step"] == 4 * 2 * 64 and r["steps"] == 2 and r["device"] == "cpu"
+        assert r["vocab_size"] == 512 and r["threads"] == 1
+        assert r["tokens_per_step"] == 4 * 8 * 64 and r["steps"] == 5 and r["device"] == "cpu"
         assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
         assert r["mfu"] is None  # no peak FLOP/s for a CPU
         assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] > 0
         assert "RSS" in r["peak_mem_kind"]
         assert r["flops_per_token"] == built(r["input_code"]).flops_per_token()
-        assert [d["batch_size"] for d in r["decode"]] == [1, 4]
-        assert all(d["new_tokens"] == 8 and d["tokens_per_s"] > 0 for d in r["decode"])
+    for rates in done["decode"]["decode"].values():
+        assert [d["batch_size"] for d in rates] == [1, 32]
+        assert all(d["new_tokens"] == 32 and d["tokens_per_s"] > 0 for d in rates)
 
 
-def test_parameters_and_adamw_state_are_counted_exactly(report):
-    _, results = report
-    by_code = {r["input_code"]: r for r in results}
+def test_parameters_and_adamw_state_are_counted_exactly(rehearsal):
+    by_code = {r["input_code"]: r for r in steps(rehearsal)["paper"]["results"]}
     for code, r in by_code.items():
         model = built(code)
         tensors = [p for p in model.parameters() if p.requires_grad]
         assert r["trainable_params"] == sum(p.numel() for p in tensors)
-        assert r["input_trainable_params"] == (257 * 64 if code == "learned" else 0)
+        assert r["input_trainable_params"] == (512 * 64 if code == "learned" else 0)
         # AdamW keeps exp_avg and exp_avg_sq in float32 per weight, and a float32 step count per tensor
         assert r["optimizer_state_bytes"] == 2 * 4 * r["trainable_params"] + 4 * len(tensors)
     fixed, learned = by_code["fixed_min"], by_code["learned"]
-    assert learned["trainable_params"] - fixed["trainable_params"] == 257 * 64
-    assert learned["optimizer_state_bytes"] - fixed["optimizer_state_bytes"] == 2 * 4 * 257 * 64 + 4
+    assert learned["trainable_params"] - fixed["trainable_params"] == 512 * 64
+    assert learned["optimizer_state_bytes"] - fixed["optimizer_state_bytes"] == 2 * 4 * 512 * 64 + 4
     assert by_code["affine"]["trainable_params"] == fixed["trainable_params"]
 
 
-def test_tables_show_the_json_figures(report):
-    stdout, results = report
-    rows = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| input code")]
-    assert len(rows) == 6  # three codes in the training table, three in the decode table
-    for r, row in zip(results, rows[:3]):
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[0] == r["input_code"] and cells[2] == "-"  # MFU: none on CPU
-        assert cells[4] == f"{r['trainable_params']:,}" and cells[5] == f"{r['input_trainable_params']:,}"
-    assert "| input code | batch 1 tokens/s | batch 4 tokens/s |" in stdout
+def test_the_printed_rows_show_the_json_figures(rehearsal):
+    stdout, _ = rehearsal
+    done = steps(rehearsal)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and "---" not in line and not line.startswith("| device")]
+    assert len(rows) == 3 + len(SPEED_SETTINGS)  # a row per code, a row per setting
+    for r, cells in zip(done["paper"]["results"], rows):
+        decode = done["decode"]["decode"][r["input_code"]]
+        mib = [f"{r[key] / 2 ** 20:,.1f} MiB" for key in ("peak_mem_bytes", "optimizer_state_bytes")]
+        assert cells[1:] == [r["input_code"], f"{r['tokens_per_s']:,.0f}", "-", *mib,
+                             " / ".join(f"{d['tokens_per_s']:,.0f}" for d in decode)]
+    assert [cells[1] for cells in rows[3:]] == [f"`{s}`" for s in SPEED_SETTINGS]
+
+
+def test_a_step_that_would_overrun_the_budget_is_skipped_and_named(tmp_path):
+    path = tmp_path / "suite.json"
+    result = run_tool("bench", ["--suite=gpu", "--device=cpu", "--budget_s=0.001", f"--json={path}"])
+    assert result.returncode == 0, result.stderr
+    skipped = json.loads(path.read_text())["steps"]
+    assert len(skipped) == 9 and all(s["status"] == "skipped" and "would overrun" in s["reason"] for s in skipped)
+    assert "not done: paper (skipped: would overrun" in result.stdout
+
+
+def test_the_vocabulary_is_the_prepared_dataset_s_else_the_paper_s(shakespeare_bytes, tmp_path):
+    from bench import DEFAULTS, vocab_of
+    assert vocab_of({**DEFAULTS, "dataset": shakespeare_bytes}) == (257, os.path.join(shakespeare_bytes, "meta.json"))
+    assert vocab_of({**DEFAULTS, "dataset": str(tmp_path / "unprepared")})[0] == 65536
 
 
 def test_user_errors_are_one_line_and_keep_an_existing_json(tmp_path):
@@ -93,3 +130,26 @@ def test_user_errors_are_one_line_and_keep_an_existing_json(tmp_path):
         assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""
     assert path.read_text() == "[]\n"
+
+
+
+def test_threads_auto_is_one_for_a_small_model_on_the_cpu_unless_told(monkeypatch):
+    """train.py and bench.py set their threads with training.set_threads (BENCHMARKS.md, "A busy machine")."""
+    from training import DEFAULTS, set_threads
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = torch.device("cpu")
+    quickstart = {**DEFAULTS, "batch_size": 12, "block_size": 64}  # 4.1 GFLOP a micro-batch
+    wide = {**DEFAULTS, "batch_size": 16, "block_size": 1024}  # 260 GFLOP a micro-batch
+    small, large = (GPT(GPTConfig(vocab_size=257, n_layer=n, n_head=4, n_embd=w, block_size=b))
+                    for n, w, b in ((4, 128, 64), (2, 256, 1024)))
+    try:
+        torch.set_num_threads(2)
+        assert set_threads(quickstart, small, cpu) == 1
+        torch.set_num_threads(2)
+        assert set_threads(wide, large, cpu) == 2  # left as torch set it
+        assert set_threads({**quickstart, "threads": 2}, small, cpu) == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_threads(quickstart, small, cpu) == 2  # a count the user set wins over auto
+    finally:
+        torch.set_num_threads(before)

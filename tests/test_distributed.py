@@ -215,6 +215,7 @@ def test_a_batch_is_one_contiguous_window_tensor_and_x_y_its_shifted_views(shake
     assert torch.equal(x, windows[:, :-1].long()) and torch.equal(y, windows[:, 1:].long())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_a_batch_is_one_pinned_host_to_device_copy():
     from torch.profiler import ProfilerActivity, profile
