@@ -73,16 +73,20 @@ class StopSignals:
     the next step boundary; prepare.py finishes swapping its data in); any further one raises
     KeyboardInterrupt(signum) at once, which run_main turns into one line and exit code 128 + signum.
     SIGTERM thus unwinds as Ctrl-C does: the files being written are temp files, cleaned up on the way
-    out. Open one with `with`, or call close() to put back the handlers it replaced."""
+    out. Open one with `with`, or call close() to put back the handlers it replaced. `noted`, when
+    given, is a line said at once for each deferred signal (written straight to stderr's file: a
+    handler that went through sys.stderr could interrupt a write of the main code to it)."""
 
-    def __init__(self, defer=0):
-        self.defer, self.caught = defer, []
+    def __init__(self, defer=0, noted=""):
+        self.defer, self.caught, self.noted = defer, [], noted
         self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
 
     def handle(self, signum, frame):
         if len(self.caught) >= self.defer:
             raise KeyboardInterrupt(signum)
         self.caught.append(signum)
+        if self.noted:
+            os.write(2, f"\n{signal.Signals(signum).name}: {self.noted}\n".encode())
 
     def close(self):
         for s, handler in self.previous.items():

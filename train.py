@@ -80,6 +80,11 @@ def configure(argv):
     model_config(cfg, vocab_size=meta["vocab_size"])  # a model that cannot be built is refused here, not after setup
     if checkpoint is not None:
         check_resume(cfg, meta, checkpoint)
+    if checkpoint is not None and checkpoint["iter_num"] >= cfg["max_iters"]:
+        step = checkpoint["iter_num"]
+        raise UserError(f"nothing to resume: the run in '{cfg['out_dir']}' is finished at step {step} (max_iters "
+                        f"{cfg['max_iters']}); to train it further, raise max_iters: python train.py --init_from=resume "
+                        f"--out_dir={cfg['out_dir']} --max_iters=M, with M above {step}")
     check_out_dir(cfg)
     return cfg, meta, checkpoint
 
@@ -306,14 +311,17 @@ def keep_metrics_until(path, iter_num):
 
 class Log:
     """Everything the run tells its user, in one place, and only from rank 0: the lines and progress
-    bar on stderr, metrics.jsonl in out_dir, and Weights & Biases (wandb_log=True)."""
+    bar on stderr, metrics.jsonl in out_dir, and Weights & Biases (wandb_log=True). When stderr is
+    not a terminal (a log file, a pipe), a plain line per log_interval replaces the bar, as nanoGPT's."""
 
     def __init__(self, cfg, master, iter_num, header):
         self.master, self.path = master, os.path.join(cfg["out_dir"], "metrics.jsonl")
+        self.plain = not sys.stderr.isatty()
+        self.tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
         self.say(header)
         self.wandb = start_wandb(cfg) if master and cfg["wandb_log"] else None
-        self.bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True,
-                        file=sys.stderr)
+        self.bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master or self.plain,
+                        dynamic_ncols=True, file=sys.stderr)
 
     def evaluation(self, iter_num, losses, tokens):
         self.record({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "tokens": tokens})
@@ -326,6 +334,9 @@ class Log:
         self.record({"iter": iter_num, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
                      "tokens": tokens})
         self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else ""))
+        if self.plain:
+            self.say(f"iter {iter_num}: loss {loss:.4f}, {self.tokens_per_step / tokens_per_s * 1000:.1f} ms/iter, "
+                     f"{tokens_per_s:,.0f} tokens/s" + (f", mfu {mfu:.1%}" if mfu else ""))
 
     def say(self, line):
         """A line of its own on stderr, above the bar."""
@@ -363,6 +374,32 @@ def run_header(cfg, raw_model, world_size, on, dtype, tokens_per_step):
     return line
 
 
+CPU_FLOPS_PER_THREAD = 3e10  # about the quickstart's pace on this repository's CPU (README): a rough guide only
+
+
+def start_notes(cfg, meta, start_iter, tokens_per_step, params, on):
+    """What a run should know before it starts: where it resumes, what a step of a large model costs a
+    CPU, the epochs it will make over its train split, and steps past the end of the learning-rate
+    schedule."""
+    notes = []
+    flops_per_step = 6 * params * tokens_per_step  # the weights' share (model.flops_per_token adds attention's)
+    if on.startswith("cpu") and flops_per_step > 1e13:
+        hours = flops_per_step / (CPU_FLOPS_PER_THREAD * torch.get_num_threads()) / 3600
+        notes.append(f"note: a {params / 1e9:.2f}B-parameter model on {on}: {tokens_per_step:,} tokens a step, "
+                     f"roughly {hours:,.1f} hours a step at {CPU_FLOPS_PER_THREAD / 1e9:.0f} GFLOP/s a thread; "
+                     f"a model this size wants a GPU")
+    if start_iter:
+        notes.append(f"resumed from step {start_iter} of {os.path.join(cfg['out_dir'], CKPT_NAME)}")
+    epochs = cfg["max_iters"] * tokens_per_step / meta["train_tokens"]
+    if epochs >= 2:
+        notes.append(f"note: {cfg['max_iters']:,} steps of {tokens_per_step:,} tokens read the train split "
+                     f"({meta['train_tokens']:,} tokens) about {epochs:,.1f} times over")
+    if cfg["decay_lr"] and cfg["max_iters"] > max(cfg["lr_decay_iters"], start_iter):
+        notes.append(f"note: the run goes on past lr_decay_iters ({cfg['lr_decay_iters']:,}) to max_iters "
+                     f"({cfg['max_iters']:,}); from there the learning rate stays at min_lr ({cfg['min_lr']:g})")
+    return notes
+
+
 def start_wandb(cfg):
     try:
         import wandb
@@ -375,6 +412,7 @@ def start_wandb(cfg):
 # ------------------------------------------------------------------------------------------- main
 
 def main(argv):
+    started = time.time()
     # configure: every setting checked, on every process, and the processes agree (distributed.py)
     cfg, meta, checkpoint, rank, world_size, device = distributed.start(configure, argv)
     master = rank == 0
@@ -398,9 +436,12 @@ def main(argv):
     if master:
         prepare_out_dir(cfg, start_iter)
     log = Log(cfg, master, start_iter, run_header(cfg, raw_model, world_size, on, dtype, tokens_per_step))
+    for line in start_notes(cfg, meta, start_iter, tokens_per_step, raw_model.param_counts()["trainable"], on):
+        log.say(line)
 
     # the loop: evaluate and checkpoint, stop if asked to, one optimizer step, log
-    stop = StopSignals(defer=1)  # the first signal: checkpoint and stop at the next step boundary
+    stop = StopSignals(defer=1, noted="stopping after this step, with a checkpoint; Ctrl-C again to stop now"
+                       if master else "")  # the first signal: checkpoint and stop at the next step boundary
     signum, window_start, window_steps = 0, time.time(), 0
     try:
         while True:
@@ -444,8 +485,12 @@ def main(argv):
     finally:
         log.close()
 
-    # finish: say how to continue a stopped run; leave the process group
+    # finish: say what was done, or how to continue a stopped run; leave the process group
     stop.close()
+    if not signum:
+        log.say(f"done: steps {start_iter} to {progress.iter_num}, {progress.tokens_seen:,} tokens seen, "
+                f"{time.time() - started:.1f} s; val loss {progress.val_loss or float('nan'):.4f}; checkpoint "
+                f"{os.path.join(cfg['out_dir'], CKPT_NAME)}")
     if signum:
         log.say(f"{signal.Signals(signum).name} at iter {progress.iter_num}: checkpoint saved in {cfg['out_dir']}; "
                 f"continue with python train.py --init_from=resume --out_dir={cfg['out_dir']}")

@@ -101,6 +101,8 @@ CASES = [  # (tool, arguments, a word the error line must contain)
       if importlib.util.find_spec("wandb") is None else []),  # refused before the run it would replace is cleared
     ("train", ["--init_from=resume", "--out_dir={root}/nowhere"], "resume"),
     ("train", ["--init_from=resume", "--out_dir={root}/run", "--n_layer=3"], "another model"),
+    ("train", ["--init_from=resume", "--out_dir={root}/run"], "finished at step 40 (max_iters 40)"),
+    ("train", ["--init_from=resume", "--out_dir={root}/run/ckpt.pt", "--max_iters=30"], "with M above 40"),
     ("eval", ["--out_dir={root}/run", "--batch_size=-1"], "batch_size"),
     ("eval", ["--out_dir={root}/run", "--max_val_tokens=-5"], "max_val_tokens"),
     ("eval", ["--out_dir={root}/nowhere"], "does not exist"),
@@ -182,8 +184,8 @@ def test_train_makes_a_missing_dataset_as_its_config_says(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((dataset / "meta.json").read_text())["encoding"] == "bytes"
     made = [line for line in result.stderr.splitlines() if "prepare.py" in line]
-    assert made == [f"dataset '{dataset}' is missing, making it: python prepare.py --input=assets/tinyshakespeare.txt.gz"
-                    f" --encoding=bytes --out_root={tmp_path} --dataset=shakespeare"]
+    assert made == [f"dataset '{dataset}' is missing, making it: python prepare.py --input=assets/tinyshakespeare"
+                    f".txt.gz --encoding=bytes --out_root={tmp_path} --dataset=shakespeare"]
     failed = run_tool("train", [f"--dataset={tmp_path / 'other'}", "--prepare=['--input=no_such.txt']",
                                 f"--out_dir={tmp_path / 'run2'}", *TINY])
     assert failed.returncode == 1 and failed.stderr.splitlines()[-1] == (

@@ -222,6 +222,8 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_to_the_same_losses(sha
     stopped_at = load_checkpoint(str(out))["iter_num"]
     assert 13 <= stopped_at < 60 and stopped_at % 10  # the current step, not the last evaluation's
     assert f"SIGTERM at iter {stopped_at}" in stderr and "--init_from=resume" in stderr and "Traceback" not in stderr
+    acknowledged = "SIGTERM: stopping after this step, with a checkpoint; Ctrl-C again to stop now\n"
+    assert acknowledged in stderr and stderr.index(acknowledged) < stderr.index("SIGTERM at iter")  # said at once
     result = subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--init_from=resume"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -324,3 +326,35 @@ def test_divergence_before_any_checkpoint_says_so_and_a_signal_never_saves_diver
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "the sum of the weights is nan" in stderr and "last good checkpoint" in stderr
     assert load_checkpoint(str(tmp_path / "run"))["iter_num"] == 40  # not replaced by the diverged weights
+
+
+def test_a_log_file_gets_plain_lines_the_notes_and_a_summary(shakespeare_bytes, tmp_path):
+    """stderr that is not a terminal: one line per log interval instead of the bar's carriage returns;
+    on resume where it resumes from and that the schedule has ended; at the end what was done."""
+    run = tmp_path / "run"
+    args = [f"--dataset={shakespeare_bytes}", f"--out_dir={run}", *TINY, "--batch_size=2",
+            "--gradient_accumulation_steps=1", "--eval_interval=4", "--eval_iters=1", "--log_interval=2",
+            "--lr_decay_iters=4", "--warmup_iters=1"]
+    first = run_tool("train", [*args, "--max_iters=4"])
+    assert first.returncode == 0, first.stderr
+    assert "\r" not in first.stderr
+    lines = first.stderr.splitlines()
+    assert [re.sub(r"\d[\d.,]*\d|\d", "N", line) for line in lines if line.startswith("iter 2:")] == [
+        "iter N: loss N, N ms/iter, N tokens/s"]
+    assert lines[-1].startswith("done: steps 0 to 4, 512 tokens seen, ") and lines[-1].endswith(f"{run}/ckpt.pt")
+    assert "val loss" in lines[-1] and not any("note:" in line for line in lines)
+    more = run_tool("train", ["--init_from=resume", f"--out_dir={run}", "--max_iters=6"])
+    assert more.returncode == 0, more.stderr
+    assert f"resumed from step 4 of {run}/ckpt.pt" in more.stderr
+    assert "note: the run goes on past lr_decay_iters (4) to max_iters (6)" in more.stderr
+    assert "done: steps 4 to 6, 768 tokens seen" in more.stderr
+
+
+def test_a_model_too_large_for_the_cpu_says_so_before_it_starts(shakespeare_bytes, tmp_path):
+    """The paper's config on a CPU would take hours a step: one line says so (here a small model made
+    as costly with 250,000 micro-batches a step; max_iters=0 takes no step)."""
+    result = run_tool("train", [f"--dataset={shakespeare_bytes}", f"--out_dir={tmp_path}", *TINY, "--batch_size=1",
+                                "--gradient_accumulation_steps=250000", "--max_iters=0", "--eval_iters=1"])
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "wants a GPU" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: a 0.00B-parameter model on cpu (1 thread): 16,000,000 tokens")
