@@ -369,7 +369,7 @@ class Suite:
         self.device = f"--device={device.type}"
         self.size = [self.device] if self.gpu else [*TOY, self.device]
         self.vocab = [] if self.gpu else ["--vocab_size=512"]  # bench.py's; prepare.py's encoding below
-        self.deadline = time.monotonic() + budget_s
+        self.deadline = self.step_deadline = time.monotonic() + budget_s
         self.work = work
         self.per_code_s = 90.0 if self.gpu else 5.0  # a bench process's time, until the first step measures it
 
@@ -383,7 +383,11 @@ class Suite:
                 *((f"speed {setting}", None, (), lambda s=setting: self.speed(s)) for setting in SPEED_SETTINGS)]
 
     def left(self):
-        return self.deadline - time.monotonic()
+        return min(self.deadline, self.step_deadline) - time.monotonic()
+
+    def limit_step(self, estimate):
+        """On the GPU a step may take twice its estimate, so that one that hangs leaves time to the others."""
+        self.step_deadline = time.monotonic() + 2 * estimate if self.gpu else self.deadline
 
     def start(self, name, *args):
         log = open(os.path.join(self.work, f"{name}.log"), "w")
@@ -511,12 +515,14 @@ def run_suite(cfg, argv):
                 record["reason"] = f"would overrun: about {estimate:.0f} s, {max(0, suite.left()):.0f} s left"
             else:
                 begun = time.monotonic()
+                suite.limit_step(estimate)
                 try:
                     record.update(status="done", **step())
                 except subprocess.TimeoutExpired:
-                    record.update(status="cut", reason="stopped at the end of budget_s")
+                    record.update(status="cut", reason="stopped at twice its estimate or the end of budget_s")
                 except StepFailed as e:
                     record.update(status="failed", reason=str(e))
+                suite.step_deadline = suite.deadline
                 record["seconds"] = round(time.monotonic() - begun, 1)
             print(f"{name}: {record['status']}" + (f" ({record['reason']})" if "reason" in record else "") +
                   (f" in {record['seconds']} s" if "seconds" in record else ""), file=sys.stderr, flush=True)
