@@ -237,7 +237,8 @@ def test_resume_takes_the_optimizer_state_from_the_checkpoint_and_its_options_fr
     unfused = [{**group, "fused": None, "weight_decay": 0.5 * bool(group["weight_decay"])}  # as an MPS run saves it
                for group in saved["param_groups"]]
     save_checkpoint({**checkpoint, "optimizer": {**saved, "param_groups": unfused}}, tmp_path)
-    cfg, meta, resumed = train.configure(["--init_from=resume", f"--out_dir={tmp_path}", "--weight_decay=0.05"])
+    cfg, meta, resumed = train.configure(["--init_from=resume", f"--out_dir={tmp_path}", "--weight_decay=0.05",
+                                          "--max_iters=41"])  # the run is at its max_iters: finished
     *_, optimizer = train.build(cfg, meta, torch.device("cpu"), torch.float32, resumed, 1)
     assert [(g["weight_decay"], g["fused"]) for g in optimizer.param_groups] == [(0.05, True), (0.0, True)]
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -99,6 +99,8 @@ def test_sigkill_at_any_moment_always_resumes(shakespeare_bytes, tmp_path):
     rng = random.Random(0)
     init = "scratch"
     for kill_at in ["random", "write", "random", "write", None]:
+        if init == "resume" and load_checkpoint(str(out))["iter_num"] == 12:
+            break  # killed after its last checkpoint: finished, and a resume would refuse to go on
         proc = subprocess.Popen(base + [f"--init_from={init}"], cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         landed = ckpt.stat().st_mtime_ns if ckpt.exists() else None
