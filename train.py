@@ -449,6 +449,8 @@ def main(argv):
             # a resumed run's first step was evaluated before its checkpoint was saved
             if ((iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"])
                     and not (resumed and iter_num == start_iter)):
+                if iter_num == start_iter:  # the first evaluation can take a while (compilation, a large model)
+                    log.say(f"iter {iter_num}: evaluating on {cfg['eval_iters']} batch(es) of each split ...")
                 losses = evaluate(cfg, model, amp, rank, world_size, device)
                 for split in ("train", "val"):
                     check_finite(losses[split], f"the eval loss on {split}", iter_num, cfg["out_dir"])

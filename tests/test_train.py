@@ -341,6 +341,7 @@ def test_a_log_file_gets_plain_lines_the_notes_and_a_summary(shakespeare_bytes, 
     assert first.returncode == 0, first.stderr
     assert "\r" not in first.stderr
     lines = first.stderr.splitlines()
+    assert "iter 0: evaluating on 1 batch(es) of each split ..." in lines  # said before the first evaluation
     assert [re.sub(r"\d[\d.,]*\d|\d", "N", line) for line in lines if line.startswith("iter 2:")] == [
         "iter N: loss N, N ms/iter, N tokens/s"]
     assert lines[-1].startswith("done: steps 0 to 4, 512 tokens seen, ") and lines[-1].endswith(f"{run}/ckpt.pt")
