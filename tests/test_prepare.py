@@ -557,8 +557,8 @@ def test_linked_folders_are_read_once_and_odd_paths_work(tmp_path):
     assert sorted(docs) == sorted(f"{name} {i}\n" for name in ("own", "linked", "bracketed") for i in range(10))
 
 
-def start_on_a_pipe(tmp_path, out_root, *args):
-    """prepare.py reading a named pipe, and the pipe's open writing end after 300K characters: the run
+def start_on_a_pipe(tmp_path, out_root, *args, chars=300_000):
+    """prepare.py reading a named pipe, and the pipe's open writing end after `chars` characters: the run
     then waits mid-way, its temp dir in place, for text that comes only when the test says."""
     fifo = tmp_path / "slow.txt"
     os.mkfifo(fifo)
@@ -566,7 +566,7 @@ def start_on_a_pipe(tmp_path, out_root, *args):
                                 f"--out_root={out_root}", *args], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     pipe = open(fifo, "w")
-    pipe.write(shakespeare_text()[:300_000])
+    pipe.write((shakespeare_text() * (1 + chars // len(shakespeare_text())))[:chars])
     pipe.flush()
     return process, pipe
 
@@ -621,7 +621,9 @@ def worker_processes(pid):
 
 def kill_while_answering(process):
     """Every tokenizer process killed while its answer, if any, finds nobody reading: the parent is stopped
-    as soon as a batch is being tokenized and let go after the kills."""
+    once the pool has done some work (a batch takes a tokenizer process about 20 ms here, too short to be
+    caught at work by polling, so the test sends a dozen batches and waits for their CPU time) and let go
+    after the kills."""
     def tokenizing():
         workers = [proc_stat(w) for w in worker_processes(process.pid)]
         return any(f is not None and (f[0] == "R" or int(f[11]) + int(f[12]) >= 3) for f in workers)
@@ -643,7 +645,8 @@ def kill_while_answering(process):
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.isdir("/proc/self"), reason="needs a named pipe and /proc")
 @pytest.mark.parametrize("when", ["idle", "answering"])
 def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous, when):
-    process, pipe = start_on_a_pipe(tmp_path, previous[0], "--workers=2")
+    process, pipe = start_on_a_pipe(tmp_path, previous[0], "--workers=2",
+                                    chars=300_000 if when == "idle" else 3_000_000)
     with pipe:
         if when == "idle":
             wait_for(lambda: worker_processes(process.pid), "a tokenizer process")
