@@ -240,8 +240,9 @@ def micro_batches(cfg, step, rank, world_size, device):
 
 
 @torch.no_grad()
-def evaluate(cfg, model, amp, rank, world_size, device):
-    """Mean loss on the same eval_iters batches of each split every time (curves are comparable)."""
+def evaluate(cfg, model, amp, rank, world_size, device, batch_done=lambda: None):
+    """Mean loss on the same eval_iters batches of each split every time (curves are comparable);
+    batch_done() after each forward."""
     model.eval()
     out = {}
     for split_id, split in enumerate(("train", "val")):
@@ -255,6 +256,7 @@ def evaluate(cfg, model, amp, rank, world_size, device):
                 loss = model(x, y)[1]
             if k < cfg["eval_iters"]:
                 total += torch.stack((loss.float(), torch.ones((), device=device)))
+            batch_done()
         distributed.sum_over_ranks(total)
         out[split] = (total[0] / total[1]).item()
     model.train()
@@ -326,6 +328,12 @@ class Log:
     def evaluation(self, iter_num, losses, tokens):
         self.record({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "tokens": tokens})
         self.say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+
+    def evaluation_bar(self, batches, shown):
+        """A bar over an evaluation's batches (this rank's), on a terminal where shown: the first
+        evaluation, which can take a while; a log file has had its line."""
+        return tqdm(total=batches, desc="evaluating", leave=False, dynamic_ncols=True, file=sys.stderr,
+                    disable=not (shown and self.master) or self.plain)
 
     def step_done(self):
         self.bar.update(1)
@@ -449,9 +457,11 @@ def main(argv):
             # a resumed run's first step was evaluated before its checkpoint was saved
             if ((iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"])
                     and not (resumed and iter_num == start_iter)):
-                if iter_num == start_iter:  # the first evaluation can take a while (compilation, a large model)
+                first = iter_num == start_iter  # the first evaluation can take a while (compilation, a large model)
+                if first:
                     log.say(f"iter {iter_num}: evaluating on {cfg['eval_iters']} batch(es) of each split ...")
-                losses = evaluate(cfg, model, amp, rank, world_size, device)
+                with log.evaluation_bar(2 * math.ceil(cfg["eval_iters"] / world_size), shown=first) as bar:
+                    losses = evaluate(cfg, model, amp, rank, world_size, device, lambda: bar.update(1))
                 for split in ("train", "val"):
                     check_finite(losses[split], f"the eval loss on {split}", iter_num, cfg["out_dir"])
                 progress.val_loss, progress.best_val_loss = losses["val"], min(progress.best_val_loss, losses["val"])

@@ -353,6 +353,32 @@ def test_a_log_file_gets_plain_lines_the_notes_and_a_summary(shakespeare_bytes, 
     assert "done: steps 4 to 6, 768 tokens seen" in more.stderr
 
 
+def test_a_terminal_sees_the_first_evaluation_progress(shakespeare_bytes, tmp_path):
+    """stderr on a terminal: the step-0 evaluation, which can take long, shows a bar over its batches."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns
+    proc = subprocess.Popen([sys.executable, "train.py", f"--dataset={shakespeare_bytes}", f"--out_dir={tmp_path}",
+                             *TINY, "--max_iters=0", "--eval_iters=3", "--batch_size=2"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=child)
+    os.close(child)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the terminal's other end closed: the run is over
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main)
+    assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
+    assert b"evaluating:" in seen and b"/6 " in seen  # 3 batches of each split (a bar cleared when done)
+
+
 def test_a_model_too_large_for_the_cpu_says_so_before_it_starts(shakespeare_bytes, tmp_path):
     """The paper's config on a CPU would take hours a step: one line says so (here a small model made
     as costly with 250,000 micro-batches a step; max_iters=0 takes no step)."""
