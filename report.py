@@ -48,6 +48,7 @@ import numpy as np
 from checkpoint import CheckpointError, build_model, load_checkpoint
 from common import UserError, atomic_write, code_hash, run_main
 from configurator import parse_config, split_settings
+from studies import load_results
 from model import BASELINE_CODE, CODES, code_fields
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -281,30 +282,6 @@ def t_975(df):
     z = Z_975  # within 1e-4 of the exact quantile from df = 30 on
     return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
             + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
-
-
-def load_results(paths):
-    rows = []
-    for path in paths:
-        try:
-            with open(path) as f:
-                lines = f.readlines()
-        except OSError as e:
-            fail(f"cannot read results {path}: {e.strerror}")
-        for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-                row["cell"]["input_code"], row["cell"]["seed"], row["loss"]  # what pairing needs
-            except (ValueError, KeyError, TypeError):
-                fail(f"{path}:{number} is not a results row of sweep.py (cell with input_code and seed, loss)")
-            rows.append(row)
-    if not rows:
-        fail(f"no results rows in {', '.join(paths)}: run the study first (python sweep.py config/study_...py)")
-    grid_keys = {k for row in rows for k in row["cell"]}
-    for row in rows:  # a row kept from before its grid gained a key: its value is the one it trained with
-        for k in grid_keys - set(row["cell"]):
-            row["cell"][k] = row.get("config", {}).get(k, TRAIN_DEFAULTS.get(k))
-    return rows
 
 
 def code_label(cell):
@@ -551,35 +528,6 @@ def fit_table(gaps):
         lines.append(f"| {dataset} | {code} | {len(data)} | {cells[0]} | {' | '.join(shown)} "
                      f"| {float(x0 @ beta):+.4f} ± {half:.4f} |")
     return "\n".join(lines)
-
-
-def chosen_rates(path, wanted, keys=("dataset", "n_embd", "input_code")):
-    """{(dataset, n_embd, input_code): (learning_rate, min_lr)} of a learning-rate study scored on the test
-    split (config/study_width_lr.py): per key, the rate of lowest mean test loss over the seeds. For study
-    configs, which read the rates chosen by the step before them. A rate at the edge of those tried is
-    said in a note: the best may lie beyond it (add a rate to the study; its finished cells are kept).
-    wanted: the keys the study needs; one the table lacks is an error."""
-    try:
-        rows = [row for row in load_results([path]) if row["split"] == "test"]
-    except UserError as e:
-        raise UserError(f"{e} (the learning rates are chosen from it: run that step first)") from None
-    losses = {}
-    for row in rows:
-        key = tuple(row["config"][k] for k in keys)
-        rate = (row["config"]["learning_rate"], row["config"]["min_lr"])
-        losses.setdefault(key, {}).setdefault(rate, []).append(row["loss"])
-    chosen = {}
-    for key, by_rate in losses.items():
-        chosen[key] = min(by_rate, key=lambda rate: statistics.mean(by_rate[rate]))
-        if len(by_rate) > 1 and chosen[key][0] in (min(by_rate)[0], max(by_rate)[0]):
-            print(f"note: {path}: for {', '.join(map(str, key))} the best rate, {chosen[key][0]:g}, is at the edge of "
-                  f"those tried", file=sys.stderr)
-    missing = [key for key in wanted if key not in chosen]
-    if missing:
-        raise UserError(f"{path} has no test-split rows for {', '.join(map(str, missing[0]))}"
-                        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}: run the study that "
-                        f"chooses those rates first")
-    return chosen
 
 
 def report_results(cfg):

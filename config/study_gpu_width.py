@@ -8,7 +8,7 @@
 #   python report.py --results=results/gpu_width.jsonl,results/width.jsonl --fit=True
 import runpy
 
-from report import chosen_rates
+from studies import chosen_rates
 
 _step1 = runpy.run_path('config/study_gpu_width_lr.py')  # its datasets, model and budget
 _wanted = []

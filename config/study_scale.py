@@ -11,7 +11,7 @@
 #   python report.py --results=results/width.jsonl,results/scale.jsonl --where='n_embd=64,128' --x=n_embd
 import runpy
 
-from report import chosen_rates
+from studies import chosen_rates
 
 _step1 = runpy.run_path('config/study_width_lr.py')  # its datasets, how to make them, their budgets
 _wanted = [(_dataset, _width, 'fixed_min') for _dataset in _step1['_corpora'] for _width in (64, 128)]

@@ -11,7 +11,7 @@
 #   python report.py --results=results/tokens.jsonl --plot=assets/gap_tokens.png --fit=True
 import runpy
 
-from report import chosen_rates
+from studies import chosen_rates
 
 _best = {'n_embd': 64, 'code_scale': 1.0}
 _datasets = ['study_bytes', 'study_novels_bytes']

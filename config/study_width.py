@@ -7,7 +7,7 @@
 #   python report.py --results=results/width.jsonl --plot=assets/gap_width.png --fit=True
 import runpy
 
-from report import chosen_rates
+from studies import chosen_rates
 
 _step1 = runpy.run_path('config/study_width_lr.py')  # its datasets, how to make them, their budgets
 _wanted = []

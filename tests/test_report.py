@@ -301,17 +301,17 @@ def test_the_fit_of_the_gap_against_depth_and_its_extrapolation(report_results):
 
 
 def test_the_rates_a_study_reads_are_those_of_lowest_mean_test_loss(tmp_path):
-    import report
+    import studies
     rows = committed("lr")
-    chosen = report.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 64, "learned")])
+    chosen = studies.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 64, "learned")])
     for code in ("fixed_min", "affine", "learned"):
         by_rate = {}
         for row in rows:
             if row["config"]["input_code"] == code:
                 by_rate.setdefault((row["config"]["learning_rate"], row["config"]["min_lr"]), []).append(row["loss"])
         assert chosen["study_bytes", 64, code] == min(by_rate, key=lambda rate: statistics.mean(by_rate[rate]))
-    with pytest.raises(report.UserError, match="no test-split rows for study_bytes, 128, learned"):
-        report.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 128, "learned")])
+    with pytest.raises(studies.UserError, match="no test-split rows for study_bytes, 128, learned"):
+        studies.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 128, "learned")])
 
 
 def test_a_rate_tuned_per_code_and_setting_belongs_to_the_code(report_results):
