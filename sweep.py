@@ -63,7 +63,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from common import (EVAL_FILES, REPO, STOP_SIGNALS, UserError, atomic_write, closest, code_hash, data_dir, data_hash,
-                    load_meta, run_main)
+                    load_meta, make_dataset, run_main)
 from configurator import ConfigError, parse_config, split_settings
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -215,11 +215,7 @@ def ensure_dataset(study, dataset):
     folder = data_dir(dataset)
     how = study["prepare"].get(dataset) if isinstance(study["prepare"], dict) else study["prepare"]
     if not os.path.isfile(os.path.join(folder, "meta.json")) and how is not None:
-        command = [sys.executable, os.path.join(REPO, "prepare.py"), *how,
-                   f"--out_root={os.path.dirname(os.path.abspath(folder))}", f"--dataset={os.path.basename(folder)}"]
-        print(f"dataset '{dataset}' is missing, making it: python prepare.py {' '.join(command[2:])}", file=sys.stderr)
-        if subprocess.run(command).returncode != 0:
-            raise UserError(f"prepare.py failed to make dataset '{dataset}' (its error is above)")
+        make_dataset(dataset, how)
     meta = load_meta(dataset)  # a folder that prepare.py did not write is refused here
     split = study["eval_split"]
     if not os.path.isfile(os.path.join(folder, f"{split}.bin")):
