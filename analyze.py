@@ -38,7 +38,6 @@ majority class. --plot draws the columns against the layer (runs of different de
 relative depth, layer / n_layer); --json writes everything.
 """
 import json
-import math
 import os
 import string
 import sys
@@ -78,16 +77,12 @@ SOFTMAX_STEPS, SOFTMAX_LR = 300, 3e-2  # from zeros, so the fit is deterministic
 SCORE_ROWS = 2048  # positions scored at once: bounds the (rows, classes) score matrix of a large vocabulary
 
 
-def fail(message):
-    raise UserError(message)
-
-
 # ------------------------------------------------------------------------------ runs and data
 
 def load_runs(runs, device):
     folders = list(dict.fromkeys(os.path.normpath(d.strip()) for d in runs.split(",") if d.strip()))
     if not folders:
-        fail("no runs given: pass --runs=DIR[,DIR...] (run folders holding ckpt.pt)")
+        raise UserError("no runs given: pass --runs=DIR[,DIR...] (run folders holding ckpt.pt)")
     loaded = []
     for folder in folders:
         checkpoint = load_checkpoint(folder)
@@ -98,7 +93,7 @@ def load_runs(runs, device):
     if len(vocabularies) > 1:
         shown = ", ".join(f"{run['dir']} ({run['meta'].get('encoding')}, V={run['model'].config.vocab_size})"
                           for run in loaded)
-        fail(f"runs of different vocabularies cannot be compared token by token: {shown}")
+        raise UserError(f"runs of different vocabularies cannot be compared token by token: {shown}")
     codes = [run["model"].config.input_code for run in loaded]
     for run in loaded:  # the input code names a run, unless two runs share it
         run["label"] = run["model"].config.input_code if codes.count(run["model"].config.input_code) == 1 \
@@ -112,21 +107,21 @@ def chosen_dataset(runs, dataset):
         return dataset
     trained_on = {os.path.realpath(data_dir(run["dataset"])): run["dataset"] for run in runs if run["dataset"]}
     if len(trained_on) > 1:
-        fail(f"the runs were trained on different datasets ({', '.join(sorted(trained_on.values()))}): pass "
-             f"--dataset=NAME to analyse them all on the same tokens")
+        raise UserError(f"the runs were trained on different datasets ({', '.join(sorted(trained_on.values()))}): pass "
+                        f"--dataset=NAME to analyse them all on the same tokens")
     if not trained_on:
-        fail(f"the checkpoint in '{runs[0]['dir']}' does not name its dataset: pass --dataset=NAME")
+        raise UserError(f"the checkpoint in '{runs[0]['dir']}' does not name its dataset: pass --dataset=NAME")
     return next(iter(trained_on.values()))
 
 
 def split_tokens(dataset, split, at_least):
     path = os.path.join(data_dir(dataset), f"{split}.bin")
     if not os.path.isfile(path):
-        fail(f"dataset '{dataset}' has no {split} split ({path} is missing): prepare it with prepare.py")
+        raise UserError(f"dataset '{dataset}' has no {split} split ({path} is missing): prepare it with prepare.py")
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if len(tokens) < at_least:
-        fail(f"{split}.bin of '{dataset}' holds {len(tokens)} token(s), fewer than the {at_least} the analysis "
-             f"needs")
+        raise UserError(f"{split}.bin of '{dataset}' holds {len(tokens)} token(s), fewer than the {at_least} the "
+                        f"analysis needs")
     return tokens
 
 
@@ -408,7 +403,7 @@ def figure(**kwargs):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        fail("--plot needs matplotlib: pip install matplotlib")
+        raise UserError("--plot needs matplotlib: pip install matplotlib")
     return Figure(**kwargs)
 
 
@@ -450,13 +445,14 @@ def plot(results, title, path):
 
 def check_settings(cfg):
     if cfg["positions"] < 1 or cfg["train_positions"] < 1:
-        fail(f"positions and train_positions must be at least 1, got {cfg['positions']} and {cfg['train_positions']}")
+        raise UserError(f"positions and train_positions must be at least 1, got {cfg['positions']} and "
+                        f"{cfg['train_positions']}")
     if cfg["probe"] not in ("lda", "softmax"):
-        fail(f"probe must be lda or softmax, got '{cfg['probe']}'")
+        raise UserError(f"probe must be lda or softmax, got '{cfg['probe']}'")
     if cfg["seed"] < 0:
-        fail(f"seed must be 0 or more, got {cfg['seed']}")
+        raise UserError(f"seed must be 0 or more, got {cfg['seed']}")
     if cfg["plot"] and not cfg["plot"].endswith(".png"):
-        fail(f"plot must name a .png file, got '{cfg['plot']}'")
+        raise UserError(f"plot must name a .png file, got '{cfg['plot']}'")
     if cfg["plot"]:
         figure()  # a missing matplotlib fails now, not after the work
     for path in filter(None, (cfg["plot"], cfg["json"])):
@@ -464,7 +460,7 @@ def check_settings(cfg):
         try:  # a file that cannot be written fails now, not after the work
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
-            fail(f"cannot write {path} ({e.strerror})")
+            raise UserError(f"cannot write {path} ({e.strerror})")
 
 
 def check_memory(runs, positions, train_positions):
@@ -476,22 +472,22 @@ def check_memory(runs, positions, train_positions):
     except (AttributeError, ValueError, OSError):  # a platform without these names: no check
         return
     if need > have / 2:
-        fail(f"the hidden states of {positions:,} + {train_positions:,} positions take "
-             f"{need / 2 ** 30:.1f} GiB, more than half of this machine's {have / 2 ** 30:.0f} GiB: lower "
-             f"--positions and --train_positions")
+        raise UserError(f"the hidden states of {positions:,} + {train_positions:,} positions take "
+                        f"{need / 2 ** 30:.1f} GiB, more than half of this machine's {have / 2 ** 30:.0f} GiB: lower "
+                        f"--positions and --train_positions")
 
 
 def load_data(runs, cfg):
     dataset = chosen_dataset(runs, cfg["dataset"])
     meta, trained_on = load_meta(dataset), runs[0]["meta"]
     if (meta["encoding"], meta["vocab_size"]) != (trained_on.get("encoding"), trained_on.get("vocab_size")):
-        fail(f"dataset '{dataset}' uses {meta['encoding']} (V={meta['vocab_size']}) but the runs were trained on "
-             f"{trained_on.get('encoding')} (V={trained_on.get('vocab_size')}): analyse them on data of the same "
-             f"encoding")
+        raise UserError(f"dataset '{dataset}' uses {meta['encoding']} (V={meta['vocab_size']}) but the runs were "
+                        f"trained on {trained_on.get('encoding')} (V={trained_on.get('vocab_size')}): analyse them on "
+                        f"data of the same encoding")
     try:
         encoding = get_encoding(meta["encoding"])
     except ValueError as e:
-        fail(f"cannot read the tokens of '{dataset}': {e}")
+        raise UserError(f"cannot read the tokens of '{dataset}': {e}")
     vocab_size = runs[0]["model"].config.vocab_size
     longest = max(run["model"].config.block_size for run in runs)
     train = split_tokens(dataset, "train", min(longest, cfg["train_positions"]) + 1)
