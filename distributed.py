@@ -12,8 +12,10 @@ first collective until the timeout. So every process joins the process group eve
 failed, and they agree: all go on, or all stop with the same one line.
 """
 import inspect
+import json
 import os
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -82,7 +84,19 @@ def agree(configured, device, failure):
         dist.destroy_process_group()
         if failure is not None and not isinstance(failure, UserError):
             raise failure  # a bug: its traceback, here; the other processes print the one line
+        tell_launcher(message)
         raise UserError(message)
+
+
+def tell_launcher(message):
+    """Put the one line where torchrun's summary of a failed job looks for each process's reason: the
+    file it names in TORCHELASTIC_ERROR_FILE (in the JSON its own @record writes). Without it the
+    summary says only "To enable traceback see: <a link>"; torchrun's own traceback stays either way."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        reason = {"message": f"error: {message}", "extraInfo": {"timestamp": str(int(time.time()))}}
+        with open(path, "w") as f:
+            json.dump({"message": reason}, f)
 
 
 def run_seen(cfg, meta, checkpoint, device):
