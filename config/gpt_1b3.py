@@ -2,7 +2,7 @@
 # fixed_min or affine, 1.48B with the learned table (+134M). Any input code: --input_code=affine
 # --out_dir=out-1b3-affine, or --input_code=learned --out_dir=out-1b3-learned.
 #   torchrun --standalone --nproc_per_node=8 train.py config/gpt_1b3.py
-# DDP fits (21.5 GB of weights, gradients and AdamW state per GPU; the README's Multi-node section has
+# DDP fits (21.5 GB of weights, gradients and AdamW state per GPU; docs/training.md, Larger models, has
 # the arithmetic); --parallel=fsdp leaves room for a larger batch_size. The paper's data and token
 # budget: 8 sequences x 64 accumulation steps x 1024 tokens = 524,288 tokens per step (any number of
 # GPUs dividing 64), 32,500 steps = 17.04B tokens, about 13 hours on 8 H100s at 40% MFU (arithmetic).

@@ -3,7 +3,7 @@
 # --out_dir=out-7b-affine, or --input_code=learned --out_dir=out-7b-learned.
 #   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py config/gpt_7b.py
 # FSDP, because DDP cannot fit it: weights, gradients and AdamW state are 107 GB per GPU under DDP,
-# 13.4 GB on 8 GPUs and 6.7 GB on 16 under FSDP (the README's Multi-node section has the arithmetic).
+# 13.4 GB on 8 GPUs and 6.7 GB on 16 under FSDP (docs/training.md, Larger models, has the arithmetic).
 # Activation checkpointing keeps the activations of a 4-sequence micro-batch near 1.6 GB instead of 18.
 # The paper's data and token budget: 4 sequences x 256 accumulation steps x 1024 tokens = 1,048,576
 # tokens per step (any number of GPUs dividing 256), 16,250 steps = 17.04B tokens, about 63 hours on 8

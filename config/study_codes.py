@@ -9,7 +9,7 @@
 #                                 256-bit codes need n_embd >= 256, which train.py asks for)
 #   learned_lift                  fixed_min's K bits through a trained K x n_embd map (576 parameters here)
 #
-#   python sweep.py config/study_codes.py   # 48 runs; 15 min on 2 idle cores (README, Results)
+#   python sweep.py config/study_codes.py   # 48 runs; 15 min on 2 idle cores (docs/results.md)
 
 base = 'config/scale.py'
 dataset = 'study_bytes'

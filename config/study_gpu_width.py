@@ -1,10 +1,10 @@
-# The width study on one GPU, step 2 of 2 (README, Running a study): fixed_min against learned at widths
+# The width study on one GPU, step 2 of 2 (docs/studies.md): fixed_min against learned at widths
 # 512, 768 and 1024 on both corpora in bytes and cl100k_4096 (the runs of config/study_gpu_width_lr.py),
 # each code at the rate step 1 chose for its dataset and width on the test split, 3 paired seeds; the
 # held-out loss on val. To add the input scale or the tokens, add code_scale or (max_iters,
 # lr_decay_iters) to the grid, as config/study_scale.py and study_tokens.py do on the CPU.
 #
-#   python sweep.py config/study_gpu_width.py      # 72 runs; time: README, Running a study (arithmetic)
+#   python sweep.py config/study_gpu_width.py      # 72 runs; time: docs/studies.md (arithmetic)
 #   python report.py --results=results/gpu_width.jsonl,results/width.jsonl --fit=True
 import runpy
 

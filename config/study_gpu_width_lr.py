@@ -1,11 +1,11 @@
-# The width study on one GPU, step 1 of 2 (README, Running a study): the map of config/study_width*.py at
+# The width study on one GPU, step 1 of 2 (docs/studies.md): the map of config/study_width*.py at
 # widths 512, 768 and 1024 (4 layers, head size 64, context 256), 2,000 steps of 32 x 256 tokens (16.4M
 # tokens: 18 epochs of Shakespeare's bytes, 8 of the novels'; give a bigger corpus to prepare.py for
 # fewer), on both corpora in bytes and cl100k_4096. This step: three rates a factor 2 apart per width
 # and code, step 1's three at width 64 scaled by 64 / width, one seed, scored on test.
 # Not compiled: a run is seconds of compute, less than compiling takes.
 #
-#   python sweep.py config/study_gpu_width_lr.py   # 72 runs; time: README, Running a study (arithmetic)
+#   python sweep.py config/study_gpu_width_lr.py   # 72 runs; time: docs/studies.md (arithmetic)
 import runpy
 
 _cpu = runpy.run_path('config/study_width_lr.py')  # its datasets, and its rates at width 64

@@ -1,4 +1,4 @@
-# The small-scale study, part B (README, Results): the paper's vocabulary, V = 65,536 (K = 16 bits), on
+# The small-scale study, part B (docs/results.md): the paper's vocabulary, V = 65,536 (K = 16 bits), on
 # the offline quickstart corpus (python prepare.py: CPython's docs, 94K train / 13K val tokens). The
 # same tiny model as part A: at this V the 64 x 65,536 lm_head (and the learned input table) dominate,
 # so a run is CPU-bound at a few hundred tokens per second. fixed_min, affine, learned; 3 paired seeds.

@@ -1,4 +1,4 @@
-# Width study, step 3 of 4 (README, Running a study): the input's scale. A learned table starts with rows
+# Width study, step 3 of 4 (docs/studies.md): the input's scale. A learned table starts with rows
 # of RMS 0.02, a {-1, +1} code has RMS code_scale = 1: the fixed code enters the residual stream about 50
 # times louder than the table it replaces, and each block's output starts small beside it (every block
 # reads it through RMSNorm, so the scale only sets its weight in the stream). fixed_min at code_scale 0.02,
@@ -7,7 +7,7 @@
 # code_scale = 1 and learned runs are step 2's, so report both tables together. 1/sqrt(n_embd) (0.125,
 # 0.088) lies inside the range swept.
 #
-#   python sweep.py config/study_scale.py      # 72 runs; about 30 min on 2 cores (README, Running a study)
+#   python sweep.py config/study_scale.py      # 72 runs; about 30 min on 2 cores (docs/studies.md)
 #   python report.py --results=results/width.jsonl,results/scale.jsonl --where='n_embd=64,128' --x=n_embd
 import runpy
 

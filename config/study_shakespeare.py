@@ -1,4 +1,4 @@
-# The small-scale study, part A (README, Results): Shakespeare in the bytes encoding (V = 257, K = 9
+# The small-scale study, part A (docs/results.md): Shakespeare in the bytes encoding (V = 257, K = 9
 # bits) and a tiny model that trains in well under a minute on one CPU core; the input codes fixed_min,
 # affine and learned, and the ablations: {0,1} bits instead of {-1,+1}, code_scale 0.5 and 2, and a
 # frozen random Gaussian table (frozen_random: fixed but not minimal); 3 paired seeds each.

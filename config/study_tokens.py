@@ -1,4 +1,4 @@
-# Width study, step 4 of 4 (README, Running a study): the gap against tokens, at the best setting of steps
+# Width study, step 4 of 4 (docs/studies.md): the gap against tokens, at the best setting of steps
 # 2 and 3: 300, 1,200 and 5,000 steps of 1,024 tokens (307K, 1.2M and 5.1M tokens; 5.5 epochs of
 # Shakespeare's 924K train tokens and 2.6 of the novels' 2.0M at the largest), warmup and cosine decay
 # scaled to each budget, fixed_min and learned, both corpora, at the rate step 1 chose for the width
@@ -7,7 +7,7 @@
 #
 # _best is the setting of smallest gap in steps 2 and 3: set it from their tables before running.
 #
-#   python sweep.py config/study_tokens.py     # 36 runs; about 25 min on 2 cores at width 64 (README)
+#   python sweep.py config/study_tokens.py     # 36 runs; about 25 min on 2 cores at width 64 (docs/studies.md)
 #   python report.py --results=results/tokens.jsonl --plot=assets/gap_tokens.png --fit=True
 import runpy
 

@@ -1,9 +1,9 @@
-# Width study, step 2 of 4 (README, Running a study): does fixed_min's gap to the learned table close or
+# Width study, step 2 of 4 (docs/studies.md): does fixed_min's gap to the learned table close or
 # open with width? Widths 64, 128 and 256 at 2 layers, on both corpora in bytes and in cl100k_4096 (the
 # datasets and budgets of step 1, config/study_width_lr.py), each code at the rate step 1 chose for its
 # dataset and width on the test split (results/width_lr.jsonl), 3 paired seeds; the held-out loss on val.
 #
-#   python sweep.py config/study_width.py      # 72 runs; about 50 min on 2 cores (README, Running a study)
+#   python sweep.py config/study_width.py      # 72 runs; about 50 min on 2 cores (docs/studies.md)
 #   python report.py --results=results/width.jsonl --plot=assets/gap_width.png --fit=True
 import runpy
 

@@ -1,4 +1,4 @@
-# Width study, step 1 of 4 (README, Running a study): the learning rate of fixed_min and learned at widths
+# Width study, step 1 of 4 (docs/studies.md): the learning rate of fixed_min and learned at widths
 # 64, 128 and 256 (2 layers, 4 heads), on both corpora (Shakespeare; two Project Gutenberg novels,
 # assets/novels/), each in bytes (600 steps, 614K tokens) and in cl100k_4096 (300 steps, 307K tokens),
 # scored on the test split, never on val. Three rates a factor 2 apart per width and code, centred on
@@ -8,7 +8,7 @@
 # which says in a note when it is at the edge of the three: add a rate here and rerun; finished cells
 # are kept).
 #
-#   python sweep.py config/study_width_lr.py   # 144 runs; about 95 min on 2 cores (README, Running a study)
+#   python sweep.py config/study_width_lr.py   # 144 runs; about 95 min on 2 cores (docs/studies.md)
 _corpora = {'study_bytes': ('assets/tinyshakespeare.txt.gz', 'bytes'),
             'study_novels_bytes': ('assets/novels/', 'bytes'),
             'study_bpe4096': ('assets/tinyshakespeare.txt.gz', 'cl100k_4096'),

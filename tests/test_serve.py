@@ -474,7 +474,7 @@ def lm_eval_samples(output_path):
 
 
 def test_lm_eval_through_the_server_matches_the_hf_export(server, tmp_path):
-    """README's two lm_eval commands on the bundled local tasks (multiple choice and rolling
+    """docs/serving.md's two lm_eval commands on the bundled local tasks (multiple choice and rolling
     perplexity): local-completions against serve.py, with no tokenizer given, and hf on the export."""
     pytest.importorskip("lm_eval")
     pytest.importorskip("transformers")

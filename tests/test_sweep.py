@@ -231,7 +231,7 @@ READS_RATES = {"study_width.py": "width_lr.jsonl", "study_scale.py": "width_lr.j
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "config", "study_*.py"))))
 def test_the_bundled_studies_are_valid(path, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)  # their paths are relative to the checkout, as in the README's commands
+    monkeypatch.chdir(REPO)  # their paths are relative to the checkout, as in docs/studies.md's commands
     rates = READS_RATES.get(os.path.basename(path))
     if rates and not os.path.exists(os.path.join(REPO, "results", rates)):
         with pytest.raises(UserError, match=f"{rates}.*the learning rates are chosen from it"):
