@@ -53,7 +53,7 @@ from checkpoint import build_model, load_checkpoint
 from common import (DEVICE_HELP, DTYPE_HELP, UserError, atomic_write, autocast, data_dir, load_meta, resolve_device,
                     resolve_dtype, run_main)
 from configurator import parse_config, split_settings
-from tokenizer import get_encoding
+from tokenizer import get_encoding, token_bytes
 
 SETTINGS = {  # key: (default, meaning)
     "runs": ("", "run folders (out_dir of train.py) to analyse and compare, comma-separated"),
@@ -250,7 +250,7 @@ def token_properties(encoding, vocab_size, counts):
         case = [int(chr(t).isupper()) if t < 256 and chr(t) in string.ascii_letters else -1 for t in range(vocab_size)]
         return {"byte class (letter/digit/space/punct/other)": torch.tensor(kind),
                 "upper vs lower case (letters)": torch.tensor(case)}
-    pieces = token_bytes(encoding, vocab_size)
+    pieces = token_bytes(encoding)
     starts = [int(p[:1] == b" " and p[1:2].isalpha()) for p in pieces]
     order = np.argsort(-counts, kind="stable")
     before = np.cumsum(counts[order]) - counts[order]  # train tokens of the ids more frequent than this one
@@ -260,17 +260,11 @@ def token_properties(encoding, vocab_size, counts):
             "frequency band (train quarters)": torch.from_numpy(band)}
 
 
-def token_bytes(encoding, vocab_size):
-    """Each id's bytes, b'' for the special tokens (<|endoftext|>): they are no text."""
-    special = {encoding.encode_single_token(name) for name in encoding.special_tokens_set}
-    return [b"" if t in special else encoding.decode_single_token_bytes(t) for t in range(vocab_size)]
-
-
-def surface_pairs(encoding, vocab_size):
+def surface_pairs(encoding):
     """(a, b) id pairs of one surface form: (upper, lower) letters for bytes, (' word', 'word') else."""
     if encoding.name == "bytes":
         return [(ord(c), ord(c.lower())) for c in string.ascii_uppercase]
-    ids = {piece: t for t, piece in enumerate(token_bytes(encoding, vocab_size)) if piece}
+    ids = {piece: t for t, piece in enumerate(token_bytes(encoding)) if piece}
     return [(t, ids[piece[1:]]) for piece, t in ids.items()
             if piece[:1] == b" " and piece[1:2].isalpha() and piece[1:] in ids]
 
@@ -494,7 +488,7 @@ def load_data(runs, cfg):
     bigram, counts = reverse_bigram(train, vocab_size)
     return {"dataset": dataset, "encoding": meta["encoding"], "vocab_size": vocab_size,
             "val": split_tokens(dataset, "val", 2), "train": train, "bigram": bigram,
-            "properties": token_properties(encoding, vocab_size, counts), "pairs": surface_pairs(encoding, vocab_size)}
+            "properties": token_properties(encoding, vocab_size, counts), "pairs": surface_pairs(encoding)}
 
 
 def main(argv):

@@ -12,6 +12,7 @@ with zero trainable parameters and no V x n_embd table. `input_code` picks the i
   gray           the reflected Gray code of the id, t xor (t >> 1)
   permuted       the code of a random permutation of the ids (non-linear: no XOR structure kept)
   random_wide    random collision-free codes of code_width > K bits (fixed but not minimal)
+  spelling       the code followed by bits of the token's spelling: a hash of its bytes' n-grams
   learned_lift   the code through a trainable K x n_embd linear map instead of the fixed lift
   learned        the usual trainable nn.Embedding(V, n_embd): the baseline
   frozen_random  a frozen Gaussian V x n_embd table: fixed, but not minimal (an ablation)
@@ -60,8 +61,8 @@ class GPTConfig:
     code_seed: int = code_field(0, "draws the random codes (of the input codes that read it, e.g. affine)")
     code_layout: str = code_field("tile", "code bits to channels: 'tile' (channel j carries bit j mod W) or "
                                           "'repeat' (bit floor(j W / n_embd))")
-    code_width: int = code_field(0, "bits per code of the input codes that read it (random_wide): above K = "
-                                    "ceil(log2 V), e.g. 64 or 256; 0 for the others")
+    code_width: int = code_field(0, "bits per code of the input codes that read it (random_wide, spelling): above "
+                                    "K = ceil(log2 V), e.g. 64 or 256; 0 for the others")
     norm: str = field(default="rmsnorm", metadata={"help": "'rmsnorm' or 'layernorm' (model.py says why not LayerNorm)"})
     bias: bool = field(default=False, metadata={"help": "biases in the linear layers and LayerNorm"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
@@ -139,6 +140,9 @@ class InputCode:
     """What CODES needs of an entry, besides being an nn.Module that cls(config) builds into GPT.embed
     and whose forward maps (B, T) int64 ids to (B, T, n_embd) float32 vectors."""
     reads = ()  # the GPTConfig code fields it uses: a code_layout or code_width it does not use is refused
+    # True: made from the tokens' byte strings, which a new model is given by set_token_bytes(token_bytes),
+    # token_bytes[t] the bytes of id t (train.py does it; a loaded model has its code from the checkpoint)
+    needs_token_bytes = False
 
     @staticmethod
     def trainable_params(config):
@@ -293,10 +297,8 @@ def draw_wide_codes(V, width, seed):
     return codes
 
 
-class RandomWideCode(BinaryCode):
-    """random_wide: t's row of a random codebook of V distinct code_width-bit codes (code_width > K),
-    drawn from code_seed and stored as the uint8 buffer codebook (V x code_width): the frozen
-    non-minimal codes of the paper's earlier ablations (64 and 256 bits). The lift is shared."""
+class WideCode(BinaryCode):
+    """The base of the codes of code_width bits per id, more than the K an id needs (random_wide, spelling)."""
     reads = BinaryCode.reads + ("code_seed", "code_width")
 
     @classmethod
@@ -311,12 +313,78 @@ class RandomWideCode(BinaryCode):
                              f"input_code={config.input_code!r}, e.g. 64 or 256; got {config.code_width}")
         super().check(config)
 
+
+class RandomWideCode(WideCode):
+    """random_wide: t's row of a random codebook of V distinct code_width-bit codes (code_width > K),
+    drawn from code_seed and stored as the uint8 buffer codebook (V x code_width): the frozen
+    non-minimal codes of the paper's earlier ablations (64 and 256 bits). The lift is shared."""
+
     def __init__(self, config):
         super().__init__(config)
         self.register_buffer("codebook", draw_wide_codes(config.vocab_size, config.code_width, config.code_seed))
 
     def bits(self, idx):
         return self.codebook[idx]
+
+
+WORD_START = 256  # the symbol a token's leading space becomes: ' word' is spelt [WORD_START] w o r d
+NGRAM_ORDERS = (1, 2, 3)
+
+
+def ngram_keys(piece):
+    """A distinct integer for each n-gram of a token's bytes (n = 1, 2, 3; one per occurrence), with
+    a leading space read as the word-start mark: the symbols 0..256 are the digits 1..257 of a base-258 number."""
+    symbols = [WORD_START, *piece[1:]] if piece[:1] == b" " else list(piece)
+    return [sum((s + 1) * 258 ** i for i, s in enumerate(symbols[start:start + n]))
+            for n in NGRAM_ORDERS for start in range(len(symbols) - n + 1)]
+
+
+def spell(token_bytes, width, seed):
+    """(V, width) uint8 0/1: bit i of token t is 1 where sum_g r_g[i] > 0, the sum over t's n-grams g (with
+    repeats) of a fixed N(0, 1) vector r_g per distinct n-gram, drawn from seed in the n-grams' key order
+    (so r_g depends on the other n-grams of the vocabulary too: the stored result is the code, not the seed).
+    This is SimHash (Charikar, 2002) of t's n-gram counts: two tokens' bits agree with probability
+    1 - angle / pi between their count vectors (' word' and 'word': 9 n-grams shared of 12, 5 bits in 6).
+    A token without bytes (<|endoftext|>) has the sum 0: all bits 0."""
+    keys, owners = [], []
+    for t, piece in enumerate(token_bytes):
+        grams = ngram_keys(piece)
+        keys += grams
+        owners += [t] * len(grams)
+    grams, which = torch.unique(torch.tensor(keys, dtype=torch.int64), return_inverse=True)
+    directions = torch.randn(len(grams), width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    sums = torch.zeros(len(token_bytes), width, dtype=torch.float64)
+    sums.index_add_(0, torch.tensor(owners, dtype=torch.int64), directions[which])
+    return (sums > 0).to(torch.uint8)
+
+
+class SpellingCode(WideCode):
+    """spelling: t's K-bit code (fixed_min's bits, which keep every id distinct) followed by code_width - K
+    bits of its spelling, spell(): the SimHash of the 1-, 2- and 3-grams of t's bytes, a leading space
+    read as a word-start mark. A BPE id's bits say nothing of how the token is written, while a trained
+    table learns it (' word' and 'word' end up close): this code is a fixed input, with no trainable
+    parameter, that carries the spelling. On bytes a token's spelling is its byte's own random bits,
+    the byte again: the code holds what fixed_min holds.
+    The spelling follows from the tokenizer's byte strings, which model.py does not read: a new model
+    starts with none (all 0) and is given them by set_token_bytes (train.py does it from the dataset's
+    encoding). It is stored as the uint8 buffer spelling (V x (code_width - K)), so a checkpoint loads
+    without the tokenizer. code_width bits per token; V (code_width - K) stored bits, at code_width 64
+    212,992 for cl100k_4096 and 3,145,728 for the 65,536 ids of cl100k_65536."""
+    needs_token_bytes = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seed = config.code_seed
+        self.register_buffer("spelling", torch.zeros(config.vocab_size, config.code_width - self.K, dtype=torch.uint8))
+
+    def set_token_bytes(self, token_bytes):
+        if len(token_bytes) != self.spelling.size(0):
+            raise ValueError(f"the tokenizer has {len(token_bytes)} tokens but the model's vocab_size is "
+                             f"{self.spelling.size(0)}")
+        self.spelling.copy_(spell(token_bytes, self.spelling.size(1), self.seed))
+
+    def bits(self, idx):
+        return torch.cat((super().bits(idx), self.spelling[idx].long()), dim=-1)
 
 
 class LearnedLift(BinaryCode):
@@ -364,6 +432,7 @@ CODES = {
     "gray": GrayCode,
     "permuted": PermutedCode,
     "random_wide": RandomWideCode,
+    "spelling": SpellingCode,
     "learned_lift": LearnedLift,
     "learned": LearnedTable,
     "frozen_random": FrozenRandomTable,

@@ -96,6 +96,12 @@ def _is_token(enc, piece):
     return True
 
 
+def token_bytes(encoding):
+    """Each id's bytes, id 0 to n_vocab - 1; b'' for the special tokens (<|endoftext|>): they are no text."""
+    special = {encoding.encode_single_token(name) for name in encoding.special_tokens_set}
+    return [b"" if t in special else encoding.decode_single_token_bytes(t) for t in range(encoding.n_vocab)]
+
+
 def encode_prompt(encoding, text):
     """Token ids of text, reading the literal <|endoftext|> as the document boundary; [eot] for ''."""
     return encoding.encode(text, allowed_special={ENDOFTEXT}) or [encoding.eot_token]

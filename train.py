@@ -46,10 +46,11 @@ from checkpoint import CKPT_NAME, load_checkpoint, load_weights, model_config, s
 from common import (EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, load_meta, make_dataset,
                     resolve_device, resolve_dtype, run_folder, run_main)
 from configurator import parse_config
-from model import GPT, GPTConfig
+from model import CODES, GPT, GPTConfig
 from training import (DEFAULTS, MEANINGS, MODEL_KEYS, checkpoint_activations, dropout_seed, learning_rate,
                       load_optimizer_state, make_optimizer, peak_flops, read_batch, set_threads, setup_precision,
                       to_device, train_step)
+from tokenizer import get_encoding, token_bytes
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
 RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what a run replaced by overwrite=True leaves
@@ -78,6 +79,8 @@ def configure(argv):
     meta = load_meta(cfg["dataset"])
     check_data(cfg, meta)
     model_config(cfg, vocab_size=meta["vocab_size"])  # a model that cannot be built is refused here, not after setup
+    if checkpoint is None and CODES[cfg["input_code"]].needs_token_bytes:
+        check_spelling_encoding(cfg, meta)
     if checkpoint is not None:
         check_resume(cfg, meta, checkpoint)
     if checkpoint is not None and checkpoint["iter_num"] >= cfg["max_iters"]:
@@ -154,6 +157,18 @@ def check_data(cfg, meta):
                             f"{split} split of '{cfg['dataset']}' has {n}: lower block_size or prepare more data")
 
 
+def check_spelling_encoding(cfg, meta):
+    """A new model of a code made from the tokens' byte strings (spelling) needs the dataset's tokenizer."""
+    try:
+        vocab_size = get_encoding(meta["encoding"]).n_vocab
+    except ValueError as e:
+        raise UserError(f"input_code={cfg['input_code']} is made from the byte strings of the dataset's tokens: "
+                        f"{e}") from None
+    if vocab_size != meta["vocab_size"]:
+        raise UserError(f"dataset '{cfg['dataset']}' says vocab_size {meta['vocab_size']} (meta.json) but its encoding "
+                        f"{meta['encoding']} has {vocab_size} tokens: prepare it again")
+
+
 def check_resume(cfg, meta, checkpoint):
     saved = {**{f.name: f.default for f in fields(GPTConfig)}, **checkpoint["model_args"]}  # newer fields: defaults
     if saved["vocab_size"] != meta["vocab_size"]:
@@ -197,6 +212,8 @@ def build(cfg, meta, device, dtype, checkpoint, world_size):
     raw_model = GPT(model_config(cfg, vocab_size=meta["vocab_size"]))
     if checkpoint is not None:
         load_weights(raw_model, checkpoint)
+    elif raw_model.embed.needs_token_bytes:  # spelling: made from the dataset's tokens, then kept in the checkpoint
+        raw_model.embed.set_token_bytes(token_bytes(get_encoding(meta["encoding"])))
     raw_model.to(device)
     if cfg["activation_checkpointing"]:
         checkpoint_activations(raw_model.blocks)

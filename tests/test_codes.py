@@ -2,9 +2,11 @@
 layouts, the new codes, old checkpoints, and a code registered from outside model.py end to end."""
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict, fields
 
 import pytest
@@ -15,6 +17,7 @@ from checkpoint import CheckpointError, build_model, load_checkpoint, load_weigh
 from common import UserError, run_main
 from model import CODES, GPT, LAYOUTS, BinaryCode, GPTConfig, code_bits, code_fields, make_norm
 from test_export_hf import hf_env, transformers  # noqa: F401 (fixtures: offline transformers in a temp HF_HOME)
+from tokenizer import get_encoding, token_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTES_META = {"encoding": "bytes", "vocab_size": 257, "eot_token": 256}
@@ -48,6 +51,14 @@ IDS = [f"{name}-{layout}" if layout else name for name, layout in VARIANTS]
 def tiny(name, layout=None, **overrides):
     base = dict(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=64)
     return GPTConfig(**{**base, **code_settings(name, 257, layout), **overrides})
+
+
+def spelt(embed):
+    """embed, given the bytes encoding's tokens (V = 257) if its code is made from them (spelling), as
+    train.py gives a new model its dataset's."""
+    if embed.needs_token_bytes:
+        embed.set_token_bytes(token_bytes(get_encoding("bytes")))
+    return embed
 
 
 def distinct_rows(x):
@@ -105,7 +116,7 @@ def code_digests(code_seed=3):
     digests = {}
     for (name, layout), label in zip(VARIANTS, IDS):
         torch.manual_seed(0)  # the trainable codes' init comes from torch's seed, the fixed ones' from code_seed
-        embed = CODES[name](tiny(name, layout, code_seed=code_seed))
+        embed = spelt(CODES[name](tiny(name, layout, code_seed=code_seed)))
         with torch.no_grad():
             digests[label] = hashlib.sha256(embed(torch.arange(257)).numpy().tobytes()).hexdigest()
     return digests
@@ -124,6 +135,7 @@ def test_same_code_seed_gives_the_same_code_in_a_fresh_process():
 def save_untrained(config, out_dir, meta=BYTES_META):
     torch.manual_seed(0)
     gpt = GPT(config)
+    spelt(gpt.embed)
     save_checkpoint({"model_args": asdict(config), "model": gpt.state_dict(), "meta": meta, "config": {},
                      "iter_num": 0, "tokens_seen": 0}, str(out_dir))
     return gpt.eval()
@@ -137,6 +149,7 @@ def test_checkpoint_round_trip_keeps_the_code(name, layout, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids, all_logits=True)[0], gpt(ids, all_logits=True)[0])
     other = GPT(tiny(name, layout, code_seed=6))  # a checkpoint's stored code wins over a fresh draw
+    spelt(other.embed)
     other.load_state_dict(gpt.state_dict())
     assert torch.equal(other.embed(ids), gpt.embed(ids))
 
@@ -329,13 +342,106 @@ def test_learned_lift_is_a_trainable_K_by_n_embd_map_of_the_code():
     assert weight.grad.abs().sum() > 0
 
 
+def spelling_input(encoding, **settings):
+    """GPT.embed of the spelling code for an encoding's vocabulary at width 64 (64 code bits: channel j
+    carries bit j), given the encoding's tokens as train.py gives them."""
+    config = GPTConfig(vocab_size=encoding.n_vocab, n_layer=1, n_head=1, n_embd=64, input_code="spelling",
+                       code_width=64, **settings)
+    embed = CODES["spelling"](config)
+    embed.set_token_bytes(token_bytes(encoding))
+    return embed
+
+
+def simhash_agreement(a, b):
+    """1 - angle / pi between two tokens' n-gram count vectors: how often one SimHash bit of theirs agrees."""
+    ca, cb = Counter(model.ngram_keys(a)), Counter(model.ngram_keys(b))
+    dot = sum(ca[key] * cb[key] for key in ca)
+    cos = dot / math.sqrt(sum(n * n for n in ca.values()) * sum(n * n for n in cb.values()))
+    return 1 - math.acos(min(cos, 1.0)) / math.pi
+
+
+def test_spelling_is_the_id_code_then_a_simhash_of_the_ngrams_relating_word_and_space_word():
+    """On cl100k_4096 (K = 12): fixed_min's 12 bits, then 52 spelling bits on which two tokens agree, on
+    average over pairs, as often as SimHash says (1 - angle / pi of their n-gram counts): the 558 pairs
+    ' word' / 'word' of the vocabulary on about 0.8 of them, random pairs on about half."""
+    encoding = get_encoding("cl100k_4096")
+    pieces, ids = token_bytes(encoding), torch.arange(4096)
+    bits = code_of(spelling_input(encoding), ids, 64)
+    assert torch.equal(bits[:, :12], bits_of(ids, 12))
+    spelling = bits[:, 12:]
+    known = {piece: t for t, piece in enumerate(pieces) if piece}
+    words = [(t, known[piece[1:]]) for piece, t in known.items()
+             if piece[:1] == b" " and piece[1:2].isalpha() and piece[1:] in known]
+    others = torch.randint(0, 4095, (2000, 2), generator=torch.Generator().manual_seed(0)).tolist()  # not 4095: eot
+    agreement = {}
+    for name, pairs in (("words", words), ("others", others)):
+        a, b = torch.tensor(pairs).T
+        agreement[name] = (spelling[a] == spelling[b]).float().mean().item()
+        expected = sum(simhash_agreement(pieces[x], pieces[y]) for x, y in pairs) / len(pairs)
+        assert abs(agreement[name] - expected) < 0.03, name
+    assert len(words) == 558 and agreement["words"] > 0.75 and agreement["others"] < 0.56
+
+
+def test_on_bytes_the_spelling_is_the_byte_again_a_bijection_of_fixed_mins_code():
+    """The spelling study's control: a byte token's only n-gram is itself, so its 55 spelling bits are its
+    byte's own random bits, different for each of the 257 ids (<|endoftext|>: none, all 0). By themselves
+    they are a bijection of the 9 bits of fixed_min, which the code carries as well: nothing else."""
+    ids = torch.arange(257)
+    bits = code_of(spelling_input(get_encoding("bytes")), ids, 64)
+    assert torch.equal(bits[:, :9], bits_of(ids, 9))
+    assert distinct_rows(bits[:, 9:]) and not bits[256, 9:].any()
+
+
+def test_train_py_spells_a_new_model_from_its_dataset_and_it_samples_exports_and_serves(
+        shakespeare_bytes, transformers, tmp_path, capsys):
+    """train.py gives a new spelling model its dataset's tokens; the checkpoint carries the spelling, so
+    sample.py, the Hugging Face export (model.py alone, no tokenizer.py) and serve.py give the same text."""
+    import export_hf
+    import train
+    out_dir = tmp_path / "run"
+    train.main([f"--dataset={shakespeare_bytes}", f"--out_dir={out_dir}", "--input_code=spelling", "--code_width=32",
+                "--code_seed=4", *TINY_TRAINING, "--max_iters=3", "--eval_interval=3", "--lr_decay_iters=3"])
+    ours = build_model(load_checkpoint(str(out_dir)))
+    assert torch.equal(ours.embed.spelling, model.spell(token_bytes(get_encoding("bytes")), 32 - 9, seed=4))
+    prompt, new = "ROMEO:", 12
+    sampled = sample_greedy(capsys, out_dir, prompt, new)
+    export_hf.export(str(out_dir), str(tmp_path / "hf_spelling"))
+    theirs, tokenizer = load_export(transformers, tmp_path / "hf_spelling")
+    check_export(ours, theirs, tokenizer, sampled, prompt, new)
+    from test_serve import Server  # skipped without the openai client
+    server = Server(str(out_dir))
+    try:
+        served = server.complete(prompt=prompt, max_tokens=new, temperature=0).choices[0].text
+    finally:
+        server.stop()
+    assert sampled == prompt + served + "\n"
+
+
+def test_a_spelling_model_needs_its_datasets_tokenizer_and_says_so_in_one_line(shakespeare_bytes, tmp_path, capsys):
+    import train
+    dataset = tmp_path / "renamed"
+    dataset.mkdir()
+    for name in ("train.bin", "val.bin"):
+        os.symlink(os.path.join(shakespeare_bytes, name), dataset / name)
+    with open(os.path.join(shakespeare_bytes, "meta.json")) as f:
+        meta = json.load(f)
+    (dataset / "meta.json").write_text(json.dumps({**meta, "encoding": "no_such_encoding"}))
+    with pytest.raises(SystemExit):
+        run_main(train.main, [f"--dataset={dataset}", f"--out_dir={tmp_path / 'run'}", *TINY_TRAINING,
+                              "--input_code=spelling", "--code_width=32", "--max_iters=1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: input_code=spelling is made from the byte strings")
+    assert "no_such_encoding" in lines[0] and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
 def test_readme_input_table():
     """The README's trainable parameters at the paper config, and the fixed values each input holds."""
-    settings = {"random_wide": dict(code_width=256)}
+    settings = {"random_wide": dict(code_width=256), "spelling": dict(code_width=64)}
     with torch.device("meta"):
         counts = {name: GPT(GPTConfig(input_code=name, **settings.get(name, {}))).param_counts() for name in CODES}
     expected = {"fixed_min": (469_828_608, 0, 0), "affine": (469_828_608, 0, 272), "gray": (469_828_608, 0, 0),
                 "permuted": (469_828_608, 0, 65_536), "random_wide": (469_828_608, 0, 16_777_216),
+                "spelling": (469_828_608, 0, 3_145_728),
                 "learned_lift": (469_844_992, 16_384, 0), "learned": (536_937_472, 67_108_864, 0),
                 "frozen_random": (469_828_608, 0, 67_108_864)}
     for name, (trainable, input_trainable, fixed) in expected.items():
@@ -403,6 +509,8 @@ def with_row(codebook, row, value):
     ("random_wide", "embed.codebook", lambda c: with_row(c, 1, c[0]), "same code"),
     ("random_wide", "embed.codebook", lambda c: with_row(c, 3, 2), "other than 0 and 1"),
     ("random_wide", "embed.codebook", lambda c: c[:, :9], "shape"),
+    ("spelling", "embed.spelling", lambda s: with_row(s, 3, 2), "other than 0 and 1"),
+    ("spelling", "embed.spelling", lambda s: s[:100], "shape"),
     ("affine", "embed.A", lambda A: torch.zeros_like(A), "distinct"),
     ("affine", "embed.A", lambda A: with_row(A, 0, A[1]), "distinct"),  # singular: two equal rows
 ])
@@ -446,7 +554,8 @@ def test_a_checkpoint_missing_its_code_is_refused(tmp_path):
     (dict(input_code="random_wide"), r"code_width must be above K = 9 bits .*got 0"),
     (dict(input_code="random_wide", code_width=9), r"code_width must be above K = 9"),
     (dict(input_code="random_wide", code_width=65), r"n_embd \(64\) must be at least the 65 code bits"),
-    (dict(code_width=64), r"code_width applies to input_code 'random_wide' only, not 'fixed_min'"),
+    (dict(code_width=64), r"code_width applies to input_code 'random_wide', 'spelling' only, not 'fixed_min'"),
+    (dict(input_code="spelling", code_width=9), r"code_width must be above K = 9"),
     (dict(code_layout="interleave"), r"code_layout must be one of 'tile', 'repeat', got 'interleave'"),
     (dict(input_code="learned", code_layout="repeat"), r"code_layout applies to input_code 'fixed_min', .* not 'learned'"),
     (dict(input_code="learned_lift", code_layout="repeat"), r"not 'learned_lift'"),

@@ -6,6 +6,8 @@ import glob
 import json
 import math
 import os
+import runpy
+import shutil
 import signal
 import statistics
 import subprocess
@@ -226,7 +228,8 @@ def test_a_second_sweep_of_the_same_table_is_refused(tmp_path, dataset):
 
 
 READS_RATES = {"study_width.py": "width_lr.jsonl", "study_scale.py": "width_lr.jsonl",
-               "study_tokens.py": "width_lr.jsonl", "study_gpu_width.py": "gpu_width_lr.jsonl"}
+               "study_tokens.py": "width_lr.jsonl", "study_gpu_width.py": "gpu_width_lr.jsonl",
+               "study_spell.py": "spell_lr.jsonl"}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "config", "study_*.py"))))
@@ -240,6 +243,37 @@ def test_the_bundled_studies_are_valid(path, capsys, monkeypatch):
     sweep.main([path, "--dry_run=True"])
     cells = int(capsys.readouterr().err.split(" cells: ")[0])
     assert cells >= 9  # 3 codes x 3 seeds, or x 3 learning rates x 2 seeds
+
+
+def test_the_spelling_study_takes_each_rate_from_the_step_that_chose_it(tmp_path, capsys, monkeypatch):
+    """config/study_spell.py reads spelling's rates, and fixed_min's and learned's at 4 layers, from its step 1,
+    and theirs at 2 layers from the width study at width 64: run on made-up tables (in a copy of the configs)
+    where step 1's best rate is its lowest and the width study's its highest."""
+    (tmp_path / "results").mkdir()
+    shutil.copytree(os.path.join(REPO, "config"), tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+    tried = {}
+    for step, sign, key_names in (("study_width_lr.py", -1, ("dataset", "n_embd", "input_code")),
+                                  ("study_spell_lr.py", 1, ("dataset", "n_layer", "input_code"))):
+        study = runpy.run_path(os.path.join("config", step))
+        [(keys, cells)] = [(k, v) for k, v in study["grid"].items() if isinstance(k, tuple)]
+        with open(study["results"], "w") as f:
+            for cell in cells:
+                config = {"n_embd": 64, "n_layer": 2, **dict(zip(keys, cell))}
+                tried.setdefault((step, *(config[k] for k in key_names)), []).append(config["learning_rate"])
+                row = {"cell": {**config, "seed": 1}, "split": "test", "loss": sign * config["learning_rate"],
+                       "config": config}
+                f.write(json.dumps(row) + "\n")
+    sweep.main([os.path.join("config", "study_spell.py"), "--dry_run=True"])
+    choices = runpy.run_path(os.path.join("config", "study_spell_lr.py"))["_choices"]
+    commands = [dict(arg[2:].split("=", 1) for arg in line.split() if arg.startswith("--"))
+                for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 45
+    for c in commands:
+        key = (c["dataset"], int(c["n_layer"]), c["input_code"])
+        expected = (min(tried["study_spell_lr.py", *key]) if key in choices else
+                    max(tried["study_width_lr.py", c["dataset"], 64, c["input_code"]]))
+        assert float(c["learning_rate"]) == expected and int(c["n_layer"]) in (2, 4), c
 
 
 def test_eval_scores_the_test_split_apart_and_a_dataset_without_one_is_refused(study, dataset, tmp_path):
