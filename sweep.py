@@ -4,7 +4,7 @@ results table (JSONL, one row per finished run, for report.py or a notebook).
 
     python sweep.py config/study_depth.py                  # runs what results/depth.jsonl lacks
     python sweep.py config/study_depth.py --jobs=1         # study keys on the command line, as everywhere
-    python sweep.py config/study_depth.py --dry_run=True   # the cells and their commands; nothing is run
+    python sweep.py config/study_depth.py --dry_run=True   # every cell, finished or to run, and its commands
     python sweep.py config/study_depth.py --help           # every key, its value and its meaning
 
 A study is a config file of plain assignments of the keys below (configurator.py). `base` is a train
@@ -50,6 +50,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -82,7 +83,7 @@ SETTINGS = {  # key: (default, meaning)
     "jobs": (None, "cells run at once; None: the CPUs this process may use, over threads"),
     "threads": (1, "threads per run (OMP_NUM_THREADS); on a CPU, one per run and runs side by side use the "
                    "cores best"),
-    "dry_run": (False, "True: list the cells and their commands, run nothing"),
+    "dry_run": (False, "True: list every cell, finished or to run, and its commands; run nothing"),
     "rerun": (False, "True: also redo the cells whose row was made by other code than this checkout's "
                      "(another code_hash), removing those rows first; rerunning the same command resumes"),
     "heartbeat_s": (60.0, "seconds between progress lines while cells run: each running cell's step, the time left"),
@@ -517,6 +518,19 @@ def pace_of(rows, metas):
             for row in rows if row.get("wall_s") and row.get("eval_tokens") and row["config"].get("dataset") in metas]
 
 
+def cell_commands(cell, split):
+    """The commands that make a cell's row: train.py, then eval.py on the split the study scores."""
+    evaluate = ["python", "eval.py", f"--out_dir={cell['out_dir']}", f"--split={split}"]
+    return f"{shlex.join(['python', 'train.py', *cell['args']])} && {shlex.join(evaluate)}"
+
+
+def list_cells(cells, todo, split):
+    """--dry_run: every cell, whether its row is in the table, and its commands."""
+    to_run = {cell["name"] for cell in todo}
+    for cell in cells:
+        print(f"{cell['name']} ({'to run' if cell['name'] in to_run else 'finished'}): {cell_commands(cell, split)}")
+
+
 def main(argv):
     study = checked_study(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
     cells = make_cells(study)
@@ -537,9 +551,7 @@ def main(argv):
         print(f"note: {other_code} of the finished cells were run by other code than this checkout's (another "
               f"code_hash, or none recorded); --rerun=True runs them again", file=sys.stderr)
     if study["dry_run"]:
-        for c in todo:
-            print(f"{c['name']}: python train.py {' '.join(c['args'])}")
-        return
+        return list_cells(cells, todo, study["eval_split"])
     if not todo:
         return
     metas = {dataset: ensure_dataset(study, dataset) for dataset in dict.fromkeys(c["config"]["dataset"] for c in todo)}

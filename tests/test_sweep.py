@@ -141,6 +141,21 @@ def test_sigterm_stops_the_running_cell_and_leaves_the_table_as_it_was(study, da
     assert not (root / "runs" / "learned-seed3").exists()  # launched nothing after the signal
 
 
+def test_a_dry_run_lists_every_cell_with_its_state_and_commands(study, dataset, tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_bytes((study[0] / "results.jsonl").read_bytes())  # 4 cells finished
+    grid = {"input_code": ["fixed_min", "learned"], "seed": [1, 2, 3]}
+    config = write_study(tmp_path / "study.py", dataset, grid)
+    sweep.main([config, "--dry_run=True"])
+    listed = capsys.readouterr().out.splitlines()
+    states = [line.split(": ")[0] for line in listed]
+    assert states == [f"{code}-seed{seed} ({'to run' if seed == 3 else 'finished'})"
+                      for code in ("fixed_min", "learned") for seed in (1, 2, 3)]
+    out_dir = tmp_path / "runs" / "learned-seed3"
+    train, evaluate = listed[-1].split(": ", 1)[1].split(" && ")
+    assert train.startswith("python train.py ") and " --input_code=learned --seed=3 --code_seed=3 " in train
+    assert train.endswith(f" --out_dir={out_dir}") and evaluate == f"python eval.py --out_dir={out_dir} --split=val"
+
+
 def cell_processes(runs_dir):
     """The pids of the train.py processes writing under runs_dir (from /proc: a zombie's command line is empty)."""
     pids = []
