@@ -300,18 +300,20 @@ def test_the_fit_of_the_gap_against_depth_and_its_extrapolation(report_results):
     assert "EXTRAPOLATION" in result.stdout
 
 
-def test_the_rates_a_study_reads_are_those_of_lowest_mean_test_loss(tmp_path):
+def test_the_rates_a_study_reads_are_those_of_lowest_mean_test_loss(monkeypatch):
+    import runpy
     import studies
-    rows = committed("lr")
-    chosen = studies.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 64, "learned")])
+    monkeypatch.chdir(REPO)  # the study config's paths are the checkout's
+    rows, step = committed("lr"), runpy.run_path("config/study_lr.py")
+    chosen = studies.chosen_rates(step, [("study_bytes", 64, code) for code in ("fixed_min", "affine", "learned")])
     for code in ("fixed_min", "affine", "learned"):
         by_rate = {}
         for row in rows:
             if row["config"]["input_code"] == code:
                 by_rate.setdefault((row["config"]["learning_rate"], row["config"]["min_lr"]), []).append(row["loss"])
         assert chosen["study_bytes", 64, code] == min(by_rate, key=lambda rate: statistics.mean(by_rate[rate]))
-    with pytest.raises(studies.UserError, match="no test-split rows for study_bytes, 128, learned"):
-        studies.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 128, "learned")])
+    with pytest.raises(studies.UserError, match="config/study_lr.py tries no rate for study_bytes, 128, learned"):
+        studies.chosen_rates(step, [("study_bytes", 128, "learned")])
 
 
 def test_a_rate_tuned_per_code_and_setting_belongs_to_the_code(report_results):

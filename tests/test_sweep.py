@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -240,21 +241,54 @@ def test_a_second_sweep_of_the_same_table_is_refused(tmp_path, dataset):
     assert not (tmp_path / "runs").exists()
 
 
-READS_RATES = {"study_width.py": "width_lr.jsonl", "study_scale.py": "width_lr.jsonl",
-               "study_tokens.py": "width_lr.jsonl", "study_gpu_width.py": "gpu_width_lr.jsonl"}
+READS_RATES = {"study_width.py": "study_width_lr.py", "study_scale.py": "study_width_lr.py",
+               "study_tokens.py": "study_width_lr.py", "study_gpu_width.py": "study_gpu_width_lr.py"}
+
+
+def lacking(step, cells=r"\d+ of the \d+", which=".*"):
+    """What a study config that reads its rates from step's table says while that table is partial or absent."""
+    return rf"lacks {cells} cells these rates are chosen from \({which}\): finish that step first: " \
+           rf"python sweep.py config/{step}$"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "config", "study_*.py"))))
 def test_the_bundled_studies_are_valid(path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # their paths are relative to the checkout, as in the README's commands
-    rates = READS_RATES.get(os.path.basename(path))
-    if rates and not os.path.exists(os.path.join(REPO, "results", rates)):
-        with pytest.raises(UserError, match=f"{rates}.*the learning rates are chosen from it"):
-            sweep.main([path, "--dry_run=True"])  # the step that chooses them has not run yet
+    step = READS_RATES.get(os.path.basename(path))
+    try:
+        sweep.main([path, "--dry_run=True"])
+    except UserError as e:  # the step that chooses its rates has not finished (its table is being written)
+        assert step and re.search(lacking(step), str(e)), e
         return
-    sweep.main([path, "--dry_run=True"])
     cells = int(capsys.readouterr().err.split(" cells: ")[0])
     assert cells >= 9  # 3 codes x 3 seeds, or x 3 learning rates x 2 seeds
+
+
+def test_a_step_reading_rates_from_a_partial_or_absent_table_says_which_cells_it_lacks(tmp_path, monkeypatch, capsys):
+    """config/study_width.py reads config/study_width_lr.py's table while that step is still writing it."""
+    for folder in ("config", "assets"):
+        (tmp_path / folder).symlink_to(os.path.join(REPO, folder))
+    (tmp_path / "results").mkdir()
+    monkeypatch.chdir(tmp_path)  # results/width_lr.jsonl is the one in tmp_path
+    with pytest.raises(UserError, match=lacking("study_width_lr.py", "144 of the 144")):
+        sweep.main(["config/study_width.py", "--dry_run=True"])  # step 1 not begun: no table
+    cells = sweep.make_cells(sweep.checked_study(sweep.parse_config(sweep.DEFAULTS, ["config/study_width_lr.py"])))
+    table = [json.dumps({"cell": c["cell"], "name": c["name"], "split": "test", "config": c["config"],
+                         "loss": 2 + c["config"]["learning_rate"]}) + "\n" for c in cells]  # the lowest rate wins
+    (tmp_path / "results" / "width_lr.jsonl").write_text("".join(table[:40]))  # as the sweep leaves it midway
+    with pytest.raises(UserError) as error:
+        sweep.main(["config/study_width.py", "--dry_run=True"])
+    after = cells[40]["config"]  # the first cell the sweep has not run: step 2 needs every cell of step 1
+    first = (f".*; the first: dataset {after['dataset']}, n_embd {after['n_embd']}, input_code {after['input_code']}, "
+             f"learning_rate {after['learning_rate']:g}, seed {after['seed']}")
+    assert re.search(lacking("study_width_lr.py", "104 of the 144", first), str(error.value))
+    (tmp_path / "results" / "width_lr.jsonl").write_text("".join(table))
+    sweep.main(["config/study_width.py", "--dry_run=True"])
+    listed = capsys.readouterr().out.splitlines()
+    lowest = min(c["config"]["learning_rate"] for c in cells if c["config"]["n_embd"] == 64 and
+                 (c["config"]["dataset"], c["config"]["input_code"]) == ("study_bytes", "fixed_min"))
+    assert len(listed) == 72 and listed[0].startswith("study_bytes-") and "n_embd64-fixed_min" in listed[0]
+    assert f" --learning_rate={lowest!r} " in listed[0] and "(to run): python train.py config/scale.py" in listed[0]
 
 
 def test_eval_scores_the_test_split_apart_and_a_dataset_without_one_is_refused(study, dataset, tmp_path):
@@ -380,3 +414,4 @@ def test_rerun_redoes_only_the_cells_that_other_code_made(factors, tmp_path):
     after = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(after) == 12 and {row["code_hash"] for row in after} == {common.code_hash()}
     assert after[:11] == table[1:]
+
