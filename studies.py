@@ -1,6 +1,7 @@
 """
 A study's results table, as sweep.py writes it (JSONL, one row per finished run), read back: by report.py
-for its tables, and by the study configs whose step reads the learning rates an earlier step chose.
+for its tables, and by the study configs whose step reads the learning rates an earlier step chose; and
+where `sweep.py --verify` records the verification of a table (beside it, STUDY.verify.json).
 """
 import itertools
 import json
@@ -39,6 +40,11 @@ def load_results(paths):
         for k in grid_keys - set(row["cell"]):
             row["cell"][k] = row.get("config", {}).get(k, TRAIN_DEFAULTS.get(k))
     return rows
+
+
+def verification_path(results):
+    """results/width_lr.jsonl -> results/width_lr.verify.json: where sweep.py --verify records its check."""
+    return results.removesuffix(".jsonl") + ".verify.json"
 
 
 def grid_cells(study):

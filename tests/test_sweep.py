@@ -156,6 +156,12 @@ def test_a_dry_run_lists_every_cell_with_its_state_and_commands(study, dataset, 
     assert train.startswith("python train.py ") and " --input_code=learned --seed=3 --code_seed=3 " in train
     assert train.endswith(f" --out_dir={out_dir}") and evaluate == f"python eval.py --out_dir={out_dir} --split=val"
 
+    sweep.main([config, "--verify=2", "--dry_run=True"])  # the cells a verification would rerun, and where
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split(" (its row: loss ")[0] for line in listed] == ["fixed_min-seed1", "learned-seed2"]
+    assert f"--out_dir={tmp_path / 'runs-verify' / 'fixed_min-seed1'} " in listed[0]
+    assert sorted(os.listdir(tmp_path)) == ["results.jsonl", "study.py"]  # nothing run, nothing recorded
+
 
 def cell_processes(runs_dir):
     """The pids of the train.py processes writing under runs_dir (from /proc: a zombie's command line is empty)."""
@@ -415,3 +421,34 @@ def test_rerun_redoes_only_the_cells_that_other_code_made(factors, tmp_path):
     assert len(after) == 12 and {row["code_hash"] for row in after} == {common.code_hash()}
     assert after[:11] == table[1:]
 
+
+# ------------------------------------------------ verification: a table's cells rerun on the checkout's code
+
+def test_verify_reruns_cells_apart_from_the_study_and_names_one_whose_loss_was_altered(study, dataset, tmp_path):
+    """On the code that made the table, one thread a run: the same losses to the last bit. A loss altered in
+    the table fails it, naming the cell and the difference; the table itself is never written."""
+    (tmp_path / "results.jsonl").write_bytes((study[0] / "results.jsonl").read_bytes())
+    config = write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)
+    passed = run_tool("sweep", [config, "--verify=1"])
+    assert passed.returncode == 0, passed.stderr
+    record = json.loads((tmp_path / "results.verify.json").read_text())
+    assert record["passed"] and record["code_hash"] == common.code_hash() and record["threads"] == 1
+    assert record["tolerance"] == sweep.VERIFY_TOLERANCE and record["largest_difference"] == 0.0
+    assert [(c["name"], c["difference"]) for c in record["cells"]] == [("fixed_min-seed1", 0.0)]  # to the last bit
+    assert sorted(os.listdir(tmp_path)) == ["results.jsonl", "results.verify.json", "study.py"]  # no run folder left
+
+    altered = rows(tmp_path)
+    for row in altered:
+        row["loss"] += 1e-3 if row["name"] == "fixed_min-seed1" else 0.0
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in altered))
+    table = (tmp_path / "results.jsonl").read_bytes()
+    failed = run_tool("sweep", [config, "--verify=1"])
+    assert failed.returncode == 1 and failed.stderr.count("error:") == 1
+    said = failed.stderr.splitlines()[-1]
+    assert said.startswith(f"error: verification of {tmp_path / 'results.jsonl'} failed: 1 cell(s) off by more than "
+                           f"{sweep.VERIFY_TOLERANCE:g} nats: fixed_min-seed1 differs by -1.00e-03 ")
+    assert "made by this very code" in said  # --rerun=True would keep these rows: it says how to remake them
+    assert not json.loads((tmp_path / "results.verify.json").read_text())["passed"]
+    assert (tmp_path / "results.jsonl").read_bytes() == table
+    kept = glob.glob(str(tmp_path / "runs-verify-*" / "fixed_min-seed1" / "log.txt"))  # the rerun, for its log
+    assert len(kept) == 1 and f"the reruns are in {os.path.dirname(os.path.dirname(kept[0]))}" in said
