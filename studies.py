@@ -16,7 +16,8 @@ from training import DEFAULTS as TRAIN_DEFAULTS
 
 
 def load_results(paths):
-    """The rows of the tables at paths, each checked for what pairing needs; UserError names a bad line."""
+    """The rows of the tables at paths, each checked for what pairing needs and given `table`, the path it
+    was read from; UserError names a bad line."""
     rows = []
     for path in paths:
         try:
@@ -31,7 +32,7 @@ def load_results(paths):
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{path}:{number} is not a results row of sweep.py (cell with input_code and seed, "
                                 f"loss)")
-            rows.append(row)
+            rows.append({**row, "table": path})
     if not rows:
         raise UserError(f"no results rows in {', '.join(paths)}: run the study first "
                         f"(python sweep.py config/study_...py)")
@@ -45,6 +46,20 @@ def load_results(paths):
 def verification_path(results):
     """results/width_lr.jsonl -> results/width_lr.verify.json: where sweep.py --verify records its check."""
     return results.removesuffix(".jsonl") + ".verify.json"
+
+
+def load_verification(results):
+    """The record of the last `sweep.py --verify` of the table at results, or None if it has none."""
+    path = verification_path(results)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        record["code_hash"], record["passed"], record["cells"]  # what report.py reads
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a record of sweep.py --verify: remove it, or verify the table again")
+    return record
 
 
 def grid_cells(study):

@@ -452,3 +452,45 @@ def test_verify_reruns_cells_apart_from_the_study_and_names_one_whose_loss_was_a
     assert (tmp_path / "results.jsonl").read_bytes() == table
     kept = glob.glob(str(tmp_path / "runs-verify-*" / "fixed_min-seed1" / "log.txt"))  # the rerun, for its log
     assert len(kept) == 1 and f"the reruns are in {os.path.dirname(os.path.dirname(kept[0]))}" in said
+
+
+def test_report_says_above_each_table_whether_this_code_made_or_verified_its_rows(study, dataset, tmp_path):
+    made_here = tmp_path / "here" / "results.jsonl"
+    made_here.parent.mkdir()
+    made_here.write_bytes((study[0] / "results.jsonl").read_bytes())
+    other = [{**row, "code_hash": "0123456789abcdef"} for row in rows(study[0])]  # as if made before a refactor
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in other))
+    config = write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)
+    current = common.code_hash()
+
+    def said(table):  # report.py's line above the table
+        result = run_tool("report", [f"--results={table}"])
+        assert result.returncode == 0, result.stderr
+        return next(line for line in result.stdout.splitlines() if line.startswith(f"Code of {table}: "))
+
+    assert said(made_here).endswith(f"every row was made by this checkout's code (code_hash {current}).")
+    neither = said(tmp_path / "results.jsonl")
+    assert f"4 of 4 rows were made by other code than this checkout's (code_hash {current}), and no verification " \
+           f"of them on it is recorded: python sweep.py STUDY --verify=N checks them" in neither
+    mixed = [{**row, "code_hash": current} if row["name"] == "learned-seed1" else row for row in other]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(row) + "\n" for row in mixed))
+    fewer = run_tool("sweep", [config, f"--results={tmp_path / 'mixed.jsonl'}", "--verify=1"])
+    assert "--verify=1 is fewer than the 2 code versions of the table's rows" in fewer.stderr
+
+    verified = run_tool("sweep", [config, "--verify=2"])  # the code that made them is this one, whatever the label
+    assert verified.returncode == 0, verified.stderr
+    record = json.loads((tmp_path / "results.verify.json").read_text())
+    # spread over the codes and the seeds; each rerun's loss is its row's exactly
+    assert [(c["name"], c["difference"]) for c in record["cells"]] == [("fixed_min-seed1", 0.0), ("learned-seed2", 0.0)]
+    assert said(tmp_path / "results.jsonl").endswith(
+        f"4 by 0123456789abcdef; 2 of its cells were rerun on this checkout's code (code_hash {current}) on "
+        f"{record['date'][:10]} and matched their rows to within {sweep.VERIFY_TOLERANCE:g} nats (largest difference "
+        f"0.0e+00; {tmp_path / 'results.verify.json'}).")
+    depth = os.path.join(REPO, "results", "depth.jsonl")
+    both = run_tool("report", [f"--results={made_here},{depth}", "--allow_mixed=True"])
+    assert [line.split(":")[0] for line in both.stdout.splitlines() if line.startswith("Code of ")] == [
+        f"Code of {made_here}", f"Code of {depth}"]  # a line per table
+
+    other[[row["name"] for row in other].index(record["cells"][0]["name"])]["loss"] += 0.01  # remade since, say
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in other))
+    assert "its last verification is of rows no longer in it" in said(tmp_path / "results.jsonl")
