@@ -13,6 +13,9 @@ variant: the runs of a variant are its repeats. Per variant the table gives trai
 and in the input), the frozen values the input holds, the number of runs, the held-out loss and
 perplexity of eval.json as mean ± sample standard deviation (n - 1) over the runs, the relative gap of
 those means to the `learned` variant with the same other settings, and the tokens seen in training.
+Two runs of the same settings and seed (a copy, or one run made twice) are flagged, not averaged: the
+first given counts, its variant's runs say "+1 DUPLICATE", and a line under the table names both runs
+and their losses.
 
 Runs trained or evaluated on different data, or of different model shapes, are refused unless
 --allow_mixed=True is given (then what differs becomes part of the variants).
@@ -24,9 +27,13 @@ code, the mean of those per-seed loss differences with a 95% interval (Student's
 and the figure draws them against the setting (n_layer, or the tokens seen). Grid keys that take one
 value per code (a learning rate tuned per code) belong to the code, not to the setting. Every row shows
 the model's depth and width; the settings all rows share are said above the table. --where keeps the
-rows of chosen seeds or settings. Above the table a line says which code made the rows (their
-code_hash, see sweep.py): a table that mixes code versions, or was made by other code than this
-checkout's, says so.
+rows of chosen seeds or settings. Above the table, a line per results table says which of three holds
+for its rows: this checkout's code made them all (their code_hash, see sweep.py); or those of other code
+were verified on it (`python sweep.py STUDY --verify=N`, recorded beside the table in STUDY.verify.json:
+passed, run on this code_hash, of rows still in the table, with a cell of each of their code versions),
+N cells to within the tolerance, on the date given; or neither, with why and the commands that verify or
+remake them (rows without a code_hash, made before sweep.py recorded it, count as other code's). A table
+that mixes code versions says so.
 
 --fit fits, per dataset and code, the per-seed gap to learned (nats) by least squares against log2 of
 the tokens seen, of the width and of the depth (those that vary in the rows), and prints each
@@ -48,7 +55,7 @@ import numpy as np
 from checkpoint import CheckpointError, build_model, load_checkpoint
 from common import UserError, atomic_write, code_hash, run_main
 from configurator import parse_config, split_settings
-from studies import load_results
+from studies import load_results, load_verification, verification_path
 from model import BASELINE_CODE, CODES, code_fields
 from training import DEFAULTS as TRAIN_DEFAULTS
 
@@ -119,25 +126,28 @@ def check_comparable(runs, allow_mixed):
 
 
 def group_variants(runs):
-    """{variant key: runs}; the key is the input code and the (key, value) pairs that tell runs apart."""
+    """({variant key: runs}, {variant key: [(duplicate, the run it duplicates)]}); the key is the input code and
+    the (key, value) pairs that tell runs apart. A run of the settings and seed of one given before it (a
+    copy, or the same run made twice) is a duplicate: kept out of its variant, so that a mean is over
+    distinct seeds, and flagged in the table."""
     keys = sorted({key for run in runs for key in run["settings"]} - REPEAT_KEYS - {"input_code"})
     differing = [key for key in keys if len({repr(run["settings"].get(key)) for run in runs}) > 1]
-    variants, seeds = {}, {}
+    variants, seeds, duplicates = {}, {}, {}
     for run in runs:
         key = (run["settings"]["input_code"], tuple((k, run["settings"].get(k)) for k in differing))
-        variants.setdefault(key, []).append(run)
         seed = (key, run["settings"].get("seed"), run["settings"].get("code_seed"))
         if seed in seeds:
-            fail(f"'{seeds[seed]}' and '{run['dir']}' are runs of the same settings and seed (a copy?): they are one "
-                 f"run, not two; give one of them")
-        seeds[seed] = run["dir"]
+            duplicates.setdefault(key, []).append((run, seeds[seed]))
+            continue
+        seeds[seed] = run
+        variants.setdefault(key, []).append(run)
     order = {code: i for i, code in enumerate(CODES)}
 
     def rank(item):  # the codes in the paper's order; under each, its default settings first
         code, name = item[0][0], label(item[0])
         return order.get(code, len(order)), name != code, name
 
-    return dict(sorted(variants.items(), key=rank))
+    return dict(sorted(variants.items(), key=rank)), duplicates
 
 
 def label(variant):
@@ -162,7 +172,7 @@ def learned_baseline(variant, variants):
     return None
 
 
-def table(variants):
+def table(variants, duplicates):
     lines = ["| variant | trainable params | trainable input params | frozen input values | runs "
              "| held-out loss | held-out ppl | loss vs learned | ppl vs learned | tokens seen |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -178,8 +188,10 @@ def table(variants):
             gap_ppl = f"{statistics.mean(ppls) / statistics.mean(r['eval']['ppl'] for r in baseline) - 1:+.1%}"
         seen = sorted({run["eval"]["tokens_seen"] for run in runs})
         tokens = f"{seen[0]:,}" if len(seen) == 1 else f"{seen[0]:,} to {seen[-1]:,}"
+        extra = len(duplicates.get(variant, []))
+        count = f"{len(runs)} (+{extra} DUPLICATE, not averaged)" if extra else f"{len(runs)}"
         lines.append(f"| {label(variant)} | {counts['trainable']:,} | {counts['input_trainable']:,} "
-                     f"| {counts['input_fixed_values']:,} | {len(runs)} | {mean_std(losses, 4)} | {mean_std(ppls, 3)} "
+                     f"| {counts['input_fixed_values']:,} | {count} | {mean_std(losses, 4)} | {mean_std(ppls, 3)} "
                      f"| {gap_loss} | {gap_ppl} | {tokens} |")
     return "\n".join(lines)
 
@@ -472,17 +484,45 @@ def where_filter(rows, where):
     return rows
 
 
-def code_line(rows):
-    """Which code made the rows (their code_hash, see sweep.py), against this checkout's."""
-    current, hashes = code_hash(), Counter(row.get("code_hash") for row in rows)
+def unverified(record, rows, others):
+    """None when the table's record of sweep.py --verify vouches on this checkout's code for its rows of the
+    code versions others, else why not. rows: all the table's rows (its verified cells must still be there)."""
+    if record is None:
+        return "no verification of them on it is recorded"
+    if record["code_hash"] != code_hash():
+        return (f"its last verification ({record.get('date', '')[:10]}) ran on other code "
+                f"(code_hash {record['code_hash']})")
+    if not record["passed"]:
+        return f"its last verification on this code ({record.get('date', '')[:10]}) FAILED"
+    in_table = {(row.get("name"), row["loss"]) for row in rows}
+    if any((cell["name"], cell["loss"]) not in in_table for cell in record["cells"]):
+        return "its last verification is of rows no longer in it (remade or removed since)"
+    uncovered = others - {cell["code_hash"] for cell in record["cells"]}
+    if uncovered:
+        return f"its last verification reran no row of code_hash {', '.join(map(str, uncovered))}"
+    return None
+
+
+def provenance_line(path, shown, rows):
+    """Above a table: its rows shown were made by this checkout's code (their code_hash, see sweep.py), or
+    those made by other code were verified on it (sweep.py --verify, recorded beside the table), or neither."""
+    current, hashes = code_hash(), Counter(row.get("code_hash") for row in shown)
     if set(hashes) == {current}:
-        return f"Code: every row was made by this checkout's code (code_hash {current})."
+        return f"Code of {path}: every row was made by this checkout's code (code_hash {current})."
     counts = ", ".join(f"{n} by {h or 'code not recorded (rows of before sweep.py recorded it)'}"
                        for h, n in hashes.most_common())
     mixed = f"this table MIXES {len(hashes)} code versions ({counts})" if len(hashes) > 1 else counts
-    others = sum(n for h, n in hashes.items() if h != current)
-    return (f"Code: {mixed}; {others} of {len(rows)} rows were made by other code than this checkout's "
-            f"(code_hash {current}): python sweep.py STUDY --rerun=True remakes them.")
+    others = set(hashes) - {current}
+    record = load_verification(path)
+    why_not = unverified(record, rows, others)
+    if why_not is None:
+        return (f"Code of {path}: {mixed}; {len(record['cells'])} of its cells were rerun on this checkout's code "
+                f"(code_hash {current}) on {record['date'][:10]} and matched their rows to within "
+                f"{record['tolerance']:g} nats (largest difference {record['largest_difference']:.1e}; "
+                f"{verification_path(path)}).")
+    return (f"Code of {path}: {mixed}; {sum(hashes[h] for h in others)} of {len(shown)} rows were made by other "
+            f"code than this checkout's (code_hash {current}), and {why_not}: python sweep.py STUDY --verify=N "
+            f"checks them on this code, --rerun=True remakes them.")
 
 
 def fit_points(gaps):
@@ -531,8 +571,8 @@ def fit_table(gaps):
 
 
 def report_results(cfg):
-    rows = load_results([p for p in (item.strip() for item in cfg["results"].split(",")) if p])
-    rows = where_filter(rows, cfg["where"])
+    everything = load_results([p for p in (item.strip() for item in cfg["results"].split(",")) if p])
+    rows = where_filter(everything, cfg["where"])
     kinds = sorted({f"{row.get('dataset')} ({row.get('split')})" for row in rows})
     by_design = all("dataset" in row["cell"] for row in rows)  # a study over datasets: each is a setting
     if len(kinds) > 1 and not cfg["allow_mixed"] and not by_design:
@@ -546,7 +586,10 @@ def report_results(cfg):
     print(f"Paired seeds: each code's run of seed s against {BASELINE_CODE}'s run of seed s; mean ± 95% "
           f"interval (Student's t) of those differences; relative: the mean difference / {BASELINE_CODE}'s "
           f"mean loss." + (f" Every row: {setting_label(shared, [])}." if shared else ""))
-    print(code_line(rows) + "\n")
+    for path in dict.fromkeys(row["table"] for row in rows):
+        print(provenance_line(path, [row for row in rows if row["table"] == path],
+                              [row for row in everything if row["table"] == path]))
+    print()
     print(results_table(gaps, shared))
     if cfg["fit"]:
         print(f"\nFit of the per-seed gap (loss - {BASELINE_CODE}'s, nats) by least squares against log2 of the "
@@ -584,10 +627,14 @@ def main(argv):
         return report_results(cfg)
     runs = [load_run(d) for d in run_folders(cfg["runs"])]
     check_comparable(runs, cfg["allow_mixed"])
-    variants = group_variants(runs)
+    variants, duplicates = group_variants(runs)
     print(f"{summary(runs)}. Mean ± sample std (n - 1) over the runs of a variant (one run: no ±); "
           f"vs learned: mean / mean of `learned` - 1.\n")
-    print(table(variants))
+    print(table(variants, duplicates))
+    for duplicate, first in (pair for pairs in duplicates.values() for pair in pairs):
+        print(f"\nDUPLICATE: {duplicate['dir']} has the settings and seed of {first['dir']} (a copy, or the same run "
+              f"made twice): left out of the means, where the first given counts; its held-out loss "
+              f"{duplicate['eval']['loss']:.4f}, the first's {first['eval']['loss']:.4f}.")
     if cfg["plot"]:
         plot(variants, summary(runs), cfg["plot"])
         print(f"\nwrote {cfg['plot']}", file=sys.stderr)

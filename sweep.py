@@ -4,7 +4,8 @@ results table (JSONL, one row per finished run, for report.py or a notebook).
 
     python sweep.py config/study_depth.py                  # runs what results/depth.jsonl lacks
     python sweep.py config/study_depth.py --jobs=1         # study keys on the command line, as everywhere
-    python sweep.py config/study_depth.py --dry_run=True   # the cells and their commands; nothing is run
+    python sweep.py config/study_depth.py --dry_run=True   # every cell, finished or to run, and its commands
+    python sweep.py config/study_depth.py --verify=4       # rerun 4 finished cells on this code; compare losses
     python sweep.py config/study_depth.py --help           # every key, its value and its meaning
 
 A study is a config file of plain assignments of the keys below (configurator.py). `base` is a train
@@ -26,7 +27,7 @@ cell's row is appended to `results` in one write, fsynced: its grid values, the 
 python, the commit, and two hashes that say what made the numbers: `code_hash`, sha256 over train.py,
 eval.py and every module of the repository they import (common.code_files: model.py, training.py,
 checkpoint.py, ...; uncommitted edits count), and `data_hash`, sha256 over the dataset's meta.json and
-token files. report.py says when a table mixes code versions or was made by other code than yours.
+token files. report.py says above a table whether your code made its rows, verified them, or neither.
 
 Progress. A line per finished cell, and every `heartbeat_s` a line with each running cell's step (from
 its metrics.jsonl); the time left is the work left (each cell's tokens times its weights per token)
@@ -41,6 +42,19 @@ by kill -9, so none goes on writing into a folder that the resumed study clears.
 longer in the grid are kept and said so. A cell that fails is reported with its log and the others go
 on; the exit status is 1 when any failed. Ctrl-C or SIGTERM launches nothing more and stops the
 running cells (their folders are not results): exit 130 or 143, and the same command resumes.
+
+Verification. code_hash changes with any edit, an error message's too; `--verify=N` says whether the
+checkout's code still makes the table's numbers, without remaking it. It reruns N finished cells, as the
+sweep runs them (`threads` each), in a new folder beside runs_dir (RUNS_DIR-verify-XXXX, removed when
+they pass): at least one cell of every code_hash among the table's rows, the others spread over input
+codes, datasets, widths, depths and seeds (chosen by the grid and the table alone, so the same command
+picks the same cells). Each rerun's held-out loss is compared with its row: a difference above
+VERIFY_TOLERANCE (1e-6 nats; its comment says why) fails. The outcome, passed or failed, is written atomically
+beside the table (results/STUDY.verify.json: the code_hash it ran on, each cell's two losses and their
+difference, the largest, the tolerance, the date, torch, python, the commit); the table is only read, so
+a sweep may be writing it meanwhile. A failure exits 1 naming each cell off and by how much, and how to
+remake the table (--rerun=True remakes the rows of other code). A cell whose dataset has changed since
+its row (another data_hash) is not rerun, and fails. With --dry_run=True, the cells it would rerun.
 """
 import ctypes
 import fcntl
@@ -50,12 +64,14 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -65,6 +81,7 @@ from checkpoint import load_checkpoint
 from common import (EVAL_FILES, REPO, STOP_SIGNALS, UserError, atomic_write, closest, code_hash, data_dir, data_hash,
                     load_meta, make_dataset, run_main)
 from configurator import ConfigError, parse_config, split_settings
+from studies import verification_path
 from training import DEFAULTS as TRAIN_DEFAULTS
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -82,9 +99,12 @@ SETTINGS = {  # key: (default, meaning)
     "jobs": (None, "cells run at once; None: the CPUs this process may use, over threads"),
     "threads": (1, "threads per run (OMP_NUM_THREADS); on a CPU, one per run and runs side by side use the "
                    "cores best"),
-    "dry_run": (False, "True: list the cells and their commands, run nothing"),
+    "dry_run": (False, "True: list every cell, finished or to run, and its commands; run nothing"),
     "rerun": (False, "True: also redo the cells whose row was made by other code than this checkout's "
                      "(another code_hash), removing those rows first; rerunning the same command resumes"),
+    "verify": (0, "N > 0: rerun N finished cells (at least one per code_hash of the table, the rest spread over "
+                  "its settings) on this checkout's code and compare their held-out losses with their rows; the "
+                  "outcome goes beside the table (STUDY.verify.json), never into it"),
     "heartbeat_s": (60.0, "seconds between progress lines while cells run: each running cell's step, the time left"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
@@ -195,6 +215,10 @@ def checked_study(study):
         raise UserError(f"heartbeat_s must be a number of seconds above 0, got {study['heartbeat_s']!r}")
     if study["threads"] < 1:
         raise UserError(f"threads must be at least 1, got {study['threads']}")
+    if not isinstance(study["verify"], int) or isinstance(study["verify"], bool) or study["verify"] < 0:
+        raise UserError(f"verify must be a number of cells (0: no verification), got {study['verify']!r}")
+    if study["verify"] and study["rerun"]:
+        raise UserError("give verify or rerun, not both: verify checks the table's rows, rerun remakes them")
     if study["jobs"] is None:
         study["jobs"] = max(1, CPUS // study["threads"])
     if not isinstance(study["jobs"], int) or isinstance(study["jobs"], bool) or study["jobs"] < 1:
@@ -517,9 +541,157 @@ def pace_of(rows, metas):
             for row in rows if row.get("wall_s") and row.get("eval_tokens") and row["config"].get("dataset") in metas]
 
 
+# --------------------------------------------------------------------------------- verification
+
+# How far a rerun's held-out loss may lie from its committed row, in nats. Code that computes the same floats
+# reproduces a loss to the last bit: a cell of results/width_lr.jsonl rerun on the code that made it, on one
+# thread or two, differed by 0.0. Any change to the order of float operations moves a 600-step loss by 1e-5
+# to 1e-3 (torch's scalar CPU kernels instead of its AVX-512 ones: 1.6e-5 on that cell; five cells of
+# results/depth.jsonl, made before fused AdamW and model.py's rebuild: 4e-7 to 1.3e-3, the deeper the more),
+# as much as the smallest spreads over seeds in the committed tables (5e-5 to 6e-4; the median 1.5e-2): such
+# a change is caught, not tolerated. 1e-6 is far above the 0.0 of the same floats, far below any seed spread.
+VERIFY_TOLERANCE = 1e-6
+SPREAD_KEYS = ("input_code", "dataset", "n_embd", "n_layer", "seed")  # after the code version, in this order
+
+
+def spread(finished, n):
+    """n of the finished [(cell, row)], taken one at a time: the one whose values were taken least so far,
+    compared key by key: its row's code_hash first (so every code version is among the first taken), then
+    SPREAD_KEYS, then the grid's other keys. Ties go to grid order: the choice is a function of the grid
+    and the table."""
+    keys = [*SPREAD_KEYS, *(k for k in finished[0][0]["cell"] if k not in SPREAD_KEYS)]
+
+    def values(item):
+        cell, row = item
+        return list(enumerate([row.get("code_hash"), *(repr(cell["config"].get(k)) for k in keys)]))
+
+    taken, left, chosen = Counter(), list(finished), []
+    for _ in range(min(n, len(left))):
+        best = min(left, key=lambda item: [taken[value] for value in values(item)])
+        left.remove(best)
+        chosen.append(best)
+        taken.update(values(best))
+    return chosen
+
+
+def in_scratch(cell, scratch):
+    """The cell with its run folder moved under scratch (a verification's, apart from the study's runs)."""
+    out_dir = os.path.join(scratch, cell["name"])
+    args = [arg for arg in cell["args"] if not arg.startswith("--out_dir=")]
+    return {**cell, "out_dir": out_dir, "log": os.path.join(out_dir, "log.txt"),
+            "args": [*args, f"--out_dir={out_dir}"]}
+
+
+def scratch_folder(runs_dir):
+    """A new folder beside runs_dir for a verification's runs (two verifications never share one)."""
+    parent = os.path.dirname(os.path.normpath(runs_dir)) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"{os.path.basename(os.path.normpath(runs_dir))}-verify-", dir=parent)
+    except OSError as e:
+        raise UserError(f"cannot make a folder in {parent} for the verification's runs ({e.strerror})") from None
+
+
+def verify(study, cells, command):
+    """--verify=N: rerun N finished cells of the table on this checkout's code in a scratch folder, compare
+    each held-out loss with its row, and record it all beside the table. The table is only read (a sweep may
+    be appending to it meanwhile). UserError when a cell is off by more than VERIFY_TOLERANCE, or fails."""
+    path, split, current = study["results"], study["eval_split"], code_hash()
+    rows = {identity(row["config"], row["split"]): row for row in read_results(path, repair=False)}
+    finished = [(c, rows[identity(c["config"], split)]) for c in cells if identity(c["config"], split) in rows]
+    if not finished:
+        raise UserError(f"{path} holds no finished cell of this study: nothing to verify (run it first: {command})")
+    versions = Counter(row.get("code_hash") for _, row in finished)
+    if study["verify"] < len(versions):
+        raise UserError(f"--verify={study['verify']} is fewer than the {len(versions)} code versions of the table's "
+                        f"rows (code_hash {', '.join(map(str, versions))}): give at least one cell to each")
+    chosen = spread(finished, study["verify"])
+    made_by = ", ".join(f"{n} by code_hash {h or 'not recorded'}" for h, n in versions.most_common())
+    print(f"verify: {len(chosen)} of the {len(finished)} finished cells of {path} (made {made_by}), rerun on this "
+          f"checkout's code (code_hash {current}) with {study['threads']} thread(s) each", file=sys.stderr)
+    if study["dry_run"]:
+        for cell, row in chosen:  # its run folder as a verification's, apart from the study's runs
+            moved = in_scratch(cell, os.path.normpath(study["runs_dir"]) + "-verify")
+            print(f"{cell['name']} (its row: loss {row['loss']:.6f}): {cell_commands(moved, split)}")
+        return
+    datasets = dict.fromkeys(cell["config"]["dataset"] for cell, _ in chosen)
+    metas = {dataset: ensure_dataset(study, dataset) for dataset in datasets}
+    extras = {dataset: provenance(dataset) for dataset in metas}
+    why = {}
+    for cell, row in chosen:
+        now = extras[cell["config"]["dataset"]]["data_hash"]
+        if row.get("data_hash", now) != now:
+            why[cell["name"]] = f"its dataset has changed since (data_hash {row['data_hash']}, now {now}): not rerun"
+    scratch = scratch_folder(study["runs_dir"])
+    jobs = [in_scratch(cell, scratch) for cell, _ in chosen if cell["name"] not in why]
+    work = {job["name"]: cell_work(job["config"], metas[job["config"]["dataset"]]["vocab_size"],
+                                   metas[job["config"]["dataset"]][f"{split}_tokens"]) for job in jobs}
+    reruns = os.path.join(scratch, "reruns.jsonl")  # run_cells writes the rows here, never into the table
+    for job in run_cells(jobs, {**study, "results": reruns}, extras, work, pace_of(list(rows.values()), metas)):
+        why[job["name"]] = f"{job['phase']}.py failed: {last_error(job['log'])} (log: {job['log']})"
+    rerun = {row["name"]: row["loss"] for row in read_results(reruns, repair=False)}
+    entries = [{"name": cell["name"], "split": split, "code_hash": row.get("code_hash"), "torch": row.get("torch"),
+                "data_hash": row.get("data_hash"), "loss": row["loss"], "rerun_loss": rerun.get(cell["name"]),
+                "difference": rerun[cell["name"]] - row["loss"] if cell["name"] in rerun else None,
+                "why": why.get(cell["name"])} for cell, row in chosen]
+    off = [e for e in entries if e["difference"] is None or abs(e["difference"]) > VERIFY_TOLERANCE]
+    largest = max((abs(e["difference"]) for e in entries if e["difference"] is not None), default=None)
+    record = {"results": path, "passed": not off, "code_hash": current, "tolerance": VERIFY_TOLERANCE,
+              "largest_difference": largest, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "python": platform.python_version(),
+              "commit": next(iter(extras.values()))["commit"], "threads": study["threads"], "cells": entries}
+    atomic_write(verification_path(path), lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+    for e in entries:
+        said = e["why"] or f"rerun {e['rerun_loss']:.6f}, difference {e['difference']:+.1e}"
+        print(f"verify: {e['name']}: row {e['loss']:.6f} (code_hash {e['code_hash']}); {said}", file=sys.stderr)
+    if off:
+        raise UserError(failed_verification(path, off, scratch, command))
+    shutil.rmtree(scratch)
+    print(f"verified {path}: {len(entries)} cells rerun on this checkout's code (code_hash {current}) match their "
+          f"rows to within {VERIFY_TOLERANCE:g} nats (largest difference {largest:.1e}); recorded in "
+          f"{verification_path(path)}", file=sys.stderr)
+
+
+def failed_verification(path, off, scratch, command):
+    """The one line of a failed verification: each cell off and by how much, and how to remake the table."""
+    named = []
+    for e in off:
+        torch_then = f" (its row: torch {e['torch']})" if e["torch"] not in (None, torch.__version__) else ""
+        off_by = e["why"] or f"differs by {e['difference']:+.2e}"
+        named.append(f"{e['name']} {off_by}{torch_then}")
+    current = code_hash()
+    if any(e["code_hash"] != current for e in off):
+        how = f"remake the rows of other code on this checkout's: {command} --rerun=True"
+    else:  # --rerun keeps rows of this code_hash: the table itself is off
+        how = (f"these rows were made by this very code (code_hash {current}), so the difference is not the code's "
+               f"(another torch? an edited row?): remove them from {path} and run {command} to remake them")
+    return (f"verification of {path} failed: {len(off)} cell(s) off by more than {VERIFY_TOLERANCE:g} nats: "
+            f"{'; '.join(named)} (recorded in {verification_path(path)}; the reruns are in {scratch}); {how}")
+
+
+def cell_commands(cell, split):
+    """The commands that make a cell's row: train.py, then eval.py on the split the study scores."""
+    evaluate = ["python", "eval.py", f"--out_dir={cell['out_dir']}", f"--split={split}"]
+    return f"{shlex.join(['python', 'train.py', *cell['args']])} && {shlex.join(evaluate)}"
+
+
+def list_cells(cells, todo, split):
+    """--dry_run: every cell, whether its row is in the table, and its commands."""
+    to_run = {cell["name"] for cell in todo}
+    for cell in cells:
+        print(f"{cell['name']} ({'to run' if cell['name'] in to_run else 'finished'}): {cell_commands(cell, split)}")
+
+
+def study_command(argv):
+    """The sweep.py command of this study, as given, less --verify and --dry_run: for messages."""
+    return shlex.join(["python", "sweep.py", *(arg for arg in argv if not arg.startswith(("--verify=", "--dry_run=")))])
+
+
 def main(argv):
     study = checked_study(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
     cells = make_cells(study)
+    if study["verify"]:
+        return verify(study, cells, study_command(argv))
     lock = None if study["dry_run"] else lock_results(study["results"])  # held until exit
     rows = read_results(study["results"], repair=lock is not None)
     ours = {identity(c["config"], study["eval_split"]) for c in cells}
@@ -537,9 +709,7 @@ def main(argv):
         print(f"note: {other_code} of the finished cells were run by other code than this checkout's (another "
               f"code_hash, or none recorded); --rerun=True runs them again", file=sys.stderr)
     if study["dry_run"]:
-        for c in todo:
-            print(f"{c['name']}: python train.py {' '.join(c['args'])}")
-        return
+        return list_cells(cells, todo, study["eval_split"])
     if not todo:
         return
     metas = {dataset: ensure_dataset(study, dataset) for dataset in dict.fromkeys(c["config"]["dataset"] for c in todo)}

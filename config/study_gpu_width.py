@@ -15,7 +15,8 @@ _wanted = []
 for _dataset in _step1['_corpora']:
     for _width in (512, 768, 1024):
         _wanted += [(_dataset, _width, 'fixed_min'), (_dataset, _width, 'learned')]
-_rates = chosen_rates(_step1['results'], _wanted)
+# every cell of step 1 at these keys, or (a table still being written) one error naming those it lacks
+_rates = chosen_rates(_step1, _wanted)
 _cells = []
 for _dataset, _width, _code in _wanted:
     _cells.append((_dataset, _width, _width // 64, _code, *_rates[_dataset, _width, _code]))

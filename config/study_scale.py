@@ -15,7 +15,8 @@ from studies import chosen_rates
 
 _step1 = runpy.run_path('config/study_width_lr.py')  # its datasets, how to make them, their budgets
 _wanted = [(_dataset, _width, 'fixed_min') for _dataset in _step1['_corpora'] for _width in (64, 128)]
-_rates = chosen_rates(_step1['results'], _wanted)
+# every cell of step 1 at these keys, or (a table still being written) one error naming those it lacks
+_rates = chosen_rates(_step1, _wanted)
 _cells = []
 for _dataset, _width, _code in _wanted:
     _steps = _step1['_steps'][_step1['_corpora'][_dataset][1]]

@@ -19,9 +19,9 @@ _width = runpy.run_path('config/study_width_lr.py')  # the datasets, how to make
 _wanted = [(_dataset, _layers, _code) for _dataset in ('study_bpe4096', 'study_novels_4096') for _layers in (2, 4)
            for _code in ('spelling', 'fixed_min', 'learned')]
 _wanted += [('study_bytes', 2, _code) for _code in ('spelling', 'fixed_min', 'learned')]
-_rates = chosen_rates(_step1['results'], _step1['_choices'], keys=('dataset', 'n_layer', 'input_code'))
+_rates = chosen_rates(_step1, _step1['_choices'], keys=('dataset', 'n_layer', 'input_code'))
 _from_width = [(_dataset, 64, _code) for _dataset, _layers, _code in _wanted if _layers == 2 and _code != 'spelling']
-_width_rates = chosen_rates(_width['results'], _from_width)
+_width_rates = chosen_rates(_width, _from_width)
 for _dataset, _, _code in _from_width:  # the width study's runs are at 2 layers
     _rates[_dataset, 2, _code] = _width_rates[_dataset, 64, _code]
 _cells = []

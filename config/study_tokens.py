@@ -19,7 +19,8 @@ _step1 = runpy.run_path('config/study_width_lr.py')  # how to make the datasets
 _wanted = []  # (a loop: a comprehension in a config file sees none of its names)
 for _dataset in _datasets:
     _wanted += [(_dataset, _best['n_embd'], 'fixed_min'), (_dataset, _best['n_embd'], 'learned')]
-_rates = chosen_rates(_step1['results'], _wanted)
+# every cell of step 1 at these keys, or (a table still being written) one error naming those it lacks
+_rates = chosen_rates(_step1, _wanted)
 _cells = []
 for _dataset, _width, _code in _wanted:
     _scale = _best['code_scale'] if _code == 'fixed_min' else 1.0

@@ -15,7 +15,8 @@ for _dataset, (_text, _encoding) in _step1['_corpora'].items():
     for _width in (64, 128, 256):
         for _code in ('fixed_min', 'learned'):
             _wanted.append((_dataset, _width, _code))
-_rates = chosen_rates(_step1['results'], _wanted)
+# every cell of step 1 at these keys, or (a table still being written) one error naming those it lacks
+_rates = chosen_rates(_step1, _wanted)
 _cells = []
 for _dataset, _width, _code in _wanted:
     _steps = _step1['_steps'][_step1['_corpora'][_dataset][1]]

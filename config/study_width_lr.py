@@ -3,10 +3,11 @@
 # assets/novels/), each in bytes (600 steps, 614K tokens) and in cl100k_4096 (300 steps, 307K tokens),
 # scored on the test split, never on val. Three rates a factor 2 apart per width and code, centred on
 # each code's best at width 64 in the scale study (results/lr.jsonl, bpe_lr.jsonl) halved per doubling
-# of the width (Adam's usual rate-times-width rule); two seeds, as in the scale study's rate studies. Steps 2 to 4 read the rate of
-# lowest test loss at each dataset, width and code from results/width_lr.jsonl (studies.chosen_rates,
-# which says in a note when it is at the edge of the three: add a rate here and rerun; finished cells
-# are kept).
+# of the width (Adam's usual rate-times-width rule); two seeds, as in the scale study's rate studies.
+# Steps 2 to 4 read the rate of lowest test loss at each dataset, width and code from
+# results/width_lr.jsonl (studies.chosen_rates, which says in a note when it is at the edge of the
+# three: add a rate here and rerun; finished cells are kept). Until this table holds every cell they
+# read, each of them is one error naming the cells it lacks.
 #
 #   python sweep.py config/study_width_lr.py   # 144 runs; about 95 min on 2 cores (docs/studies.md)
 _corpora = {'study_bytes': ('assets/tinyshakespeare.txt.gz', 'bytes'),

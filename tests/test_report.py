@@ -192,7 +192,7 @@ def test_rows_kept_from_before_the_grid_gained_a_key_report_the_value_they_train
     for row in depth:  # the 1-layer rows of a first study whose base set n_layer=1 and whose grid did not
         if row["cell"]["n_layer"] == 1:
             del row["cell"]["n_layer"]
-    assert report_results(depth).stdout == report_results("results/depth.jsonl").stdout
+    assert table_lines(report_results(depth)) == table_lines(report_results("results/depth.jsonl"))
 
 
 def test_two_rows_of_one_cell_say_what_sets_them_apart(tmp_path, report_results):
@@ -265,10 +265,21 @@ def test_an_eval_json_cut_short_is_one_line_saying_how_to_remake_it(runs, tmp_pa
 
 
 def test_two_runs_of_the_same_seed_and_settings_are_flagged_not_averaged(runs, tmp_path):
-    shutil.copytree(runs["fixed_min-1337"], tmp_path / "copy")
-    result = run_tool("report", [f"--runs={runs['fixed_min-1337']},{tmp_path / 'copy'},{runs['learned-1337']}"])
-    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
-    assert "are runs of the same settings and seed" in result.stderr and str(tmp_path / "copy") in result.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["fixed_min-1337"], copy)
+    evaluated = read(copy)
+    (copy / "eval.json").write_text(json.dumps({**evaluated, "loss": evaluated["loss"] + 1}))  # so a mean would show
+    given = [runs["fixed_min-1337"], copy, runs["fixed_min-2"], runs["learned-1337"]]
+    result = run_tool("report", [f"--runs={','.join(map(str, given))}"])
+    assert result.returncode == 0, result.stderr
+    table = rows(result.stdout)
+    assert table["fixed_min"]["runs"] == "2 (+1 DUPLICATE, not averaged)" and table["learned"]["runs"] == "1"
+    losses = [read(runs["fixed_min-1337"])["loss"], read(runs["fixed_min-2"])["loss"]]  # the distinct seeds only
+    assert table["fixed_min"]["held-out loss"] == f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}"
+    flagged = [line for line in result.stdout.splitlines() if line.startswith("DUPLICATE: ")]
+    assert flagged == [f"DUPLICATE: {copy} has the settings and seed of {runs['fixed_min-1337']} (a copy, or the same "
+                       f"run made twice): left out of the means, where the first given counts; its held-out loss "
+                       f"{losses[0] + 1:.4f}, the first's {losses[0]:.4f}."]
 
 
 def test_a_table_of_one_setting_names_it_and_every_row_has_its_depth_and_width(report_results):
@@ -300,18 +311,20 @@ def test_the_fit_of_the_gap_against_depth_and_its_extrapolation(report_results):
     assert "EXTRAPOLATION" in result.stdout
 
 
-def test_the_rates_a_study_reads_are_those_of_lowest_mean_test_loss(tmp_path):
+def test_the_rates_a_study_reads_are_those_of_lowest_mean_test_loss(monkeypatch):
+    import runpy
     import studies
-    rows = committed("lr")
-    chosen = studies.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 64, "learned")])
+    monkeypatch.chdir(REPO)  # the study config's paths are the checkout's
+    rows, step = committed("lr"), runpy.run_path("config/study_lr.py")
+    chosen = studies.chosen_rates(step, [("study_bytes", 64, code) for code in ("fixed_min", "affine", "learned")])
     for code in ("fixed_min", "affine", "learned"):
         by_rate = {}
         for row in rows:
             if row["config"]["input_code"] == code:
                 by_rate.setdefault((row["config"]["learning_rate"], row["config"]["min_lr"]), []).append(row["loss"])
         assert chosen["study_bytes", 64, code] == min(by_rate, key=lambda rate: statistics.mean(by_rate[rate]))
-    with pytest.raises(studies.UserError, match="no test-split rows for study_bytes, 128, learned"):
-        studies.chosen_rates(os.path.join(REPO, "results", "lr.jsonl"), [("study_bytes", 128, "learned")])
+    with pytest.raises(studies.UserError, match="config/study_lr.py tries no rate for study_bytes, 128, learned"):
+        studies.chosen_rates(step, [("study_bytes", 128, "learned")])
 
 
 def test_a_rate_tuned_per_code_and_setting_belongs_to_the_code(report_results):

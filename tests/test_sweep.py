@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import common
+import studies
 import sweep
 from common import UserError
 from conftest import REPO, run, run_tool, shakespeare_text
@@ -143,6 +145,27 @@ def test_sigterm_stops_the_running_cell_and_leaves_the_table_as_it_was(study, da
     assert not (root / "runs" / "learned-seed3").exists()  # launched nothing after the signal
 
 
+def test_a_dry_run_lists_every_cell_with_its_state_and_commands(study, dataset, tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_bytes((study[0] / "results.jsonl").read_bytes())  # 4 cells finished
+    grid = {"input_code": ["fixed_min", "learned"], "seed": [1, 2, 3]}
+    config = write_study(tmp_path / "study.py", dataset, grid)
+    sweep.main([config, "--dry_run=True"])
+    listed = capsys.readouterr().out.splitlines()
+    states = [line.split(": ")[0] for line in listed]
+    assert states == [f"{code}-seed{seed} ({'to run' if seed == 3 else 'finished'})"
+                      for code in ("fixed_min", "learned") for seed in (1, 2, 3)]
+    out_dir = tmp_path / "runs" / "learned-seed3"
+    train, evaluate = listed[-1].split(": ", 1)[1].split(" && ")
+    assert train.startswith("python train.py ") and " --input_code=learned --seed=3 --code_seed=3 " in train
+    assert train.endswith(f" --out_dir={out_dir}") and evaluate == f"python eval.py --out_dir={out_dir} --split=val"
+
+    sweep.main([config, "--verify=2", "--dry_run=True"])  # the cells a verification would rerun, and where
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split(" (its row: loss ")[0] for line in listed] == ["fixed_min-seed1", "learned-seed2"]
+    assert f"--out_dir={tmp_path / 'runs-verify' / 'fixed_min-seed1'} " in listed[0]
+    assert sorted(os.listdir(tmp_path)) == ["results.jsonl", "study.py"]  # nothing run, nothing recorded
+
+
 def cell_processes(runs_dir):
     """The pids of the train.py processes writing under runs_dir (from /proc: a zombie's command line is empty)."""
     pids = []
@@ -227,20 +250,26 @@ def test_a_second_sweep_of_the_same_table_is_refused(tmp_path, dataset):
     assert not (tmp_path / "runs").exists()
 
 
-READS_RATES = {"study_width.py": "width_lr.jsonl", "study_scale.py": "width_lr.jsonl",
-               "study_tokens.py": "width_lr.jsonl", "study_gpu_width.py": "gpu_width_lr.jsonl",
-               "study_spell.py": "spell_lr.jsonl"}
+READS_RATES = {"study_width.py": "study_width_lr.py", "study_scale.py": "study_width_lr.py",
+               "study_tokens.py": "study_width_lr.py", "study_gpu_width.py": "study_gpu_width_lr.py",
+               "study_spell.py": "study_spell_lr.py"}
+
+
+def lacking(step, cells=r"\d+ of the \d+", which=".*"):
+    """What a study config that reads its rates from step's table says while that table is partial or absent."""
+    return rf"lacks {cells} cells these rates are chosen from \({which}\): finish that step first: " \
+           rf"python sweep.py config/{step}$"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "config", "study_*.py"))))
 def test_the_bundled_studies_are_valid(path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # their paths are relative to the checkout, as in docs/studies.md's commands
-    rates = READS_RATES.get(os.path.basename(path))
-    if rates and not os.path.exists(os.path.join(REPO, "results", rates)):
-        with pytest.raises(UserError, match=f"{rates}.*the learning rates are chosen from it"):
-            sweep.main([path, "--dry_run=True"])  # the step that chooses them has not run yet
+    step = READS_RATES.get(os.path.basename(path))
+    try:
+        sweep.main([path, "--dry_run=True"])
+    except UserError as e:  # the step that chooses its rates has not finished (its table is being written)
+        assert step and re.search(lacking(step), str(e)), e
         return
-    sweep.main([path, "--dry_run=True"])
     cells = int(capsys.readouterr().err.split(" cells: ")[0])
     assert cells >= 9  # 3 codes x 3 seeds, or x 3 learning rates x 2 seeds
 
@@ -256,13 +285,11 @@ def test_the_spelling_study_takes_each_rate_from_the_step_that_chose_it(tmp_path
     for step, sign, key_names in (("study_width_lr.py", -1, ("dataset", "n_embd", "input_code")),
                                   ("study_spell_lr.py", 1, ("dataset", "n_layer", "input_code"))):
         study = runpy.run_path(os.path.join("config", step))
-        [(keys, cells)] = [(k, v) for k, v in study["grid"].items() if isinstance(k, tuple)]
         with open(study["results"], "w") as f:
-            for cell in cells:
-                config = {"n_embd": 64, "n_layer": 2, **dict(zip(keys, cell))}
-                tried.setdefault((step, *(config[k] for k in key_names)), []).append(config["learning_rate"])
-                row = {"cell": {**config, "seed": 1}, "split": "test", "loss": sign * config["learning_rate"],
-                       "config": config}
+            for config in studies.grid_cells(study):  # every cell of the step, as its sweep would write it
+                tried.setdefault((step, *(config[k] for k in key_names)), set()).add(config["learning_rate"])
+                row = {"cell": {"input_code": config["input_code"], "seed": config["seed"]}, "split": "test",
+                       "loss": sign * config["learning_rate"], "config": config}
                 f.write(json.dumps(row) + "\n")
     sweep.main([os.path.join("config", "study_spell.py"), "--dry_run=True"])
     choices = runpy.run_path(os.path.join("config", "study_spell_lr.py"))["_choices"]
@@ -274,6 +301,33 @@ def test_the_spelling_study_takes_each_rate_from_the_step_that_chose_it(tmp_path
         expected = (min(tried["study_spell_lr.py", *key]) if key in choices else
                     max(tried["study_width_lr.py", c["dataset"], 64, c["input_code"]]))
         assert float(c["learning_rate"]) == expected and int(c["n_layer"]) in (2, 4), c
+
+
+def test_a_step_reading_rates_from_a_partial_or_absent_table_says_which_cells_it_lacks(tmp_path, monkeypatch, capsys):
+    """config/study_width.py reads config/study_width_lr.py's table while that step is still writing it."""
+    for folder in ("config", "assets"):
+        (tmp_path / folder).symlink_to(os.path.join(REPO, folder))
+    (tmp_path / "results").mkdir()
+    monkeypatch.chdir(tmp_path)  # results/width_lr.jsonl is the one in tmp_path
+    with pytest.raises(UserError, match=lacking("study_width_lr.py", "144 of the 144")):
+        sweep.main(["config/study_width.py", "--dry_run=True"])  # step 1 not begun: no table
+    cells = sweep.make_cells(sweep.checked_study(sweep.parse_config(sweep.DEFAULTS, ["config/study_width_lr.py"])))
+    table = [json.dumps({"cell": c["cell"], "name": c["name"], "split": "test", "config": c["config"],
+                         "loss": 2 + c["config"]["learning_rate"]}) + "\n" for c in cells]  # the lowest rate wins
+    (tmp_path / "results" / "width_lr.jsonl").write_text("".join(table[:40]))  # as the sweep leaves it midway
+    with pytest.raises(UserError) as error:
+        sweep.main(["config/study_width.py", "--dry_run=True"])
+    after = cells[40]["config"]  # the first cell the sweep has not run: step 2 needs every cell of step 1
+    first = (f".*; the first: dataset {after['dataset']}, n_embd {after['n_embd']}, input_code {after['input_code']}, "
+             f"learning_rate {after['learning_rate']:g}, seed {after['seed']}")
+    assert re.search(lacking("study_width_lr.py", "104 of the 144", first), str(error.value))
+    (tmp_path / "results" / "width_lr.jsonl").write_text("".join(table))
+    sweep.main(["config/study_width.py", "--dry_run=True"])
+    listed = capsys.readouterr().out.splitlines()
+    lowest = min(c["config"]["learning_rate"] for c in cells if c["config"]["n_embd"] == 64 and
+                 (c["config"]["dataset"], c["config"]["input_code"]) == ("study_bytes", "fixed_min"))
+    assert len(listed) == 72 and listed[0].startswith("study_bytes-") and "n_embd64-fixed_min" in listed[0]
+    assert f" --learning_rate={lowest!r} " in listed[0] and "(to run): python train.py config/scale.py" in listed[0]
 
 
 def test_eval_scores_the_test_split_apart_and_a_dataset_without_one_is_refused(study, dataset, tmp_path):
@@ -399,3 +453,77 @@ def test_rerun_redoes_only_the_cells_that_other_code_made(factors, tmp_path):
     after = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(after) == 12 and {row["code_hash"] for row in after} == {common.code_hash()}
     assert after[:11] == table[1:]
+
+
+# ------------------------------------------------ verification: a table's cells rerun on the checkout's code
+
+def test_verify_reruns_cells_apart_from_the_study_and_names_one_whose_loss_was_altered(study, dataset, tmp_path):
+    """On the code that made the table, one thread a run: the same losses to the last bit. A loss altered in
+    the table fails it, naming the cell and the difference; the table itself is never written."""
+    (tmp_path / "results.jsonl").write_bytes((study[0] / "results.jsonl").read_bytes())
+    config = write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)
+    passed = run_tool("sweep", [config, "--verify=1"])
+    assert passed.returncode == 0, passed.stderr
+    record = json.loads((tmp_path / "results.verify.json").read_text())
+    assert record["passed"] and record["code_hash"] == common.code_hash() and record["threads"] == 1
+    assert record["tolerance"] == sweep.VERIFY_TOLERANCE and record["largest_difference"] == 0.0
+    assert [(c["name"], c["difference"]) for c in record["cells"]] == [("fixed_min-seed1", 0.0)]  # to the last bit
+    assert sorted(os.listdir(tmp_path)) == ["results.jsonl", "results.verify.json", "study.py"]  # no run folder left
+
+    altered = rows(tmp_path)
+    for row in altered:
+        row["loss"] += 1e-3 if row["name"] == "fixed_min-seed1" else 0.0
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in altered))
+    table = (tmp_path / "results.jsonl").read_bytes()
+    failed = run_tool("sweep", [config, "--verify=1"])
+    assert failed.returncode == 1 and failed.stderr.count("error:") == 1
+    said = failed.stderr.splitlines()[-1]
+    assert said.startswith(f"error: verification of {tmp_path / 'results.jsonl'} failed: 1 cell(s) off by more than "
+                           f"{sweep.VERIFY_TOLERANCE:g} nats: fixed_min-seed1 differs by -1.00e-03 ")
+    assert "made by this very code" in said  # --rerun=True would keep these rows: it says how to remake them
+    assert not json.loads((tmp_path / "results.verify.json").read_text())["passed"]
+    assert (tmp_path / "results.jsonl").read_bytes() == table
+    kept = glob.glob(str(tmp_path / "runs-verify-*" / "fixed_min-seed1" / "log.txt"))  # the rerun, for its log
+    assert len(kept) == 1 and f"the reruns are in {os.path.dirname(os.path.dirname(kept[0]))}" in said
+
+
+def test_report_says_above_each_table_whether_this_code_made_or_verified_its_rows(study, dataset, tmp_path):
+    made_here = tmp_path / "here" / "results.jsonl"
+    made_here.parent.mkdir()
+    made_here.write_bytes((study[0] / "results.jsonl").read_bytes())
+    other = [{**row, "code_hash": "0123456789abcdef"} for row in rows(study[0])]  # as if made before a refactor
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in other))
+    config = write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)
+    current = common.code_hash()
+
+    def said(table):  # report.py's line above the table
+        result = run_tool("report", [f"--results={table}"])
+        assert result.returncode == 0, result.stderr
+        return next(line for line in result.stdout.splitlines() if line.startswith(f"Code of {table}: "))
+
+    assert said(made_here).endswith(f"every row was made by this checkout's code (code_hash {current}).")
+    neither = said(tmp_path / "results.jsonl")
+    assert f"4 of 4 rows were made by other code than this checkout's (code_hash {current}), and no verification " \
+           f"of them on it is recorded: python sweep.py STUDY --verify=N checks them" in neither
+    mixed = [{**row, "code_hash": current} if row["name"] == "learned-seed1" else row for row in other]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(row) + "\n" for row in mixed))
+    fewer = run_tool("sweep", [config, f"--results={tmp_path / 'mixed.jsonl'}", "--verify=1"])
+    assert "--verify=1 is fewer than the 2 code versions of the table's rows" in fewer.stderr
+
+    verified = run_tool("sweep", [config, "--verify=2"])  # the code that made them is this one, whatever the label
+    assert verified.returncode == 0, verified.stderr
+    record = json.loads((tmp_path / "results.verify.json").read_text())
+    # spread over the codes and the seeds; each rerun's loss is its row's exactly
+    assert [(c["name"], c["difference"]) for c in record["cells"]] == [("fixed_min-seed1", 0.0), ("learned-seed2", 0.0)]
+    assert said(tmp_path / "results.jsonl").endswith(
+        f"4 by 0123456789abcdef; 2 of its cells were rerun on this checkout's code (code_hash {current}) on "
+        f"{record['date'][:10]} and matched their rows to within {sweep.VERIFY_TOLERANCE:g} nats (largest difference "
+        f"0.0e+00; {tmp_path / 'results.verify.json'}).")
+    depth = os.path.join(REPO, "results", "depth.jsonl")
+    both = run_tool("report", [f"--results={made_here},{depth}", "--allow_mixed=True"])
+    assert [line.split(":")[0] for line in both.stdout.splitlines() if line.startswith("Code of ")] == [
+        f"Code of {made_here}", f"Code of {depth}"]  # a line per table
+
+    other[[row["name"] for row in other].index(record["cells"][0]["name"])]["loss"] += 0.01  # remade since, say
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in other))
+    assert "its last verification is of rows no longer in it" in said(tmp_path / "results.jsonl")
