@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import common
+import train
 from conftest import REPO, TINY_MODEL, run_tool
 
 
@@ -51,3 +53,16 @@ def test_a_second_writer_is_refused_readers_are_not_and_a_killed_writers_lock_is
     assert (f"note: run folder '{run}' was left locked by train.py, pid {proc.pid} on {socket.gethostname()} since "
             f"{holder['since']}, which stopped without letting go of it (killed?); taking it over") in scored.stderr
     assert not lock.exists() and (run / "eval.json").exists()
+
+
+def test_under_torchrun_rank_0_alone_takes_the_run_folder(shakespeare_bytes, tmp_path, monkeypatch):
+    """Every rank checks out_dir (train.configure), and only rank 0 holds it: the others would be refused."""
+    for rank in ("1", "0"):
+        out = tmp_path / f"rank{rank}"
+        monkeypatch.setenv("RANK", rank)
+        try:
+            train.configure([f"--dataset={shakespeare_bytes}", f"--out_dir={out}", *TINY_MODEL])
+            assert os.listdir(out) == ([] if rank == "1" else ["writer.lock"])  # made and found writable
+        finally:
+            common.release_writers()
+    assert os.listdir(tmp_path) == ["rank1"]  # rank 0 made its folder and, letting go, left nothing in it
