@@ -23,15 +23,16 @@ Every setting is checked before anything is written, by every process: under tor
 its own files (config files, data/, out_dir, the checkpoint), and they agree before any training
 collective, so a node that lacks a file stops the whole job at once with one line. A run never
 replaces another by accident: a fresh run into an out_dir that holds one stops, unless
-overwrite=True; and one process writes a run folder at a time (rank 0 holds its writer.lock, common.
-hold_writer), so a second train.py or eval.py pointed at it stops, naming the first. The token files
-must be the size meta.json records. Ctrl-C or SIGTERM (what clusters send before a kill) checkpoints
-the current step and says how to resume; a second one stops at once. Checkpoints are written
-atomically, and a resume drops what was logged after its checkpoint, so after a kill -9 at any moment
-`--init_from=resume` ends with the weights, optimizer state and logged losses of a run never killed
-(tests/test_crash.py). A run stopped before it wrote anything leaves no folder behind; one stopped
-after its first log line but before its first checkpoint leaves its metrics.jsonl, which the next
-run names in one line.
+overwrite=True; and one process writes a run folder at a time (rank 0 holds its writer.lock:
+common.hold_writer), so a second train.py or eval.py pointed at it stops, naming the first. The token
+files must be the size meta.json records. Ctrl-C or SIGTERM (what clusters send before a kill)
+checkpoints the current step and says how to resume; a second one stops at once. Checkpoints are
+written atomically, and a resume drops what was logged after its checkpoint, so after a kill -9 at
+any moment `--init_from=resume` ends with the weights, optimizer state and logged losses of a run
+never killed (tests/kill_anywhere.py). A run that stops before it has written anything removes the
+out_dir it made (a kill -9 leaves it holding only the dead run's writer.lock, which the next run takes
+over); one stopped after its first log line but before its first checkpoint leaves its metrics.jsonl,
+which the next run, fresh or resumed, names in one line with the fix.
 """
 import importlib.util
 import json

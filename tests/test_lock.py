@@ -1,5 +1,6 @@
 """One writer per run folder: a second train.py or eval.py pointed at a folder that a live train.py writes is
-refused in one line naming it; readers are never blocked; the lock of a writer killed outright is taken over."""
+refused in one line naming it; readers are never blocked; the lock of a writer killed outright is taken over;
+under torchrun rank 0 alone holds it."""
 import json
 import os
 import shutil
