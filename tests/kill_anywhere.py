@@ -269,20 +269,21 @@ def kill_sweep_at(phase, run):
 
 def kill_sweep(folder, phases, seeds=(1,)):
     """Run a study of fixed_min and learned over seeds, never killed, then the same study killed at each
-    of phases (rerun after each), in folder; returns {"kills", "starts", "differences"}."""
+    of phases (rerun after each), in folder; returns {"landed": [the phase of each kill], "starts", "differences"}."""
     dataset = prepare_dataset(folder, "--max_tokens=150000", "--doc_chars=2000")  # a short val split: quick cells
     reference = write_study(folder, "reference", dataset, list(seeds))
     done = subprocess.run([sys.executable, "sweep.py", reference], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    killed, kills, starts = write_study(folder, "killed", dataset, list(seeds)), 0, 0
+    killed, landed, starts = write_study(folder, "killed", dataset, list(seeds)), [], 0
     for phase in [*phases, None]:
         run, starts = Watched(["sweep.py", killed]), starts + 1
         if phase is not None and kill_sweep_at(phase, run):
-            kills += 1
+            landed.append({"train": "while a cell trained", "eval": "while a cell was evaluated",
+                           "row": "right after a row"}[phase])
             continue
         assert run.end() == 0, "".join(run.said[-20:])
         break
-    return {"kills": kills, "starts": starts, "differences": table_differences(folder)}
+    return {"landed": landed, "starts": starts, "differences": table_differences(folder)}
 
 
 def table_differences(folder):
@@ -317,12 +318,11 @@ def main(argv):
         if cfg["tool"] == "train":
             phases = [rng.choice(("step", "eval", "save")) for _ in range(cfg["kills"])]
             result = kill_train(folder, phases, rng)
-            where = ", ".join(f"{result['landed'].count(place)} {place}" for place in sorted(set(result["landed"])))
-            what = f"train.py killed {len(result['landed'])} times ({where}), {result['starts']} starts"
         else:
             phases = [rng.choice(("train", "eval", "row")) for _ in range(cfg["kills"])]
-            result = kill_sweep(folder, phases, seeds=(1, 2))
-            what = f"sweep.py killed {result['kills']} times, {result['starts']} starts"
+            result = kill_sweep(folder, phases, seeds=(1, 2))  # 4 cells
+        where = ", ".join(f"{result['landed'].count(place)} {place}" for place in sorted(set(result["landed"])))
+        what = f"{cfg['tool']}.py killed {len(result['landed'])} times ({where}), {result['starts']} starts"
     finally:
         if not cfg["keep"]:
             shutil.rmtree(folder, ignore_errors=True)
