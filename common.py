@@ -1,20 +1,25 @@
 """
 The helpers every script shares, importing nothing from this repository: the user-error type and the
 entry point (run_main) that turns it, Ctrl-C and SIGTERM into one line; the one way signals are
-handled (StopSignals); device and precision (one `auto` rule, one help text each); a dataset's folder
-and meta.json; the hashes of the code and the data that sweep.py records with each result; atomic file
-writes; did-you-mean suggestions.
+handled (StopSignals); device and precision (one `auto` rule, one help text each); a dataset's folder,
+meta.json and the check of its token files against it; the hashes of the code and the data that
+sweep.py records with each result; atomic file writes; one writer per run folder or results table
+(hold_writer, releases_writer_locks); did-you-mean suggestions.
 
 torch is imported inside the functions that use it, so that prepare.py, which needs no torch, starts
 in a fraction of a second.
 """
 import ast
 import difflib
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import signal
+import socket
 import sys
+import time
 from contextlib import nullcontext
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -200,17 +205,85 @@ def make_dataset(dataset, prepare_args):
         raise UserError(f"prepare.py failed to make dataset '{dataset}': {said[-1].removeprefix('error: ')}")
 
 
+SPLITS = ("train", "val", "test")
+SHA256_KEY = "sha256"  # meta.json's {split: sha256 of SPLIT.bin}, recorded by prepare.py
+
+
+def check_token_files(dataset, meta, splits=SPLITS, hashes=False):
+    """Refuse token files that are not the ones prepare.py wrote: a size other than the token count
+    meta.json records (cheap: train.py and eval.py check it at every start), and with hashes a sha256
+    other than the one it records (sweep.py, prepare.py --check=True). Splits that meta.json does not
+    list are not checked. Returns {split: sha256} of the files it hashed."""
+    folder, found = data_dir(dataset), {}
+    again = f"the file changed after prepare.py wrote it; run prepare.py for '{dataset}' again (--overwrite=True)"
+    for split in [s for s in splits if f"{s}_tokens" in meta]:
+        path, tokens = os.path.join(folder, f"{split}.bin"), meta[f"{split}_tokens"]
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing, though meta.json records {tokens:,} tokens in it: run prepare.py "
+                            f"for '{dataset}' again (--overwrite=True)")
+        size = os.path.getsize(path)
+        if size != 2 * tokens:
+            raise UserError(f"{path} is {size:,} bytes but meta.json records {tokens:,} tokens ({2 * tokens:,} "
+                            f"bytes): {again}")
+        if hashes:
+            found[split] = file_sha256(path)
+            recorded = meta.get(SHA256_KEY, {}).get(split)
+            if recorded is not None and recorded != found[split]:
+                raise UserError(f"{path} does not match the sha256 that meta.json records for it: {again}")
+    return found
+
+
+def unrecorded_note(dataset, meta):
+    """A note for a dataset made before prepare.py recorded its files' sha256, or None: how to record them."""
+    if SHA256_KEY in meta:
+        return None
+    folder = os.path.abspath(data_dir(dataset))
+    root = "" if os.path.dirname(folder) == os.path.join(REPO, "data") else f" --out_root={os.path.dirname(folder)}"
+    return (f"note: meta.json of dataset '{dataset}' records no sha256 of its token files (it was made before "
+            f"prepare.py recorded them); to record them: python prepare.py --check=True{root} "
+            f"--dataset={os.path.basename(folder)}")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def meta_text(meta):
+    """meta.json as prepare.py writes it (and always has)."""
+    return json.dumps(meta, indent=2) + "\n"
+
+
+def hashed_meta(path):
+    """meta.json's bytes as data_hash reads them: without the token files' sha256, which prepare.py
+    records to check the files (and --check=True adds to older datasets), not to choose the tokens. As
+    prepare.py writes meta.json with meta_text, a dataset hashes alike with and without them, so tables
+    made before and after they were recorded compare."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(meta, dict) or SHA256_KEY not in meta:
+        return raw
+    return meta_text({k: v for k, v in meta.items() if k != SHA256_KEY}).encode()
+
+
 def data_hash(dataset):
-    """sha256 (16 hex digits) of a dataset's meta.json and token files: the tokens a run trained and was scored on."""
+    """sha256 (16 hex digits) of a dataset's meta.json (hashed_meta) and token files: the tokens a run
+    trained and was scored on."""
     digest = hashlib.sha256()
     folder = data_dir(dataset)
-    for name in ("meta.json", "train.bin", "val.bin", "test.bin"):
-        if os.path.isfile(os.path.join(folder, name)):
-            file_digest = hashlib.sha256()
-            with open(os.path.join(folder, name), "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    file_digest.update(block)
-            digest.update(name.encode() + b"\0" + file_digest.digest())
+    if os.path.isfile(os.path.join(folder, "meta.json")):
+        digest.update(b"meta.json\0" + hashlib.sha256(hashed_meta(os.path.join(folder, "meta.json"))).digest())
+    for split in SPLITS:
+        path = os.path.join(folder, f"{split}.bin")
+        if os.path.isfile(path):
+            digest.update(f"{split}.bin".encode() + b"\0" + bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()[:16]
 
 
@@ -271,3 +344,102 @@ def atomic_write(path, write):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------ one writer at a time
+
+WRITER_LOCK = "writer.lock"
+WRITERS = {}  # the writer locks this process holds: lock file -> (its descriptor, a folder to remove if left empty)
+
+
+def lock_file(target):
+    """A run folder's lock is writer.lock inside it; a file's (a results table) is FILE.lock beside it."""
+    return os.path.join(target, WRITER_LOCK) if os.path.isdir(target) else f"{target}.lock"
+
+
+def releases_writer_locks(main):
+    """Decorates a tool's main that takes writer locks (hold_writer): they are let go however it ends,
+    whether run_main or a test or notebook calls it; a caller's own locks stay held."""
+    @functools.wraps(main)
+    def releasing(argv):
+        held = set(WRITERS)
+        try:
+            return main(argv)
+        finally:
+            release_writers(keep=held)
+    return releasing
+
+
+def hold_writer(target, what, fix, made_folder=False, quiet=False):
+    """Become the one writer of target, a run folder or a results table, until the tool's main ends
+    (releases_writer_locks) or its process dies (the kernel lets go: an flock goes with its descriptor).
+    While another process holds it, UserError: `what` is being written by it (tool, pid, host, since
+    when), and `fix`. A lock file whose holder died without letting go (kill -9, out of memory) is taken
+    over, with a note unless quiet; returns who had left it (for the caller's own words), or None.
+    made_folder: target is a folder the caller just made, removed at the end if nothing was written in it.
+    Readers (sample.py, serve.py, report.py) take no lock and are never blocked."""
+    path = lock_file(target)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(fd)
+            os.close(fd)
+            where = "" if holder is None or holder["host"] == socket.gethostname() else f" on {holder['host']}"
+            how = f" (kill {holder['pid']}{where})" if holder else ""
+            raise UserError(f"{what} is being written by {described(holder)}: let it finish, or stop it{how}{fix}") \
+                from None
+        except OSError as e:  # a filesystem without locks (some network filesystems)
+            os.close(fd)
+            print(f"note: cannot lock {path} ({e.strerror}): a second writer of {what} would not be refused",
+                  file=sys.stderr)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder let go and removed it while we waited for the flock: lock the new one
+    left_by = lock_holder(fd)
+    if left_by and not quiet:
+        print(f"note: {what} was left locked by {described(left_by)}, which stopped without letting go of it "
+              f"(killed?); taking it over", file=sys.stderr)
+    me = {"tool": os.path.basename(sys.argv[0]), "pid": os.getpid(), "host": socket.gethostname(),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    WRITERS[path] = (fd, target if made_folder else None)
+    return left_by and described(left_by)
+
+
+def lock_holder(fd):
+    """What a lock file says of its holder: {tool, pid, host, since}, or None (empty: just made)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return holder if isinstance(holder, dict) and {"tool", "pid", "host", "since"} <= set(holder) else None
+    except ValueError:
+        return None
+
+
+def described(holder):
+    if holder is None:
+        return "another process (it has not said which yet)"
+    return f"{holder['tool']}, pid {holder['pid']} on {holder['host']} since {holder['since']}"
+
+
+def release_writers(keep=()):
+    """Let go of the writer locks this process holds (but those in keep): each lock file is removed
+    before its descriptor closes, so that a process that opened it meanwhile finds it gone and locks anew."""
+    for path in [path for path in WRITERS if path not in keep]:
+        fd, folder = WRITERS.pop(path)
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # its folder was cleared meanwhile
+            pass
+        os.close(fd)
+        if folder:
+            try:
+                os.rmdir(folder)  # only if empty: a run that wrote nothing leaves nothing
+            except OSError:
+                pass

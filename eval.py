@@ -9,7 +9,9 @@ block_size window (the last window may be shorter). Prints loss (nats/token) and
 writes out_dir/eval.json (eval_test.json for the test split, so that a score used to choose settings
 is never mistaken for the reported one) with loss, ppl, tokens, parameter counts and what was
 evaluated: only after a whole pass, atomically, so an interrupted or failed evaluation leaves the
-previous file as it was.
+previous file as it was. Writing into the run folder, it holds the folder's writer lock (common.
+hold_writer) while it runs: a run still being trained there, or another eval.py of it, is refused in
+one line naming that process. The split's token file must be the size meta.json records.
 """
 import json
 import math
@@ -22,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import build_model, load_checkpoint
-from common import (DEVICE_HELP, DTYPE_HELP, EVAL_FILES, UserError, atomic_write, autocast, data_dir, load_meta,
-                    resolve_device, resolve_dtype, run_folder, run_main)
+from common import (DEVICE_HELP, DTYPE_HELP, EVAL_FILES, UserError, atomic_write, autocast, check_token_files,
+                    data_dir, hold_writer, load_meta, releases_writer_locks, resolve_device, resolve_dtype, run_folder,
+                    run_main)
 from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
@@ -56,6 +59,7 @@ def evaluate(model, tokens, batch_size, device, autocast):
     return total_loss / total_tokens, total_tokens
 
 
+@releases_writer_locks
 def main(argv):
     cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
     if cfg["batch_size"] < 1:
@@ -84,6 +88,8 @@ def main(argv):
     if not os.path.isfile(path):
         raise UserError(f"dataset '{dataset}' has no {cfg['split']} split ({path} is missing): prepare it with "
                         f"prepare.py --test_fraction=0.1, or evaluate on --split=val")
+    check_token_files(dataset, meta, (cfg["split"],))  # a file cut short or replaced since prepare.py
+    hold_writer(run_dir, f"run folder '{run_dir}'", "; then evaluate it")  # let go when main ends (run_main)
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if cfg["max_val_tokens"]:
         tokens = tokens[:cfg["max_val_tokens"]]

@@ -55,6 +55,12 @@ missing or unreadable file, a parquet file without the text column, an unknown e
 out_root that cannot be made is one line `error: ...` and exit status 1. A fault inside the text (a
 line that is not JSON) is found when it is reached; that run stops with one line too.
 
+Checking what was written. meta.json records each split's size (train_tokens, ...) and the sha256 of
+its file (sha256: {split: hex}). train.py and eval.py refuse a file whose size differs (at every
+start: cheap); sweep.py and `python prepare.py --check=True --dataset=NAME` compare the sha256 too,
+and --check=True records them for a dataset made before they were recorded, without changing its
+data_hash (common.hashed_meta), so results tables made before and after compare.
+
 Streaming and atomicity. Documents are read lazily, tokenized in worker processes (a bounded window of
 batches, collected in order) and appended to files in a temp dir beside data/DATASET; only a complete
 run swaps it in. An error, a crash, Ctrl-C (exit 130) or SIGTERM (exit 143) leaves any previous
@@ -88,7 +94,8 @@ import numpy as np
 from tqdm import tqdm
 
 import tokenizer
-from common import StopSignals, UserError, first_line, run_main, signal_of
+from common import (SHA256_KEY, StopSignals, UserError, atomic_write, check_token_files, first_line, load_meta,
+                    meta_text, run_main, signal_of)
 from configurator import parse_config, split_settings
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -130,6 +137,8 @@ SETTINGS = {  # key: (default, meaning)
     "overwrite": (False, "True: replace a dataset prepared from other sources or settings (encoding, splits, ...); "
                          "the same input and settings again are always rewritten, identically"),
     "workers": (CPUS, "tokenizer processes, at least 1 (1: no pool); default: the CPUs this process may use"),
+    "check": (False, "True: only check OUT_ROOT/DATASET's token files against its meta.json (sizes and sha256), "
+                     "recording the sha256 if it has none yet (a dataset made before they were recorded)"),
     "out_root": (os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"),
                  "writes OUT_ROOT/DATASET (default: data/ beside prepare.py)"),
 }
@@ -683,14 +692,17 @@ def tokenize_into(tmp_dir, streams, enc, args):
 # ---- writing ----
 
 def write_splits(docs, out_dir, val_fraction, test_fraction, max_tokens, n_streams, progress, source):
-    """Append each document to train.bin, val.bin or test.bin; returns the counts for meta.json."""
+    """Append each document to train.bin, val.bin or test.bin; returns the counts for meta.json (the
+    files' sha256 among them, hashed as they are written)."""
     splits = ("train", "val", "test") if test_fraction else ("train", "val")
     counts = {split: {"tokens": 0, "documents": 0, "bytes": 0} for split in splits}
     per_stream = [{"tokens": 0, "documents": 0} for _ in range(n_streams)]
     files = {split: open(os.path.join(out_dir, f"{split}.bin"), "wb") for split in counts}
+    digests = {split: hashlib.sha256() for split in counts}
 
     def put(stream, doc, split):
         files[split].write(doc.tokens.tobytes())
+        digests[split].update(doc.tokens.tobytes())
         for count in (counts[split], per_stream[stream]):
             count["tokens"] += len(doc.tokens)
             count["documents"] += 1
@@ -732,6 +744,8 @@ def write_splits(docs, out_dir, val_fraction, test_fraction, max_tokens, n_strea
     finally:
         for f in files.values():
             f.close()
+    for split, digest in digests.items():
+        counts[split]["sha256"] = digest.hexdigest()
     return counts, per_stream
 
 
@@ -788,6 +802,7 @@ def make_meta(args, enc, streams, counts, per_stream):
         meta["mix"] = args.mix
         meta["streams"] = [{"name": name, "source": sources, **count}
                            for (name, sources, _), count in zip(streams, per_stream)]
+    meta[SHA256_KEY] = {split: count.get("sha256") for split, count in counts.items()}  # last: hashed_meta drops it
     return meta
 
 
@@ -845,7 +860,7 @@ def prepare(args, enc, streams, out_dir):
         counts, per_stream, seconds = tokenize_into(tmp_dir, streams, enc, args)
         meta = make_meta(args, enc, streams, counts, per_stream)
         with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
+            f.write(meta_text(meta))
             f.flush()
             os.fsync(f.fileno())
         swap_in(tmp_dir, out_dir)
@@ -866,8 +881,32 @@ def report(out_dir, meta, seconds, workers):
           f"bytes/token; {tokens / seconds:,.0f} tokens/s in {seconds:.2f} s with {workers} worker(s)")
 
 
+def check_dataset(out_dir):
+    """--check=True: each token file's size and sha256 against meta.json (one line on a mismatch); a
+    dataset made before prepare.py recorded the sha256 gets them recorded, in a meta.json that hashes
+    as before (common.hashed_meta), so its data_hash does not change."""
+    meta = load_meta(out_dir)
+    found = check_token_files(out_dir, meta, hashes=True)
+    names = ", ".join(f"{split}.bin" for split in found)
+    if meta.get(SHA256_KEY) == found:
+        print(f"{out_dir}: {names} match meta.json (sizes and sha256)")
+        return
+    path = os.path.join(out_dir, "meta.json")
+    with open(path) as f:
+        as_written = f.read() == meta_text(meta)
+    if not as_written:  # rewritten, it would hash otherwise: tables that hold its data_hash would not compare
+        note(f"{path} is not laid out as prepare.py writes it, so its sha256 were not recorded (that would change "
+             f"its data_hash); the sizes of {names} match it")
+        return
+    atomic_write(path, lambda f: f.write(meta_text({**meta, SHA256_KEY: found}).encode()))
+    print(f"{out_dir}: {names} match the sizes meta.json records; recorded their sha256 in it (its data_hash is "
+          f"unchanged)")
+
+
 def main(argv):
     args = resolved(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
+    if args.check:
+        return check_dataset(os.path.join(args.out_root, args.dataset))
     enc = load_encoding(args.encoding)
     streams = open_streams(args)
     out_dir = output_dir(args)

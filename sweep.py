@@ -57,7 +57,6 @@ remake the table (--rerun=True remakes the rows of other code). A cell whose dat
 its row (another data_hash) is not rerun, and fails. With --dry_run=True, the cells it would rerun.
 """
 import ctypes
-import fcntl
 import functools
 import itertools
 import json
@@ -78,8 +77,9 @@ from datetime import datetime, timezone
 import torch
 
 from checkpoint import load_checkpoint
-from common import (EVAL_FILES, REPO, STOP_SIGNALS, UserError, atomic_write, closest, code_hash, data_dir, data_hash,
-                    load_meta, make_dataset, run_main)
+from common import (EVAL_FILES, REPO, STOP_SIGNALS, UserError, atomic_write, check_token_files, closest, code_hash,
+                    data_dir, data_hash, hold_writer, load_meta, make_dataset, releases_writer_locks, run_main,
+                    unrecorded_note)
 from configurator import ConfigError, parse_config, split_settings
 from studies import verification_path
 from training import DEFAULTS as TRAIN_DEFAULTS
@@ -241,6 +241,10 @@ def ensure_dataset(study, dataset):
     if not os.path.isfile(os.path.join(folder, "meta.json")) and how is not None:
         make_dataset(dataset, how)
     meta = load_meta(dataset)  # a folder that prepare.py did not write is refused here
+    check_token_files(dataset, meta, hashes=True)  # sizes and sha256 against meta.json
+    unrecorded = unrecorded_note(dataset, meta)
+    if unrecorded:
+        print(unrecorded, file=sys.stderr)
     split = study["eval_split"]
     if not os.path.isfile(os.path.join(folder, f"{split}.bin")):
         raise UserError(f"dataset '{dataset}' has no {split} split ({split}.bin): prepare it again with "
@@ -505,34 +509,29 @@ def stop(running):
 
 
 def lock_results(path):
-    """Make the results folder and lock the table, held until exit: two sweeps of one table would
-    both run the cells it lacks."""
+    """Make the results folder and hold the table's writer lock (common.hold_writer) until main ends:
+    two sweeps of one table would both run the cells it lacks."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        lock = open(path, "a")
+        open(path, "a").close()
     except OSError as e:
         raise UserError(f"cannot write the results table {path} ({e.strerror})") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise UserError(f"another sweep.py is running the study of {path} (it is locked)") from None
-    return lock
+    hold_writer(path, f"the results table {path}", "; or write another table with --results=NEW.jsonl")
+    return path
 
 
 def drop_stale(study, rows, ours, lock):
     """--rerun: the rows of this grid that other code made are removed from the table (git keeps them), so
-    that their cells run again and a killed rerun resumes; returns (the rows left, the lock, now on the
-    rewritten table)."""
+    that their cells run again and a killed rerun resumes; returns (the rows left, the lock)."""
     current = code_hash()
     stale = [row for row in rows if identity(row["config"], row["split"]) in ours and row.get("code_hash") != current]
     if not stale or lock is None:
         return [row for row in rows if row not in stale], lock
     kept = [row for row in rows if row not in stale]
     atomic_write(study["results"], lambda f: f.write("".join(json.dumps(row) + "\n" for row in kept).encode()))
-    lock.close()
     print(f"note: --rerun: removed {len(stale)} rows of this grid made by other code than this checkout's "
           f"(code_hash {current}) from {study['results']}; their cells run again", file=sys.stderr)
-    return kept, lock_results(study["results"])
+    return kept, lock
 
 
 def pace_of(rows, metas):
@@ -687,6 +686,7 @@ def study_command(argv):
     return shlex.join(["python", "sweep.py", *(arg for arg in argv if not arg.startswith(("--verify=", "--dry_run=")))])
 
 
+@releases_writer_locks
 def main(argv):
     study = checked_study(parse_config(DEFAULTS, argv, MEANINGS, __doc__))
     cells = make_cells(study)

@@ -23,9 +23,16 @@ Every setting is checked before anything is written, by every process: under tor
 its own files (config files, data/, out_dir, the checkpoint), and they agree before any training
 collective, so a node that lacks a file stops the whole job at once with one line. A run never
 replaces another by accident: a fresh run into an out_dir that holds one stops, unless
-overwrite=True. Ctrl-C or SIGTERM (what clusters send before a kill) checkpoints the current step
-and says how to resume; a second one stops at once. Checkpoints are written atomically, so a kill at
-any moment leaves the last one whole.
+overwrite=True; and one process writes a run folder at a time (rank 0 holds its writer.lock:
+common.hold_writer), so a second train.py or eval.py pointed at it stops, naming the first. The token
+files must be the size meta.json records. Ctrl-C or SIGTERM (what clusters send before a kill)
+checkpoints the current step and says how to resume; a second one stops at once. Checkpoints are
+written atomically, and a resume drops what was logged after its checkpoint, so after a kill -9 at
+any moment `--init_from=resume` ends with the weights, optimizer state and logged losses of a run
+never killed (tests/kill_anywhere.py). A run that stops before it has written anything removes the
+out_dir it made (a kill -9 leaves it holding only the dead run's writer.lock, which the next run takes
+over); one stopped after its first log line but before its first checkpoint leaves its metrics.jsonl,
+which the next run, fresh or resumed, names in one line with the fix.
 """
 import importlib.util
 import json
@@ -43,8 +50,9 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import CKPT_NAME, load_checkpoint, load_weights, model_config, save_checkpoint
-from common import (EVAL_FILES, StopSignals, UserError, atomic_write, data_dir, load_meta, make_dataset,
-                    resolve_device, resolve_dtype, run_folder, run_main)
+from common import (EVAL_FILES, StopSignals, UserError, atomic_write, check_token_files, data_dir, hold_writer,
+                    load_meta, make_dataset, releases_writer_locks, resolve_device, resolve_dtype, run_folder, run_main,
+                    unrecorded_note)
 from configurator import parse_config
 from model import CODES, GPT, GPTConfig
 from training import (DEFAULTS, MEANINGS, MODEL_KEYS, checkpoint_activations, dropout_seed, learning_rate,
@@ -68,6 +76,10 @@ def configure(argv):
         try:
             checkpoint = load_checkpoint(cfg["out_dir"], device="cpu")
         except UserError as e:
+            if stopped_before_its_first_checkpoint(cfg["out_dir"]):
+                raise UserError(f"cannot resume: out_dir '{cfg['out_dir']}' holds only the metrics.jsonl of a run "
+                                f"stopped before its first checkpoint: start it over with --init_from=scratch "
+                                f"--overwrite=True") from None
             raise UserError(f"cannot resume: {e}") from None
         saved = {k: v for k, v in checkpoint["config"].items() if k in DEFAULTS}
         cfg = parse_config({**DEFAULTS, **saved}, argv, MEANINGS, __doc__)
@@ -148,6 +160,7 @@ def check_fsdp(cfg, device, dtype):
 
 
 def check_data(cfg, meta):
+    check_token_files(cfg["dataset"], meta, ("train", "val"))  # a file cut short or replaced since prepare.py
     folder = data_dir(cfg["dataset"])
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
@@ -184,22 +197,39 @@ def check_resume(cfg, meta, checkpoint):
 
 
 def check_out_dir(cfg):
+    """out_dir made if need be, writable, held by this run (rank 0 holds its writer lock, until the run
+    ends: a folder this run made and left empty is removed then), and not holding another run."""
     out_dir = cfg["out_dir"]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir '{out_dir}' exists and is not a folder: pick another --out_dir")
+    made = not os.path.isdir(out_dir)
     try:  # made now, empty, so that a folder that cannot be written fails before anything else runs
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
         raise UserError(f"cannot write out_dir '{out_dir}' ({e.strerror}): pick another --out_dir") from None
+    left_by = None
+    if int(os.environ.get("RANK", 0)) == 0:  # once per run, DDP or FSDP
+        left_by = hold_writer(out_dir, f"out_dir '{out_dir}'", ", or pick another --out_dir", made_folder=made,
+                              quiet=True)
+    killed = f"; its last writer, {left_by}, stopped without letting go of it (killed?)" if left_by else ""
     held = [name for name in (CKPT_NAME, "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))
             and os.path.getsize(os.path.join(out_dir, name)) > 0]  # an empty log: a run that wrote nothing
     if cfg["init_from"] == "scratch" and held and not cfg["overwrite"]:
         if CKPT_NAME not in held:
-            raise UserError(f"out_dir '{out_dir}' holds the metrics.jsonl of a run that wrote no checkpoint (killed "
-                            f"before its first?): start over with --overwrite=True, or pick another --out_dir")
-        raise UserError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}): continue it with "
+            raise UserError(f"out_dir '{out_dir}' holds the metrics.jsonl of a run stopped before its first "
+                            f"checkpoint{killed}: start over with --overwrite=True, or pick another --out_dir")
+        raise UserError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}){killed}: continue it with "
                         f"--init_from=resume, pick another --out_dir, or start over with --overwrite=True")
+    if left_by:
+        print(f"note: out_dir '{out_dir}' was being written by {left_by}, which stopped without letting go of it "
+              f"(killed?); this run takes it over", file=sys.stderr)
+
+
+def stopped_before_its_first_checkpoint(out_dir):
+    """Whether out_dir holds a run's log but no checkpoint: killed, or failed, before its first."""
+    log, ckpt = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, CKPT_NAME)
+    return os.path.isfile(log) and os.path.getsize(log) > 0 and not os.path.exists(ckpt)
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -303,12 +333,14 @@ def check_finite(value, what, iter_num, out_dir):
 # ------------------------------------------------------------------------------------ what the run says
 
 def prepare_out_dir(cfg, iter_num):
-    """Make out_dir ready for this run, now that it is really starting: clear a write cut short by a
-    kill, the replaced run's files (overwrite=True), and on resume what was logged after the checkpoint."""
+    """Make out_dir ready for this run, now that it is really starting: clear the temp files of writes
+    cut short by a kill (atomic_write's NAME.tmp.PID), the replaced run's files (overwrite=True), and on
+    resume what was logged after the checkpoint."""
     out_dir = cfg["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):
-        if name.startswith(f"{CKPT_NAME}.tmp.") or (cfg["init_from"] == "scratch" and name in RUN_FILES):
+        cut_short = ".tmp." in name and name.split(".tmp.")[0] in RUN_FILES
+        if cut_short or (cfg["init_from"] == "scratch" and name in RUN_FILES):
             os.remove(os.path.join(out_dir, name))
     keep_metrics_until(os.path.join(out_dir, "metrics.jsonl"), iter_num)
 
@@ -404,8 +436,8 @@ CPU_FLOPS_PER_THREAD = 3e10  # about the quickstart's pace on this repository's 
 
 def start_notes(cfg, meta, start_iter, tokens_per_step, params, on):
     """What a run should know before it starts: where it resumes, what a step of a large model costs a
-    CPU, the epochs it will make over its train split, and steps past the end of the learning-rate
-    schedule."""
+    CPU, token files whose sha256 is not recorded yet, the epochs it will make over its train split, and
+    steps past the end of the learning-rate schedule."""
     notes = []
     flops_per_step = 6 * params * tokens_per_step  # the weights' share (model.flops_per_token adds attention's)
     if on.startswith("cpu") and flops_per_step > 1e13:
@@ -415,6 +447,9 @@ def start_notes(cfg, meta, start_iter, tokens_per_step, params, on):
                      f"a model this size wants a GPU")
     if start_iter:
         notes.append(f"resumed from step {start_iter} of {os.path.join(cfg['out_dir'], CKPT_NAME)}")
+    unrecorded = unrecorded_note(cfg["dataset"], meta)
+    if unrecorded:
+        notes.append(unrecorded)
     epochs = cfg["max_iters"] * tokens_per_step / meta["train_tokens"]
     if epochs >= 2:
         notes.append(f"note: {cfg['max_iters']:,} steps of {tokens_per_step:,} tokens read the train split "
@@ -436,6 +471,7 @@ def start_wandb(cfg):
 
 # ------------------------------------------------------------------------------------------- main
 
+@releases_writer_locks
 def main(argv):
     started = time.time()
     # configure: every setting checked, on every process, and the processes agree (distributed.py)

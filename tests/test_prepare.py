@@ -3,10 +3,12 @@ and --help; every bad setting or input refused with one line, leaving earlier da
 killed tokenizer process."""
 import glob
 import gzip
+import hashlib
 import importlib.util
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,9 +19,10 @@ from collections import deque
 import numpy as np
 import pytest
 
+import common
 import prepare
 import tokenizer
-from conftest import SHAKESPEARE, limited_file_size, run_tool, shakespeare_text
+from conftest import SHAKESPEARE, TINY_MODEL, limited_file_size, run_tool, shakespeare_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +40,7 @@ def prepared(out_root, *args):
 
 
 def load(out_dir):
-    """meta.json and both token files, after checking that they agree with each other."""
+    """meta.json and both token files, after checking that they agree with each other (sizes, sha256)."""
     with open(os.path.join(out_dir, "meta.json")) as f:
         meta = json.load(f)
     enc = tokenizer.get_encoding(meta["encoding"])
@@ -47,6 +50,7 @@ def load(out_dir):
         path = os.path.join(out_dir, f"{split}.bin")
         tokens[split] = np.memmap(path, dtype=np.uint16, mode="r")
         assert os.path.getsize(path) == 2 * meta[f"{split}_tokens"]
+        assert meta["sha256"][split] == hashlib.sha256(open(path, "rb").read()).hexdigest()
         assert len(tokens[split]) == meta[f"{split}_tokens"] > 0
         assert tokens[split].max() < meta["vocab_size"]
         assert tokens[split][0] == meta["eot_token"]  # eot precedes every document
@@ -732,3 +736,42 @@ def test_a_split_much_larger_than_its_share_says_how_to_cut_more_documents(tmp_p
     code, stderr = prepare_here(f"--input={tmp_path / 'small.txt'}", "--dataset=s2", "--encoding=bytes",
                                 f"--out_root={tmp_path}", "--doc_chars=200")
     assert code == 0 and "holds" not in stderr
+
+
+def test_check_finds_a_changed_token_file_and_records_the_sha256_of_an_older_dataset_keeping_its_data_hash(
+        tmp_path, shakespeare_file):
+    """A dataset made before prepare.py recorded the sha256 still trains, with a note saying how to record
+    them; recording them leaves its data_hash (in every results row) as it was. A byte changed in val.bin,
+    its size kept, is found by --check=True and by sweep.py, each in one line."""
+    prepared(tmp_path, f"--input={shakespeare_file}", "--dataset=d", "--encoding=bytes")
+    folder, written = tmp_path / "d", (tmp_path / "d" / "meta.json").read_text()
+    hashed = common.data_hash(str(folder))
+    assert prepared(tmp_path, "--check=True", "--dataset=d").stdout == \
+        f"{folder}: train.bin, val.bin match meta.json (sizes and sha256)\n"
+    older = {key: value for key, value in json.loads(written).items() if key != "sha256"}
+    (folder / "meta.json").write_text(json.dumps(older, indent=2) + "\n")  # as prepare.py wrote it before
+    assert common.data_hash(str(folder)) == hashed
+
+    trained = run_tool("train", [f"--dataset={folder}", f"--out_dir={tmp_path / 'run'}", *TINY_MODEL,
+                                 "--max_iters=0", "--eval_iters=1", "--batch_size=2"])
+    assert trained.returncode == 0, trained.stderr
+    note = next(line for line in trained.stderr.splitlines() if "records no sha256" in line)
+    command = shlex.split(note.split("to record them: ")[1])
+    assert command[:2] == ["python", "prepare.py"]
+    recorded = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True)
+    assert recorded.returncode == 0 and "recorded their sha256 in it (its data_hash is unchanged)" in recorded.stdout
+    assert (folder / "meta.json").read_text() == written and common.data_hash(str(folder)) == hashed
+
+    val = bytearray((folder / "val.bin").read_bytes())
+    val[1000] ^= 1
+    (folder / "val.bin").write_bytes(val)
+    refused = f"{folder / 'val.bin'} does not match the sha256 that meta.json records for it: the file changed after " \
+              f"prepare.py wrote it; run prepare.py for '{folder}' again (--overwrite=True)"
+    result = run_prepare(tmp_path, "--check=True", "--dataset=d")
+    assert (result.returncode, result.stderr) == (1, f"error: {refused}\n")
+    (tmp_path / "study.py").write_text(f"base = {{'n_layer': 1}}\ngrid = {{'input_code': ['learned'], 'seed': [1]}}\n"
+                                       f"dataset = {str(folder)!r}\nresults = {str(tmp_path / 'r.jsonl')!r}\n"
+                                       f"runs_dir = {str(tmp_path / 'runs')!r}\n")
+    result = run_tool("sweep", [str(tmp_path / "study.py")])
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (1, f"error: {refused}")
+    assert not (tmp_path / "runs").exists()

@@ -1,7 +1,6 @@
 """sweep.py on a tiny grid end to end: a row per cell, a rerun that retrains nothing, a failing cell that does not
 stop the others, SIGTERM, a second sweep of one table, bad study configs; the test split it chooses settings on
 (eval.py --split=test); and whether a seed gives every input code the same shared weights (paired seeds)."""
-import fcntl
 import glob
 import json
 import math
@@ -241,13 +240,17 @@ def test_a_row_written_before_train_py_gained_a_key_still_finishes_its_cell():
     assert sweep.identity(config, "val") != sweep.identity(config, "test")
 
 
-def test_a_second_sweep_of_the_same_table_is_refused(tmp_path, dataset):
-    study = write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS)
-    with open(tmp_path / "results.jsonl", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # as the first sweep holds it
-        with pytest.raises(UserError, match=r"another sweep.py is running the study of .* \(it is locked\)"):
-            sweep.main([study])
-    assert not (tmp_path / "runs").exists()
+def test_a_second_sweep_of_a_table_is_refused_naming_the_first_and_a_report_of_it_is_not(study, tmp_path, dataset):
+    table = str(study[0] / "results.jsonl")
+    common.hold_writer(table, f"the results table {table}", "")  # as the first sweep.py holds it
+    try:
+        with pytest.raises(UserError, match=rf"the results table {re.escape(table)} is being written by .*, pid "
+                                            rf"{os.getpid()} on .*; or write another table with --results=NEW.jsonl$"):
+            sweep.main([write_study(tmp_path / "study.py", dataset, CODES_BY_SEEDS, results=table)])
+        assert run_tool("report", [f"--results={table}"]).returncode == 0  # a reader is never blocked
+    finally:
+        common.release_writers()
+    assert not (tmp_path / "runs").exists() and not os.path.exists(f"{table}.lock")
 
 
 READS_RATES = {"study_width.py": "study_width_lr.py", "study_scale.py": "study_width_lr.py",

@@ -163,6 +163,28 @@ def test_resume_refuses_another_vocabulary_or_model(shakespeare_bytes, trained_c
     assert "input_code" in line and "another model" in line
 
 
+def test_a_token_file_cut_short_after_prepare_is_refused_at_start_in_one_line(shakespeare_bytes, trained_checkpoint,
+                                                                             tmp_path):
+    """train.bin (then val.bin) cut short by 1,000 bytes, as a partial copy leaves it: train.py and eval.py
+    refuse it before anything is written, from the size meta.json records."""
+    data = tmp_path / "data"
+    shutil.copytree(shakespeare_bytes, data)
+    meta = json.loads((data / "meta.json").read_text())
+    run = trained_checkpoint("fixed_min")
+    held = sorted(os.listdir(run))
+    for split in ("train", "val"):
+        tokens = meta[f"{split}_tokens"]
+        with open(data / f"{split}.bin", "r+b") as f:
+            f.truncate(2 * tokens - 1000)
+        result = train(tmp_path / "run", data, check=False, in_process=True) if split == "train" else \
+            run_tool("eval", [f"--out_dir={run}", f"--dataset={data}"])
+        assert error_line(result) == (
+            f"error: {data / f'{split}.bin'} is {2 * tokens - 1000:,} bytes but meta.json records {tokens:,} tokens "
+            f"({2 * tokens:,} bytes): the file changed after prepare.py wrote it; run prepare.py for '{data}' again "
+            f"(--overwrite=True)")
+    assert not (tmp_path / "run").exists() and sorted(os.listdir(run)) == held
+
+
 def test_paper_configs_differ_only_in_the_input_code():
     from configurator import parse_config
     from training import DEFAULTS
@@ -282,7 +304,8 @@ def test_max_iters_0_checkpoints_the_init_and_a_log_without_a_checkpoint_is_name
     assert [i for i, _ in metrics(tmp_path, "val_loss")] == [0, 2]  # iter 0 evaluated once, not again on resume
     (tmp_path / "ckpt.pt").unlink()  # as if killed before its first checkpoint
     line = error_line(train(tmp_path, shakespeare_bytes, *args, "--max_iters=0", check=False, in_process=True))
-    assert "holds the metrics.jsonl of a run that wrote no checkpoint" in line and "--overwrite=True" in line
+    assert "holds the metrics.jsonl of a run stopped before its first checkpoint" in line
+    assert "--overwrite=True" in line
 
 
 def last_error_line(result):
