@@ -19,6 +19,7 @@ import torch
 
 from checkpoint import build_model, load_checkpoint
 from conftest import shakespeare_text
+from serve import Inbox
 from test_engine import model_logprobs
 from tokenizer import get_encoding
 
@@ -263,6 +264,21 @@ def test_bad_bodies_get_4xx_and_the_server_keeps_serving(server, normal_answer, 
 def test_unknown_fields_are_ignored(prompt, server, normal_answer):
     answer = server.complete(prompt=prompt, max_tokens=5, temperature=0, extra_body={"frobnicate": [1, 2]})
     assert answer.choices[0].text == normal_answer()
+
+
+def test_a_whole_answer_wakes_its_reader_at_the_end_and_a_stream_at_every_token():
+    """A thread woken per token takes the GIL from the engine thread at every step: a whole answer's
+    reader is woken once its sequence ends, and takes all its events then, in order."""
+    events = [(0, ("token", t, None, None)) for t in (65, 66, 67)] + [(0, ("end", "length"))]
+    for wake_per_token, rings in ((False, 1), (True, 4)):
+        inbox = Inbox(wake_per_token)
+        for event in events[:3]:
+            inbox.put(event)
+        assert inbox.bell.qsize() == rings - 1
+        inbox.put(events[3])
+        assert inbox.bell.qsize() == rings
+        assert inbox.take(timeout=0) == events and inbox.bell.qsize() == 0
+        assert inbox.take(timeout=0) == []
 
 
 def test_concurrent_requests_each_get_their_own_answer(prompt, server):
