@@ -362,6 +362,14 @@ class Handler(BaseHTTPRequestHandler):
         # the client's delayed ACK, 40 ms per small answer (what the harness's /tokenize calls are).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle(self):
+        """http.server's loop over a connection's requests, where a client that resets the connection
+        (one that closes it with an answer unread) is gone, not an error with a traceback on stderr."""
+        try:
+            super().handle()
+        except ConnectionError:
+            self.close_connection = True
+
     def route(self):
         return urlsplit(self.path).path.rstrip("/")
 

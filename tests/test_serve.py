@@ -6,8 +6,10 @@ import json
 import os
 import queue
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -405,6 +407,20 @@ def test_a_client_gone_is_noticed_while_its_tokens_keep_coming(trained_checkpoin
         assert time.monotonic() - started < 15
     finally:
         server.stop()
+
+
+def test_a_client_that_resets_its_connection_leaves_no_traceback(server, normal_answer):
+    """A client that closes its connection with the answer unread sends a reset, which the server meets
+    reading the connection's next request: the client is gone, no error (http.server printed one)."""
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    before = sum("Traceback" in line for line in server.log)
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        select.select([client], [], [], 60)  # the answer has come
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    normal_answer()  # the server answers on, after it met the reset
+    assert sum("Traceback" in line for line in server.log) == before, "".join(server.log)
 
 
 # ------------------------------------------------------------------------------------ end of text
