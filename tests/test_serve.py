@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import bench_serve
 from checkpoint import build_model, load_checkpoint
 from conftest import shakespeare_text
 from serve import Inbox
@@ -540,3 +541,18 @@ def test_bench_serve_prints_its_table(server):
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \| \d+ \| [\d,]+ \|", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+
+
+def test_a_short_soak_holds(trained_checkpoint):
+    """bench_serve.py --soak, short: 8 clients send the mix twice over (46 requests) to a server of 4
+    rows, so sequences queue, join and leave at every step: every greedy answer, whole or streamed, is
+    the same request's answer alone, and nothing fails but what the soak provoked."""
+    requests = 2 * len(bench_serve.CYCLE)
+    result = subprocess.run([sys.executable, "bench_serve.py", f"--out_dir={trained_checkpoint('fixed_min')}",
+                             "--soak=300", "--soak_clients=8", f"--soak_requests={requests}", "--max_tokens=16",
+                             "--serve_args=--max_batch_size=4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = dict(re.findall(r"^\| (\w+)(?: \(provoked\))? \| (\d+) \| 0 \|", result.stdout, re.MULTILINE))
+    assert rows == {kind: str(2 * count) for kind, count in bench_serve.MIX.items()}
+    assert f"requests {requests}, problems 0; greedy answers compared with their alone answers 24" in result.stdout
+    assert re.search(r"server memory \(resident\): start \d+ MiB, after warm-up \d+ MiB, end \d+ MiB", result.stdout)
