@@ -2,11 +2,11 @@
 serve.py under concurrent clients, on this machine's loopback, in two modes.
 
     python bench_serve.py --out_dir=out-quickstart
-    python bench_serve.py --out_dir=out-quickstart --clients=1,16 --kind=loglikelihood \\
-        --serve_args="--max_batch_size=16"
+    python bench_serve.py --out_dir=out-quickstart --clients=1,16 --kind=loglikelihood --serve_args=--max_batch_size=16
     python bench_serve.py --out_dir=out-quickstart --soak=180 --soak_clients=32
 
-Both start `python serve.py --out_dir=... --port=0 SERVE_ARGS` on 127.0.0.1 and stop it at the end.
+Both start `python serve.py --out_dir=... --port=0 SERVE_ARGS` on 127.0.0.1 (whatever SERVE_ARGS
+say) and stop it at the end.
 
 Client counts (the default). For each count c, c client threads each send `rounds` requests one
 after another over plain HTTP. A generation request is `prompt_tokens` random token ids (seeded, so
@@ -22,17 +22,19 @@ what the step allows the server delivers; the clients' CPU share is this process
 they ran over that and serve.py's (Linux). On a machine of few cores the clients compete with the
 server for them, so give the load average and compare runs as ratios.
 
-Soak (--soak=SECONDS). soak_clients threads send requests one after another until that time or
-soak_requests have gone, request k being the k-th of a fixed, shuffled cycle of 23 (MIX): greedy
-ones whose text must equal the same request's answer alone (each of 16 sent one at a time before the
-soak), whole and streamed; sampled ones with n and stop strings; lm-evaluation-harness
-loglikelihoods; ones that close their connection mid-stream or before their answer; ones refused on
-purpose (n=0, a 400). Prompts of 1 to block_size + 16 tokens, max_tokens 1 to max_tokens. It reports
-requests, problems, latency (p50, p99), new tokens/s and the server's memory (resident set) at
-start, after warm-up (the first tenth of the soak's time or requests) and at the end, and fails in
-one line unless every greedy answer equals its alone answer, no request hung (unanswered after
-hang_s), nothing failed that was not provoked, the server printed no traceback, and its memory at
-the end is within 10% of after warm-up.
+Soak (--soak=SECONDS). soak_clients threads send requests one after another for soak_warmup + soak
+seconds, or until soak_requests have gone, request k being the k-th of a fixed, shuffled cycle of 23
+(MIX): greedy ones whose text must equal the same request's answer alone (each of 16 sent one at a
+time before the soak), whole and streamed; sampled ones with n and stop strings;
+lm-evaluation-harness loglikelihoods; ones that close their connection mid-stream or before their
+answer; ones refused on purpose (n=0, a 400). Prompts of 1 to block_size + 16 tokens, max_tokens 1
+to max_tokens. It reports requests, problems, latency (p50, p99), new tokens/s and the server's
+memory (resident set) at start, after the warm-up and at the end, and fails in one line unless every
+greedy answer equals its alone answer, no request hung (unanswered after hang_s), nothing failed
+that was not provoked, the server printed no traceback, and its memory at the end is within 10% of
+after the warm-up. The warm-up is there for the C heap: torch's tensors of ever new shapes (prompts
+and batches of every size) leave glibc's malloc holding more memory for the first minutes, most of
+it in the first, then hardly more; Python's own objects do not grow (see BENCHMARKS.md).
 """
 import http.client
 import itertools
@@ -73,7 +75,8 @@ SETTINGS = {  # key: (default, meaning)
     "dtype": ("auto", "serve.py's and the engine step's: " + DTYPE_HELP),
     "serve_args": ("", "more serve.py flags, e.g. '--max_batch_size=16' (device and dtype: set them above)"),
     "seed": (0, "draws the prompts"),
-    "soak": (0, "seconds of the soak (see above); 0: the client counts instead"),
+    "soak": (0, "seconds of the soak after its warm-up (see above); 0: the client counts instead"),
+    "soak_warmup": (60, "seconds of the soak's requests before the server's memory is taken as its baseline"),
     "soak_clients": (32, "concurrent clients of the soak"),
     "soak_requests": (100_000, "the soak stops after this many requests, if its time has not run out first"),
     "hang_s": (60, "soak: a request not answered within this many seconds has hung"),
@@ -87,7 +90,8 @@ MEMORY_GROWTH = 0.10  # the soak's bound on the server's memory at the end over 
 def start_server(config):
     """(process, port, banner, log): serve.py on 127.0.0.1 and the lines it writes on stderr."""
     command = [sys.executable, "serve.py", f"--out_dir={config['out_dir']}", "--port=0",
-               f"--device={config['device']}", f"--dtype={config['dtype']}", *shlex.split(config["serve_args"])]
+               f"--device={config['device']}", f"--dtype={config['dtype']}", *shlex.split(config["serve_args"]),
+               "--host=127.0.0.1"]  # last, so that it holds: the clients are on this machine's loopback
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     line = process.stderr.readline()
     match = re.search(r"at http://[^:]+:(\d+)/v1", line)
@@ -330,7 +334,10 @@ def one_request(kind, rng, port, soak_set, config):
     pool, alone, vocab, block_size = soak_set
     timeout, pick = config["hang_s"], rng.randrange(len(pool))
     greedy = {"prompt": pool[pick][0], "max_tokens": pool[pick][1], "temperature": 0}
-    random_ids = lambda longest: [rng.randrange(vocab - 1) for _ in range(rng.randint(2, longest))]
+
+    def random_ids(longest):
+        return [rng.randrange(vocab - 1) for _ in range(rng.randint(2, longest))]
+
     if kind == "greedy":
         answer = send(port, greedy, timeout)
         check(answer.status == 200, f"greedy request: status {answer.status}")
@@ -356,7 +363,8 @@ def one_request(kind, rng, port, soak_set, config):
               f"loglikelihood request: status {answer.status}, or not {len(ids) + 1} logprobs")
         return answer.body["usage"]["completion_tokens"]
     if kind == "disconnect":
-        send(port, {**greedy, "stream": True}, timeout, stream=True, leave_after_first_piece=True)
+        answer = send(port, {**greedy, "stream": True}, timeout, stream=True, leave_after_first_piece=True)
+        check(answer.status == 200, f"streamed request left mid-stream: status {answer.status}")
     elif kind == "cancel":
         cancel(port, greedy, rng)
     elif kind == "refused":
@@ -394,7 +402,7 @@ def soak(config, process, port, log):
     alone = [post(port, {"prompt": ids, "max_tokens": n, "temperature": 0}, config["hang_s"])["choices"][0]["text"]
              for ids, n in pool]  # one at a time, before any other request
     results, numbers, start = [], itertools.count(), time.monotonic()
-    deadline = start + config["soak"]
+    warm, deadline = start + config["soak_warmup"], start + config["soak_warmup"] + config["soak"]
     clients = [threading.Thread(target=soak_client, daemon=True, args=(
         c, port, (pool, alone, vocab, block_size), config, numbers, deadline, results))
         for c in range(config["soak_clients"])]
@@ -404,9 +412,9 @@ def soak(config, process, port, log):
     while any(c.is_alive() for c in clients) and time.monotonic() < deadline + config["hang_s"] + 5:
         time.sleep(0.2)
         peak = max(peak, resident_mib(process.pid) or 0)
-        warm = time.monotonic() - start >= config["soak"] / 10 or len(results) >= config["soak_requests"] / 10
-        if memory["after warm-up"] is None and warm:
+        if memory["after warm-up"] is None and time.monotonic() >= warm:
             memory["after warm-up"] = resident_mib(process.pid)
+    memory["after warm-up"] = memory["after warm-up"] or resident_mib(process.pid)  # the requests ran out first
     memory["end"], memory["peak"] = resident_mib(process.pid), peak or None
     problems = [problem for *_, problem, _ in results if problem is not None]
     problems += [("hung", "a client still waiting at the end")] * sum(c.is_alive() for c in clients)
@@ -476,8 +484,10 @@ def main(argv):
         raise UserError("clients, rounds, repeats and max_tokens must be positive, prompt_tokens at least 2")
     if config["kind"] not in ("generate", "loglikelihood"):
         raise UserError(f"kind must be generate or loglikelihood, got '{config['kind']}'")
-    if config["soak"] < 0 or min(config["soak_clients"], config["soak_requests"], config["hang_s"]) <= 0:
-        raise UserError("soak must be 0 or more seconds, soak_clients, soak_requests and hang_s positive")
+    if min(config["soak"], config["soak_warmup"]) < 0 or min(config["soak_clients"], config["soak_requests"],
+                                                              config["hang_s"]) <= 0:
+        raise UserError("soak and soak_warmup must be 0 or more seconds; soak_clients, soak_requests and hang_s "
+                        "positive")
     process, port, banner, log = start_server(config)
     try:
         if config["soak"]:
