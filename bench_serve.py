@@ -76,7 +76,7 @@ SETTINGS = {  # key: (default, meaning)
     "serve_args": ("", "more serve.py flags, e.g. '--max_batch_size=16' (device and dtype: set them above)"),
     "seed": (0, "draws the prompts"),
     "soak": (0, "seconds of the soak after its warm-up (see above); 0: the client counts instead"),
-    "soak_warmup": (60, "seconds of the soak's requests before the server's memory is taken as its baseline"),
+    "soak_warmup": (300, "seconds of the soak's requests before the server's memory is taken as its baseline"),
     "soak_clients": (32, "concurrent clients of the soak"),
     "soak_requests": (100_000, "the soak stops after this many requests, if its time has not run out first"),
     "hang_s": (60, "soak: a request not answered within this many seconds has hung"),
