@@ -3,7 +3,7 @@ serve.py under concurrent clients, on this machine's loopback, in two modes.
 
     python bench_serve.py --out_dir=out-quickstart
     python bench_serve.py --out_dir=out-quickstart --clients=1,16 --kind=loglikelihood --serve_args=--max_batch_size=16
-    python bench_serve.py --out_dir=out-quickstart --soak=180 --soak_clients=32
+    python bench_serve.py --out_dir=out-quickstart --soak=180   # 32 clients: 300 s of warm-up, then 180
 
 Both start `python serve.py --out_dir=... --port=0 SERVE_ARGS` on 127.0.0.1 (whatever SERVE_ARGS
 say) and stop it at the end.
@@ -257,7 +257,7 @@ def sweep(config, counts, process, port):
             runs[clients].append(run_clients(config, port, clients, prompts, process.pid))
             if model is not None:
                 steps[clients].append(statistics.median(step_rate(model, clients, config, device, dtype, generator)
-                                                        for _ in range(5)))
+                                                        for _ in range(7)))
     rows, first = [], [run["rate"] for run in runs[counts[0]]]
     for clients in counts:
         rates = [run["rate"] for run in runs[clients]]
