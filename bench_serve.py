@@ -1,25 +1,51 @@
 """
-serve.py under concurrent clients: aggregate tokens/s and per-request latency (median, 95th
-percentile) at each number of clients, for generation and for lm-evaluation-harness-style
-loglikelihood requests.
+serve.py under concurrent clients, on this machine's loopback, in two modes.
 
     python bench_serve.py --out_dir=out-quickstart
-    python bench_serve.py --out_dir=out-quickstart --clients=1,16 --kind=loglikelihood --serve_args="--max_batch_size=16"
+    python bench_serve.py --out_dir=out-quickstart --clients=1,16 --kind=loglikelihood --serve_args=--max_batch_size=16
+    python bench_serve.py --out_dir=out-quickstart --soak=180   # 32 clients: 300 s of warm-up, then 180
 
-It starts `python serve.py --out_dir=... --port=0 SERVE_ARGS` on 127.0.0.1, then for each count c runs
-c client threads, each sending `rounds` requests one after another over plain HTTP. A generation
-request is `prompt_tokens` random token ids (seeded, so every run sends the same ones) and
-max_tokens new ones, greedy; its tokens are usage.completion_tokens (fewer when <|endoftext|> comes
-first). A loglikelihood request is what the harness sends: prompt_tokens ids, echo, logprobs=1,
-max_tokens=1; its tokens are the prompt tokens scored. tokens/s is all clients' tokens over the wall
-time from the first request to the last answer. The sweep runs `repeats` times, interleaved, and each
-row gives the median tokens/s of its repeats (the machine's load changes under a long run).
+Both start `python serve.py --out_dir=... --port=0 SERVE_ARGS` on 127.0.0.1 (whatever SERVE_ARGS
+say) and stop it at the end.
+
+Client counts (the default). For each count c, c client threads each send `rounds` requests one
+after another over plain HTTP. A generation request is `prompt_tokens` random token ids (seeded, so
+every run sends the same ones) and max_tokens new ones, greedy; its tokens are usage.completion_tokens
+(fewer when <|endoftext|> comes first). A loglikelihood request is what lm-evaluation-harness sends:
+prompt_tokens ids, echo, logprobs=1, max_tokens=1; its tokens are the prompt tokens scored. tokens/s is
+all clients' tokens over the wall time from the first request to the last answer. The sweep runs
+`repeats` times, interleaved, and each row gives the median tokens/s of its repeats (the machine's
+load changes under a long run). Against it, for generation: the engine's own decode step, timed in
+this process on the same checkpoint between the repeats, with c rows at different lengths (spread
+over one request's life, as clients out of phase are) against one row. Served/step is how much of
+what the step allows the server delivers; the clients' CPU share is this process's CPU time while
+they ran over that and serve.py's (Linux). On a machine of few cores the clients compete with the
+server for them, so give the load average and compare runs as ratios.
+
+Soak (--soak=SECONDS). soak_clients threads send requests one after another for soak_warmup + soak
+seconds, or until soak_requests have gone, request k being the k-th of a fixed, shuffled cycle of 23
+(MIX): greedy ones whose text must equal the same request's answer alone (each of 16 sent one at a
+time before the soak), whole and streamed; sampled ones with n and stop strings;
+lm-evaluation-harness loglikelihoods; ones that close their connection mid-stream or before their
+answer; ones refused on purpose (n=0, a 400). Prompts of 1 to block_size + 16 tokens, max_tokens 1
+to max_tokens. It reports requests, problems, latency (p50, p99), new tokens/s and the server's
+memory (resident set) at start, after the warm-up and at the end, and fails in one line unless every
+greedy answer equals its alone answer, no request hung (unanswered after hang_s), nothing failed
+that was not provoked, the server printed no traceback, and its memory at the end is within 10% of
+after the warm-up. The warm-up is there for the C heap: torch's tensors of ever new shapes (prompts
+and batches of every size) leave glibc's malloc holding more memory for the first minutes, most of
+it in the first, then hardly more; Python's own objects do not grow (see BENCHMARKS.md).
 """
 import http.client
+import itertools
 import json
+import os
+import queue
 import random
 import re
+import resource
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -27,8 +53,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import UserError, run_main
+import torch
+
+from checkpoint import load_for_inference
+from common import (DEVICE_HELP, DTYPE_HELP, UserError, autocast, resolve_device, resolve_dtype,
+                    run_main)
 from configurator import parse_config, split_settings
+from engine import Engine, KVCache, Sequence
 
 SETTINGS = {  # key: (default, meaning)
     "out_dir": ("out", "the run folder serve.py serves"),
@@ -38,38 +69,120 @@ SETTINGS = {  # key: (default, meaning)
                    "tokens/s is the median over repeats, latencies are pooled"),
     "kind": ("generate", "generate (greedy completions) or loglikelihood (echo + logprobs, max_tokens=1)"),
     "prompt_tokens": (16, "token ids per prompt"),
-    "max_tokens": (64, "new tokens per generation request"),
-    "serve_args": ("", "more serve.py flags, e.g. '--max_batch_size=16 --dtype=float32'"),
+    "max_tokens": (64, "new tokens per generation request (soak: at most)"),
+    "step_ratio": (True, "time the engine's own decode step too (generate only)"),
+    "device": ("auto", "serve.py's and the engine step's: " + DEVICE_HELP),
+    "dtype": ("auto", "serve.py's and the engine step's: " + DTYPE_HELP),
+    "serve_args": ("", "more serve.py flags, e.g. '--max_batch_size=16' (device and dtype: set them above)"),
     "seed": (0, "draws the prompts"),
+    "soak": (0, "seconds of the soak after its warm-up (see above); 0: the client counts instead"),
+    "soak_warmup": (300, "seconds of the soak's requests before the server's memory is taken as its baseline"),
+    "soak_clients": (32, "concurrent clients of the soak"),
+    "soak_requests": (100_000, "the soak stops after this many requests, if its time has not run out first"),
+    "hang_s": (60, "soak: a request not answered within this many seconds has hung"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
+MEMORY_GROWTH = 0.10  # the soak's bound on the server's memory at the end over after warm-up
 
+
+# ---------------------------------------------------------------------------------------- the server
 
 def start_server(config):
+    """(process, port, banner, log): serve.py on 127.0.0.1 and the lines it writes on stderr."""
     command = [sys.executable, "serve.py", f"--out_dir={config['out_dir']}", "--port=0",
-               *shlex.split(config["serve_args"])]
+               f"--device={config['device']}", f"--dtype={config['dtype']}", *shlex.split(config["serve_args"]),
+               "--host=127.0.0.1"]  # last, so that it holds: the clients are on this machine's loopback
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     line = process.stderr.readline()
     match = re.search(r"at http://[^:]+:(\d+)/v1", line)
     if not match:
         process.wait()
         raise UserError(f"serve.py did not start: {line.strip()} {process.stderr.read().strip()}")
-    threading.Thread(target=process.stderr.read, daemon=True).start()  # keep its pipe from filling
-    return process, int(match.group(1)), line.strip()
+    log = []
+    threading.Thread(target=log.extend, args=(process.stderr,), daemon=True).start()  # keeps its pipe from filling
+    return process, int(match.group(1)), line.strip(), log
 
 
-def post(port, body):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+def resident_mib(pid):
+    """A process's resident memory in MiB (Linux), else None."""
     try:
-        connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def cpu_seconds(pid):
+    """A process's user + system CPU time (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def own_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def server_info(port):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("GET", "/tokenizer_info")
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+class Answer:
+    """What one request got: HTTP status, the JSON answer, or a stream's text, finish and usage."""
+
+    def __init__(self, status, body=None, text="", finish=None, usage=None, done=False):
+        self.status, self.body, self.text, self.finish, self.usage, self.done = status, body, text, finish, usage, done
+
+
+def send(port, body, timeout, stream=False, leave_after_first_piece=False):
+    """Posts a completion request; an Answer. A stream is read to its [DONE], or left (the connection
+    closed) once its first piece of text has come when leave_after_first_piece."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/v1/completions", body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
         response = connection.getresponse()
-        answer = json.loads(response.read())
-        if response.status != 200:
-            raise UserError(f"serve.py answered {response.status}: {answer['error']['message']}")
+        if not stream or response.status != 200:
+            return Answer(response.status, body=json.loads(response.read()))
+        answer = Answer(200)
+        for line in response:
+            if not line.startswith(b"data: "):
+                continue
+            if line.strip() == b"data: [DONE]":
+                answer.done = True
+                break
+            chunk = json.loads(line[len(b"data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"the stream carried an error: {chunk['error']['message']}")
+            for choice in chunk["choices"]:
+                answer.text += choice["text"]
+                answer.finish = choice["finish_reason"] or answer.finish
+            answer.usage = chunk.get("usage") or answer.usage
+            if leave_after_first_piece and answer.text:
+                break
         return answer
     finally:
         connection.close()
 
+
+def post(port, body, timeout=600):
+    """The JSON answer to a completion request, or a UserError with the server's message."""
+    answer = send(port, body, timeout)
+    if answer.status != 200:
+        raise UserError(f"serve.py answered {answer.status}: {answer.body['error']['message']}")
+    return answer.body
+
+
+# ----------------------------------------------------------- client counts, and the engine's own step
 
 def request_body(config, prompt):
     if config["kind"] == "loglikelihood":
@@ -83,7 +196,9 @@ def tokens_of(config, answer):
     return answer["usage"]["completion_tokens"]
 
 
-def run_clients(config, port, clients, prompts):
+def run_clients(config, port, clients, prompts, server_pid):
+    """One count's clients: their tokens/s, each request's seconds, and the CPU seconds that this
+    process (the clients) and the server used meanwhile."""
     def client(c):
         results = []
         for r in range(config["rounds"]):
@@ -92,19 +207,272 @@ def run_clients(config, port, clients, prompts):
             results.append((time.perf_counter() - start, tokens_of(config, answer)))
         return results
 
-    start = time.perf_counter()
+    own, server, start = own_cpu_seconds(), cpu_seconds(server_pid), time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
-    return sum(t for _, t in results) / (time.perf_counter() - start), [seconds for seconds, _ in results]
+    return {"rate": sum(t for _, t in results) / (time.perf_counter() - start),
+            "latencies": [seconds for seconds, _ in results], "clients_cpu": own_cpu_seconds() - own,
+            "server_cpu": None if server is None else cpu_seconds(server_pid) - server}
 
 
-def summary(clients, runs):
-    """One table row from the repeats of one count: [(tokens/s, latencies)]."""
-    latencies = sorted(seconds for _, run in runs for seconds in run)
-    return {"clients": clients, "requests": len(latencies), "tokens_per_s": statistics.median(r for r, _ in runs),
-            "latency_median_s": statistics.median(latencies),
-            "latency_p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
+@torch.no_grad()
+def step_rate(model, rows, config, device, dtype, generator):
+    """New tokens/s of the engine's decode steps with rows sequences in flight, in this thread: their
+    lengths spread over one request's life (prompt_tokens to prompt_tokens + max_tokens), as clients
+    out of phase are; one row sits in the middle. The steps before the timed ones fill the cache. In
+    serve.py's precision: a KV cache of dtype, the model under common.autocast."""
+    steps = max(config["max_tokens"] // 2, 1)
+    room = model.config.block_size - steps - 1  # no window may fill up while timed
+    spread = [config["max_tokens"] * r // rows for r in range(rows)] if rows > 1 else [config["max_tokens"] // 2]
+    lengths = [max(1, min(config["prompt_tokens"] + offset, room)) for offset in spread]
+    engine = Engine(model, KVCache(model.config, rows, dtype, device), rows, sum(lengths))
+    events = queue.SimpleQueue()  # the engine reports every token; nobody reads them here
+    engine.submit([Sequence(torch.randint(model.config.vocab_size, (n,), generator=generator).tolist(), steps + 2,
+                            events, r) for r, n in enumerate(lengths)])
+    with autocast(device, dtype):
+        engine.step(engine.admit())  # the prefill
+        engine.step([])
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step([])  # each ends in .tolist() of the picked tokens: on a GPU too, the step is done
+        return rows * steps / (time.perf_counter() - start)
 
+
+def sweep(config, counts, process, port):
+    """The client counts, repeats times, interleaved with the engine's step: a row per count."""
+    vocab = server_info(port)["vocab_size"]
+    rng = random.Random(config["seed"])
+    prompts = [[rng.randrange(vocab - 1) for _ in range(config["prompt_tokens"])] for _ in range(256)]
+    model, generator = None, torch.Generator().manual_seed(config["seed"])
+    if config["step_ratio"] and config["kind"] == "generate":
+        device = resolve_device(config["device"])
+        dtype = resolve_dtype(config["dtype"], device)
+        model = load_for_inference(config["out_dir"], device)[1]
+        step_rate(model, max(counts), config, device, dtype, generator)  # warm-up: first allocations, kernels
+    post(port, request_body(config, prompts[0]))  # warm-up: first allocations, kernels
+    runs, steps, loads = {c: [] for c in counts}, {c: [] for c in counts}, []
+    for _ in range(config["repeats"]):
+        for clients in counts:
+            loads.append(os.getloadavg()[0])
+            runs[clients].append(run_clients(config, port, clients, prompts, process.pid))
+            if model is not None:
+                steps[clients].append(statistics.median(step_rate(model, clients, config, device, dtype, generator)
+                                                        for _ in range(7)))
+    rows, first = [], [run["rate"] for run in runs[counts[0]]]
+    for clients in counts:
+        rates = [run["rate"] for run in runs[clients]]
+        latencies = sorted(seconds for run in runs[clients] for seconds in run["latencies"])
+        used = [(run["clients_cpu"], run["server_cpu"]) for run in runs[clients]]
+        rows.append({
+            "clients": clients, "requests": len(latencies), "tokens_per_s": statistics.median(rates),
+            "vs_first": statistics.median(rates) / statistics.median(first),
+            "step_vs_first": statistics.median(steps[clients]) / statistics.median(steps[counts[0]]) if model else None,
+            "served_vs_step": [(rate / rate_first) / (step / step_first) for rate, rate_first, step, step_first
+                               in zip(rates, first, steps[clients], steps[counts[0]])],  # each repeat's own pair
+            "latency_median_s": statistics.median(latencies), "latency_p95_s": quantile(latencies, 0.95),
+            "clients_cpu_share": None if any(server is None for _, server in used) else
+            sum(own for own, _ in used) / sum(own + server for own, server in used),
+        })
+    return rows, (min(loads), max(loads))
+
+
+def print_sweep(config, argv, banner, rows, loads):
+    print(f"{banner}\npython bench_serve.py {' '.join(argv)}")
+    unit = "scored tokens/s" if config["kind"] == "loglikelihood" else "new tokens/s"
+    first = rows[0]["clients"]
+    print(f"| clients | requests | {unit} | vs {first} | engine step vs {first} | served / step | latency median "
+          f"| latency p95 | clients' CPU share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        step, share = row["step_vs_first"], row["clients_cpu_share"]
+        print(f"| {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} | {row['vs_first']:.1f}x | "
+              f"{shown(step, '{:.1f}x')} | {shown(step and row['vs_first'] / step, '{:.0%}')} | "
+              f"{row['latency_median_s']:.2f} s | {row['latency_p95_s']:.2f} s | {shown(share, '{:.0%}')} |")
+    for row in rows[1:]:
+        if row["served_vs_step"]:
+            each = ", ".join(f"{r:.0%}" for r in row["served_vs_step"])
+            print(f"served / step at {row['clients']} clients, each repeat: {each} "
+                  f"(median {statistics.median(row['served_vs_step']):.0%})")
+    print(f"load average (1 min) {loads[0]:.1f} to {loads[1]:.1f} during the runs, {os.cpu_count()} CPUs")
+
+
+def shown(value, form):
+    return "-" if value is None else form.format(value)
+
+
+# ---------------------------------------------------------------------------------------------- soak
+
+MIX = {"greedy": 8, "greedy_stream": 4, "sampled": 4, "loglikelihood": 2, "disconnect": 2, "cancel": 2, "refused": 1}
+CYCLE = [kind for kind, count in MIX.items() for _ in range(count)]  # request k of a soak is a CYCLE[k % len(CYCLE)]
+random.Random(0).shuffle(CYCLE)
+PROVOKED = ("disconnect", "cancel", "refused")  # what these find is expected, not an error
+
+
+def cancel(port, body, rng):
+    """Sends a request and closes the connection before the answer, within 20 ms."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        time.sleep(rng.uniform(0, 0.02))
+
+
+class Wrong(Exception):
+    """An answer that is not what its request should get."""
+
+
+class Differs(Wrong):
+    """A greedy answer that is not the same request's answer alone."""
+
+
+def check(ok, message, kind=Wrong):
+    if not ok:
+        raise kind(message)
+
+
+def one_request(kind, rng, port, soak_set, config):
+    """Sends one request of this kind and checks its answer (Wrong if it is not right); its new tokens."""
+    pool, alone, vocab, block_size = soak_set
+    timeout, pick = config["hang_s"], rng.randrange(len(pool))
+    greedy = {"prompt": pool[pick][0], "max_tokens": pool[pick][1], "temperature": 0}
+
+    def random_ids(longest):
+        return [rng.randrange(vocab - 1) for _ in range(rng.randint(2, longest))]
+
+    if kind == "greedy":
+        answer = send(port, greedy, timeout)
+        check(answer.status == 200, f"greedy request: status {answer.status}")
+        check(answer.body["choices"][0]["text"] == alone[pick], f"greedy request {pick}: not its answer alone", Differs)
+        return answer.body["usage"]["completion_tokens"]
+    if kind == "greedy_stream":
+        answer = send(port, {**greedy, "stream": True, "stream_options": {"include_usage": True}}, timeout, stream=True)
+        check(answer.status == 200 and answer.done and answer.finish, "streamed greedy request: status "
+              f"{answer.status}, finish_reason {answer.finish}, [DONE] {'seen' if answer.done else 'missing'}")
+        check(answer.text == alone[pick], f"streamed greedy request {pick}: not its answer alone", Differs)
+        return answer.usage["completion_tokens"]
+    if kind == "sampled":
+        n = rng.choice((1, 2))
+        answer = send(port, {"prompt": random_ids(block_size), "max_tokens": rng.randint(1, config["max_tokens"]),
+                             "temperature": 0.8, "top_p": 0.9, "n": n, "seed": rng.randrange(2 ** 32),
+                             "stop": ["\n\n", "the"]}, timeout)
+        check(answer.status == 200 and len(answer.body["choices"]) == n, f"sampled request: status {answer.status}")
+        return answer.body["usage"]["completion_tokens"]
+    if kind == "loglikelihood":
+        ids = random_ids(block_size)
+        answer = send(port, {"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}, timeout)
+        check(answer.status == 200 and len(answer.body["choices"][0]["logprobs"]["token_logprobs"]) == len(ids) + 1,
+              f"loglikelihood request: status {answer.status}, or not {len(ids) + 1} logprobs")
+        return answer.body["usage"]["completion_tokens"]
+    if kind == "disconnect":
+        answer = send(port, {**greedy, "stream": True}, timeout, stream=True, leave_after_first_piece=True)
+        check(answer.status == 200, f"streamed request left mid-stream: status {answer.status}")
+    elif kind == "cancel":
+        cancel(port, greedy, rng)
+    elif kind == "refused":
+        answer = send(port, {**greedy, "n": 0}, timeout)
+        check(answer.status == 400 and answer.body["error"]["param"] == "n", f"n=0: status {answer.status}, not 400")
+    return 0
+
+
+def soak_client(c, port, soak_set, config, numbers, deadline, results):
+    """Requests of the mix, one after another, until the deadline or the soak's last request number:
+    (kind, seconds, new tokens, problem, finished at) each, problem None or (differs | hung | failed, what
+    happened)."""
+    rng = random.Random(config["seed"] * 1000 + c)
+    while (number := next(numbers)) < config["soak_requests"] and time.monotonic() < deadline:
+        kind, start, tokens, problem = CYCLE[number % len(CYCLE)], time.monotonic(), 0, None
+        try:
+            tokens = one_request(kind, rng, port, soak_set, config)
+        except Differs as e:
+            problem = ("differs", str(e))
+        except TimeoutError:
+            problem = ("hung", f"{kind} request: no answer in {config['hang_s']} s")
+        except Exception as e:  # a wrong answer, a connection refused or reset, JSON that does not parse, ...
+            problem = ("failed", f"{kind} request: {type(e).__name__}: {e}")
+        results.append((kind, time.monotonic() - start, tokens, problem, time.monotonic()))  # atomic under the GIL
+
+
+def soak(config, process, port, log):
+    """Runs the soak; a summary of what it found."""
+    info = server_info(port)
+    vocab, block_size = info["vocab_size"], info["model_max_length"]
+    rng = random.Random(config["seed"])
+    pool = [([rng.randrange(vocab - 1) for _ in range(rng.randint(1, block_size + 16))],
+             rng.randint(1, config["max_tokens"])) for _ in range(16)]
+    memory = {"start": resident_mib(process.pid), "after warm-up": None}
+    alone = [post(port, {"prompt": ids, "max_tokens": n, "temperature": 0}, config["hang_s"])["choices"][0]["text"]
+             for ids, n in pool]  # one at a time, before any other request
+    results, numbers, start = [], itertools.count(), time.monotonic()
+    warm, deadline = start + config["soak_warmup"], start + config["soak_warmup"] + config["soak"]
+    clients = [threading.Thread(target=soak_client, daemon=True, args=(
+        c, port, (pool, alone, vocab, block_size), config, numbers, deadline, results))
+        for c in range(config["soak_clients"])]
+    for client in clients:
+        client.start()
+    peak = 0
+    while any(c.is_alive() for c in clients) and time.monotonic() < deadline + config["hang_s"] + 5:
+        time.sleep(0.2)
+        peak = max(peak, resident_mib(process.pid) or 0)
+        if memory["after warm-up"] is None and time.monotonic() >= warm:
+            memory["after warm-up"] = resident_mib(process.pid)
+    memory["after warm-up"] = memory["after warm-up"] or resident_mib(process.pid)  # the requests ran out first
+    memory["end"], memory["peak"] = resident_mib(process.pid), peak or None
+    problems = [problem for *_, problem, _ in results if problem is not None]
+    problems += [("hung", "a client still waiting at the end")] * sum(c.is_alive() for c in clients)
+    if process.poll() is not None:
+        problems.append(("failed", f"serve.py exited with code {process.returncode}"))
+    if any("Traceback" in line for line in log):
+        problems.append(("failed", "serve.py printed a traceback: " + "".join(log)[-300:].strip()))
+    answered = sorted(seconds for kind, seconds, _, problem, _ in results if kind not in PROVOKED and problem is None)
+    elapsed = max((finished for *_, finished in results), default=start) - start
+    return {
+        "clients": config["soak_clients"], "seconds": elapsed, "requests": len(results), "problems": problems,
+        "by_kind": {kind: [r for r in results if r[0] == kind] for kind in MIX},
+        "greedy_compared": sum(1 for kind, *_ in results if kind in ("greedy", "greedy_stream")),
+        "latency_p50_s": quantile(answered, 0.5), "latency_p99_s": quantile(answered, 0.99),
+        "tokens_per_s": sum(r[2] for r in results) / max(elapsed, 1e-9), "memory_mib": memory,
+    }
+
+
+def quantile(values, q):
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else None
+
+
+def soak_failures(result):
+    """Why the soak did not hold ([] if it held)."""
+    counts = {category: sum(1 for c, _ in result["problems"] if c == category)
+              for category in ("differs", "hung", "failed")}
+    failures = [f"{counts['differs']} greedy answers differ from their alone answers"] if counts["differs"] else []
+    failures += [f"{counts['hung']} requests hung"] if counts["hung"] else []
+    failures += [f"{counts['failed']} errors that were not provoked"] if counts["failed"] else []
+    memory = result["memory_mib"]
+    if None not in memory.values() and memory["end"] > (1 + MEMORY_GROWTH) * memory["after warm-up"]:
+        failures.append(f"the server's memory grew from {memory['after warm-up']:.0f} MiB after warm-up to "
+                        f"{memory['end']:.0f} MiB, more than {MEMORY_GROWTH:.0%}")
+    return failures
+
+
+def print_soak(argv, banner, result):
+    print(f"{banner}\npython bench_serve.py {' '.join(argv)}")
+    print(f"soak: {result['clients']} clients for {result['seconds']:.0f} s, load average (1 min) "
+          f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} CPUs")
+    print("| kind | requests | problems | latency p50 |\n|---|---:|---:|---:|")
+    for kind, runs in result["by_kind"].items():
+        p50 = quantile(sorted(r[1] for r in runs), 0.5)
+        print(f"| {kind}{' (provoked)' if kind in PROVOKED else ''} | {len(runs)} | "
+              f"{sum(1 for r in runs if r[3] is not None)} | {shown(p50, '{:.2f} s')} |")
+    memory = result["memory_mib"]
+    growth = None if None in memory.values() else memory["end"] / memory["after warm-up"] - 1
+    print(f"requests {result['requests']}, problems {len(result['problems'])}; greedy answers compared with their "
+          f"alone answers {result['greedy_compared']}")
+    print(f"latency of the answered requests p50 {shown(result['latency_p50_s'], '{:.2f} s')}, "
+          f"p99 {shown(result['latency_p99_s'], '{:.2f} s')}; {result['tokens_per_s']:,.0f} new tokens/s")
+    print("server memory (resident): " + ", ".join(f"{k} {shown(v, '{:.0f} MiB')}" for k, v in memory.items())
+          + f"; end over after warm-up {shown(growth, '{:+.1%}')}")
+    for category, message in result["problems"][:5]:
+        print(f"  {category}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------- main
 
 def main(argv):
     config = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
@@ -112,33 +480,30 @@ def main(argv):
         counts = [int(c) for c in config["clients"].split(",")]
     except ValueError:
         raise UserError(f"clients must be comma-separated counts, e.g. 1,4,16, got '{config['clients']}'") from None
-    if min(counts) < 1 or min(config["rounds"], config["repeats"], config["max_tokens"]) < 1 or config["prompt_tokens"] < 2:
+    if min(counts + [config["rounds"], config["repeats"], config["max_tokens"]]) < 1 or config["prompt_tokens"] < 2:
         raise UserError("clients, rounds, repeats and max_tokens must be positive, prompt_tokens at least 2")
     if config["kind"] not in ("generate", "loglikelihood"):
         raise UserError(f"kind must be generate or loglikelihood, got '{config['kind']}'")
-    process, port, banner = start_server(config)
+    if min(config["soak"], config["soak_warmup"]) < 0 or min(config["soak_clients"], config["soak_requests"],
+                                                              config["hang_s"]) <= 0:
+        raise UserError("soak and soak_warmup must be 0 or more seconds; soak_clients, soak_requests and hang_s "
+                        "positive")
+    process, port, banner, log = start_server(config)
     try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        connection.request("GET", "/tokenizer_info")
-        vocab = json.loads(connection.getresponse().read())["vocab_size"]
-        rng = random.Random(config["seed"])
-        prompts = [[rng.randrange(vocab - 1) for _ in range(config["prompt_tokens"])] for _ in range(256)]
-        post(port, request_body(config, prompts[0]))  # warm-up: first allocations, kernels
-        runs = {clients: [] for clients in counts}
-        for _ in range(config["repeats"]):
-            for clients in counts:
-                runs[clients].append(run_clients(config, port, clients, prompts))
-        rows = [summary(clients, runs[clients]) for clients in counts]
+        if config["soak"]:
+            result = soak(config, process, port, log)
+        else:
+            rows, loads = sweep(config, counts, process, port)
     finally:
         process.terminate()
         process.wait()
-    print(f"{banner}\npython bench_serve.py {' '.join(argv)}")
-    unit = "scored tokens/s" if config["kind"] == "loglikelihood" else "new tokens/s"
-    print(f"| clients | requests | {unit} | vs 1 client | latency median | latency p95 |\n|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} | "
-              f"{row['tokens_per_s'] / rows[0]['tokens_per_s']:.1f}x | {row['latency_median_s']:.2f} s | "
-              f"{row['latency_p95_s']:.2f} s |")
+    if config["soak"]:
+        print_soak(argv, banner, result)
+        failures = soak_failures(result)
+        if failures:
+            raise UserError(f"the soak did not hold: {'; '.join(failures)}")
+    else:
+        print_sweep(config, argv, banner, rows, loads)
 
 
 if __name__ == "__main__":

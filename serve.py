@@ -47,9 +47,11 @@ per-row attention can move a logit by float32 rounding, which could only flip a 
 near tie.
 
 Why the standard library's http.server: the API is a few routes of JSON and server-sent events; each
-connection has its own thread, which waits on its sequences' events while the engine computes.
+connection has its own thread, which waits on its sequences' events while the engine computes (woken
+per token for a stream or stop strings, else once a sequence ends: see Inbox).
 """
 import codecs
+import collections
 import errno
 import json
 import math
@@ -325,6 +327,31 @@ def tokenizer_info(encoding, block_size):
 
 # -------------------------------------------------------------------------------------------- HTTP
 
+class Inbox:
+    """Where the engine thread puts the events of one request's sequences (their Sequence.events). Its
+    reader wakes at every event only when it acts on each one (a stream, stop strings), else when a
+    sequence ends or fails: a woken thread takes the GIL, and often the core, from the engine thread,
+    which on a busy server would be once per row at every step."""
+
+    def __init__(self, wake_per_token):
+        self.events, self.bell, self.wake_per_token = collections.deque(), queue.SimpleQueue(), wake_per_token
+
+    def put(self, event):  # in the engine thread, per token: a deque and a SimpleQueue take no Python lock
+        self.events.append(event)
+        if self.wake_per_token or event[1][0] != "token":
+            self.bell.put(None)
+
+    def take(self, timeout):
+        """The events so far, once one that wakes the reader has come or timeout seconds have passed."""
+        try:
+            self.bell.get(timeout=timeout)
+        except queue.Empty:
+            pass
+        for _ in range(self.bell.qsize()):  # rung for events taken below: each event is in before its ring
+            self.bell.get()
+        return [self.events.popleft() for _ in range(len(self.events))]
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the openai client's connection pool expects
     timeout = 120  # seconds a client may stall mid-request before its connection is dropped
@@ -334,6 +361,14 @@ class Handler(BaseHTTPRequestHandler):
         # Headers and body go out in two writes; without this, Nagle's algorithm holds the second until
         # the client's delayed ACK, 40 ms per small answer (what the harness's /tokenize calls are).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle(self):
+        """http.server's loop over a connection's requests, where a client that resets the connection
+        (one that closes it with an answer unread) is gone, not an error with a traceback on stderr."""
+        try:
+            super().handle()
+        except ConnectionError:
+            self.close_connection = True
 
     def route(self):
         return urlsplit(self.path).path.rstrip("/")
@@ -416,7 +451,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def complete(self, request):
         """Submits one sequence per choice, then turns their events into the answer, streamed or whole."""
-        events, choices, sequences = queue.SimpleQueue(), [], []  # the engine's put() takes no lock: it is per token
+        events, choices, sequences = Inbox(request.stream or bool(request.stop)), [], []
         for p, prompt in enumerate(request.prompts):
             for i in range(request.n):
                 index = p * request.n + i
@@ -450,26 +485,22 @@ class Handler(BaseHTTPRequestHandler):
         left (looked at every second, by the clock: while the engine is busy, events never stop coming)."""
         open_, looked = len(choices), time.monotonic()
         while open_:
-            try:
-                index, event = events.get(timeout=1.0)
-            except queue.Empty:
-                event = None
+            arrived = events.take(timeout=1.0)
             if time.monotonic() - looked >= 1.0:
                 if self.client_gone():
                     raise ConnectionAbortedError("client disconnected")
                 looked = time.monotonic()
-            if event is None:
-                continue
-            choice = choices[index]
-            if choice.finish is not None:
-                continue  # events after a stop string cut it
-            if event[0] == "error":
-                raise RuntimeError(event[1])
-            piece = choice.add(event)
-            if choice.finish is not None:
-                sequences[index].cancelled = True
-                open_ -= 1
-            yield choice, piece
+            for index, event in arrived:
+                choice = choices[index]
+                if choice.finish is not None:
+                    continue  # events after a stop string cut it
+                if event[0] == "error":
+                    raise RuntimeError(event[1])
+                piece = choice.add(event)
+                if choice.finish is not None:
+                    sequences[index].cancelled = True
+                    open_ -= 1
+                yield choice, piece
 
     def client_gone(self):
         """True if the client closed its connection (a readable socket with nothing to read)."""

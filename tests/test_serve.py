@@ -6,8 +6,10 @@ import json
 import os
 import queue
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -17,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import bench_serve
 from checkpoint import build_model, load_checkpoint
 from conftest import shakespeare_text
+from serve import Inbox
 from test_engine import model_logprobs
 from tokenizer import get_encoding
 
@@ -265,6 +269,21 @@ def test_unknown_fields_are_ignored(prompt, server, normal_answer):
     assert answer.choices[0].text == normal_answer()
 
 
+def test_a_whole_answer_wakes_its_reader_at_the_end_and_a_stream_at_every_token():
+    """A thread woken per token takes the GIL from the engine thread at every step: a whole answer's
+    reader is woken once its sequence ends, and takes all its events then, in order."""
+    events = [(0, ("token", t, None, None)) for t in (65, 66, 67)] + [(0, ("end", "length"))]
+    for wake_per_token, rings in ((False, 1), (True, 4)):
+        inbox = Inbox(wake_per_token)
+        for event in events[:3]:
+            inbox.put(event)
+        assert inbox.bell.qsize() == rings - 1
+        inbox.put(events[3])
+        assert inbox.bell.qsize() == rings
+        assert inbox.take(timeout=0) == events and inbox.bell.qsize() == 0
+        assert inbox.take(timeout=0) == []
+
+
 def test_concurrent_requests_each_get_their_own_answer(prompt, server):
     text = shakespeare_text()
     requests = [dict(prompt=text[i:i + 30], max_tokens=30, temperature=1.0, seed=i) for i in (0, 900, 1800)]
@@ -391,6 +410,20 @@ def test_a_client_gone_is_noticed_while_its_tokens_keep_coming(trained_checkpoin
         server.stop()
 
 
+def test_a_client_that_resets_its_connection_leaves_no_traceback(server, normal_answer):
+    """A client that closes its connection with the answer unread sends a reset, which the server meets
+    reading the connection's next request: the client is gone, no error (http.server printed one)."""
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    before = sum("Traceback" in line for line in server.log)
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        select.select([client], [], [], 60)  # the answer has come
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    normal_answer()  # the server answers on, after it met the reset
+    assert sum("Traceback" in line for line in server.log) == before, "".join(server.log)
+
+
 # ------------------------------------------------------------------------------------ end of text
 
 @pytest.fixture(scope="module")
@@ -508,3 +541,18 @@ def test_bench_serve_prints_its_table(server):
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \| \d+ \| [\d,]+ \|", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+
+
+def test_a_short_soak_holds(trained_checkpoint):
+    """bench_serve.py --soak, short: 8 clients send the mix twice over (46 requests) to a server of 4
+    rows, so sequences queue, join and leave at every step: every greedy answer, whole or streamed, is
+    the same request's answer alone, and nothing fails but what the soak provoked."""
+    requests = 2 * len(bench_serve.CYCLE)
+    result = subprocess.run([sys.executable, "bench_serve.py", f"--out_dir={trained_checkpoint('fixed_min')}",
+                             "--soak=300", "--soak_clients=8", f"--soak_requests={requests}", "--max_tokens=16",
+                             "--serve_args=--max_batch_size=4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = dict(re.findall(r"^\| (\w+)(?: \(provoked\))? \| (\d+) \| 0 \|", result.stdout, re.MULTILINE))
+    assert rows == {kind: str(2 * count) for kind, count in bench_serve.MIX.items()}
+    assert f"requests {requests}, problems 0; greedy answers compared with their alone answers 24" in result.stdout
+    assert re.search(r"server memory \(resident\): start \d+ MiB, after warm-up \d+ MiB, end \d+ MiB", result.stdout)
