@@ -429,7 +429,7 @@ def run_header(cfg, raw_model, world_size, on, dtype, tokens_per_step):
     return line
 
 
-CPU_FLOPS_PER_THREAD = 3e10  # about the quickstart's pace on this repository's CPU (BENCHMARKS.md): a rough guide only
+CPU_FLOPS_PER_THREAD = 3e10  # a round guess at one thread's pace: the note below gives an order of magnitude only
 
 
 def start_notes(cfg, meta, start_iter, tokens_per_step, params, on):

@@ -84,8 +84,8 @@ def setup_precision(cfg, device):
 
 def make_optimizer(model, cfg, device):
     """AdamW with weight decay on matrices only (not on norms and biases); fused (one kernel over all
-    parameters) on CUDA and on the CPU, where it is about 4% of a small model's step faster than the
-    default for-each version (BENCHMARKS.md)."""
+    parameters) on CUDA and on the CPU, where it beats the default for-each version (BENCHMARKS.md,
+    "Speed work")."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
