@@ -47,11 +47,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from checkpoint import build_model, load_checkpoint
-from common import (DEVICE_HELP, DTYPE_HELP, UserError, atomic_write, autocast, data_dir, load_meta, resolve_device,
-                    resolve_dtype, run_main)
+from common import (DEVICE_HELP, DTYPE_HELP, THREADS_HELP, UserError, atomic_write, autocast, data_dir, load_meta,
+                    progress, resolve_device, resolve_dtype, run_main, set_threads)
 from configurator import parse_config, split_settings
 from tokenizer import get_encoding, token_bytes
 
@@ -67,6 +66,7 @@ SETTINGS = {  # key: (default, meaning)
     "json": ("", "also write every figure into this .json file ('': none)"),
     "device": ("auto", DEVICE_HELP),
     "dtype": ("auto", f"{DTYPE_HELP}: as eval.py, so the lens's last layer is eval.py's loss"),
+    "threads": (0, THREADS_HELP),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 WINDOWS_PER_FORWARD = 16
@@ -170,7 +170,7 @@ def residual_stream(model, tokens, windows, device, dtype, desc):
     batches = [[w for w in batch if w[1] == n] for batch in batches for n in dict.fromkeys(w[1] for w in batch)]
     states = []
     try:
-        for batch in tqdm(batches, desc=desc, file=sys.stderr, leave=False):
+        for batch in progress(batches, desc=desc, leave=False):
             idx = torch.from_numpy(np.stack([tokens[s:s + n].astype(np.int64) for s, n in batch])).to(device)
             with autocast(device, dtype):
                 model(idx)
@@ -327,7 +327,7 @@ def analyze_run(run, data, cfg, device, dtype):
     targets = {"current id": lambda ids: ids[0], "previous id": lambda ids: ids[1],
                **{name: (lambda ids, p=prop: p[ids[0]]) for name, prop in data["properties"].items()}}
     probes = {name: [] for name in targets}
-    for layer in tqdm(range(model.config.n_layer + 1), desc=f"{run['label']}: probes", file=sys.stderr, leave=False):
+    for layer in progress(range(model.config.n_layer + 1), desc=f"{run['label']}: probes", leave=False):
         for name, target in targets.items():
             y_train, y_val = target(train_ids), target(val_ids)
             fit, score = y_train >= 0, y_val >= 0
@@ -497,6 +497,9 @@ def main(argv):
     device = resolve_device(cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)
     runs = load_runs(cfg["runs"], device)
+    # the threads that suit the largest model's forward passes
+    largest = max((run["model"] for run in runs), key=lambda model: model.flops_per_token() * model.config.block_size)
+    set_threads(cfg["threads"], device, largest, WINDOWS_PER_FORWARD * largest.config.block_size)
     data = load_data(runs, cfg)
     check_memory(runs, min(cfg["positions"], len(data["val"]) - 1), cfg["train_positions"])
     results = [analyze_run(run, data, cfg, device, dtype) for run in runs]

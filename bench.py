@@ -75,7 +75,7 @@ from torch.profiler import ProfilerActivity, profile
 import distributed
 import training
 from checkpoint import model_config
-from common import REPO, UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main
+from common import REPO, UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main, set_threads
 from configurator import parse_config, split_settings
 from engine import generate_stream
 from model import CODES, GPT
@@ -220,7 +220,7 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
     dtype, autocast, scaler = training.setup_precision(cfg, device)
     torch.manual_seed(cfg["seed"])
     gpt = GPT(model_config(cfg, vocab_size=vocab_size, input_code=input_code)).to(device)
-    training.set_threads(cfg, gpt, device)
+    set_threads(cfg["threads"], device, gpt, cfg["batch_size"] * cfg["block_size"], backward=True)
     optimizer = training.make_optimizer(gpt, cfg, device)
     model = torch.compile(gpt) if cfg["compile"] else gpt
     generator = torch.Generator().manual_seed(cfg["seed"])

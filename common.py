@@ -1,10 +1,10 @@
 """
 The helpers every script shares, importing nothing from this repository: the user-error type and the
 entry point (run_main) that turns it, Ctrl-C and SIGTERM into one line; the one way signals are
-handled (StopSignals); device and precision (one `auto` rule, one help text each); a dataset's folder,
-meta.json and the check of its token files against it; the hashes of the code and the data that
-sweep.py records with each result; atomic file writes; one writer per run folder or results table
-(hold_writer, releases_writer_locks); did-you-mean suggestions.
+handled (StopSignals); device, precision and CPU threads (one `auto` rule, one help text each); the
+progress bar; a dataset's folder, meta.json and the check of its token files against it; the hashes
+of the code and the data that sweep.py records with each result; atomic file writes; one writer per
+run folder or results table (hold_writer, releases_writer_locks); did-you-mean suggestions.
 
 torch is imported inside the functions that use it, so that prepare.py, which needs no torch, starts
 in a fraction of a second.
@@ -152,6 +152,42 @@ def autocast(device, dtype):
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+THREADS_HELP = ("CPU threads of torch's operations; 0: auto, one thread on the CPU for a model doing under 10 GFLOP a "
+                "call, else torch's own count; OMP_NUM_THREADS, when set, wins over auto")
+SMALL_CALL_FLOPS = 1e10  # below this much work per call of the model, one CPU thread (BENCHMARKS.md, "A busy machine")
+
+
+def set_threads(threads, device, model, tokens, backward=False):
+    """torch's CPU threads for a tool whose calls of model take tokens each (forward only unless
+    backward), set and returned: threads when it is a count; when 0 (auto), one on the CPU for a call
+    under SMALL_CALL_FLOPS, whose operations are short: while other processes hold the cores, the
+    thread that finishes one first spins waiting for its partner to be scheduled. Otherwise torch's
+    own count, as is OMP_NUM_THREADS when set."""
+    import torch
+    if threads < 0:
+        raise UserError(f"threads must be 0 (auto) or a count, got {threads}")
+    flops = model.flops_per_token() * tokens * (1 if backward else 1 / 3)  # a forward is a third of training's
+    if threads:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and flops < SMALL_CALL_FLOPS and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def device_text(device):
+    """The device as a tool's first line names it: the CPU with its thread count."""
+    import torch
+    threads = torch.get_num_threads()
+    return f"{device} ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else str(device)
+
+
+def progress(iterable=None, hide=False, **options):
+    """A tqdm bar on stderr, shown only when stderr is a terminal (and not hide): in a log file or a
+    pipe its carriage returns would pile up, so there a tool writes its own plain lines or none."""
+    from tqdm import tqdm
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, disable=hide or not sys.stderr.isatty(), **options)
 
 
 # ------------------------------------------------------------------------------------------- data

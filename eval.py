@@ -16,17 +16,15 @@ one line naming that process. The split's token file must be the size meta.json 
 import json
 import math
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from checkpoint import build_model, load_checkpoint
-from common import (DEVICE_HELP, DTYPE_HELP, EVAL_FILES, UserError, atomic_write, autocast, check_token_files,
-                    data_dir, hold_writer, load_meta, releases_writer_locks, resolve_device, resolve_dtype, run_folder,
-                    run_main)
+from common import (DEVICE_HELP, DTYPE_HELP, EVAL_FILES, THREADS_HELP, UserError, atomic_write, autocast,
+                    check_token_files, data_dir, hold_writer, load_meta, progress, releases_writer_locks,
+                    resolve_device, resolve_dtype, run_folder, run_main, set_threads)
 from configurator import parse_config, split_settings
 
 SETTINGS = {  # key: (default, meaning)
@@ -37,6 +35,7 @@ SETTINGS = {  # key: (default, meaning)
     "max_val_tokens": (0, "evaluate only the first max_val_tokens of the split (0: all of it)"),
     "device": ("auto", DEVICE_HELP),
     "dtype": ("auto", DTYPE_HELP),
+    "threads": (0, THREADS_HELP),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
@@ -49,7 +48,7 @@ def evaluate(model, tokens, batch_size, device, autocast):
     short = [starts.pop()] if len(tokens) - 1 - starts[-1] < T else []  # the last window may be shorter
     batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)] + ([short] if short else [])
     total_loss, total_tokens = 0.0, 0
-    for batch in tqdm(batches, desc="eval", file=sys.stderr, leave=False):
+    for batch in progress(batches, desc="eval", leave=False):
         length = min(T, len(tokens) - 1 - batch[0])
         windows = torch.from_numpy(np.stack([tokens[s:s + length + 1].astype(np.int64) for s in batch])).to(device)
         with autocast:
@@ -72,6 +71,7 @@ def main(argv):
     dtype = resolve_dtype(cfg["dtype"], device)
     checkpoint = load_checkpoint(cfg["out_dir"])
     model = build_model(checkpoint, device)
+    set_threads(cfg["threads"], device, model, cfg["batch_size"] * model.config.block_size)
     dataset = cfg["dataset"] or checkpoint["config"].get("dataset", "")
     meta, trained_on = load_meta(dataset), checkpoint["meta"]
     if (meta["encoding"], meta["vocab_size"]) != (trained_on["encoding"], trained_on["vocab_size"]):

@@ -130,7 +130,7 @@ def repeat(values, n_embd):
     if n_embd % width == 0:
         return values.repeat_interleave(n_embd // width, dim=-1)
     channel_bit = torch.arange(n_embd, device=values.device) * width // n_embd
-    return values.index_select(-1, channel_bit)  # a gather, several times slower: only for uneven runs
+    return values.index_select(-1, channel_bit)  # a gather, slower: only for uneven runs
 
 
 LAYOUTS = {"tile": tile, "repeat": repeat}
@@ -637,10 +637,10 @@ class GPT(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per
         weight of every matmul (the input lift or table lookup does none, so all codes cost the same;
-        learned_lift's K x n_embd map is left out too, 0.003% at the paper config) plus
-        12 * n_layer * n_embd * block_size for attention scores and values over the full T x T
-        square. A causal flash kernel skips most of the masked half, so an MFU from this count reads
-        above what the GPU executes (6.7% at the paper config)."""
+        learned_lift's small K x n_embd map is left out too) plus 12 * n_layer * n_embd * block_size
+        for attention scores and values over the full T x T square. A causal flash kernel skips most
+        of the masked half, so an MFU from this count reads above what the GPU executes, by about half
+        attention's share of the count."""
         counts = self.param_counts()
         cfg = self.config
         return 6 * (counts["trainable"] - counts["input_trainable"]) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

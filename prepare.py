@@ -91,11 +91,10 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
-from tqdm import tqdm
 
 import tokenizer
 from common import (SHA256_KEY, StopSignals, UserError, atomic_write, check_token_files, first_line, load_meta,
-                    meta_text, run_main, signal_of)
+                    meta_text, progress, run_main, signal_of)
 from configurator import parse_config, split_settings
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -676,7 +675,8 @@ def tokenize_into(tmp_dir, streams, enc, args):
         docs = mixed(encoded, [args.mix, 1 - args.mix] if len(streams) == 2 else [1.0], [n for n, _, _ in streams])
         sources = [source for _, stream_sources, _ in streams for source in stream_sources]
         described = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
-        with tqdm(total=args.max_tokens, unit="tok", unit_scale=True, desc=args.dataset, delay=2, mininterval=1) as bar:
+        with progress(total=args.max_tokens, unit="tok", unit_scale=True, desc=args.dataset, delay=2,
+                      mininterval=1) as bar:
             counts, per_stream = write_splits(docs, tmp_dir, args.val_fraction, args.test_fraction, args.max_tokens,
                                               len(streams), bar, described)
         return counts, per_stream, time.time() - start
@@ -691,7 +691,7 @@ def tokenize_into(tmp_dir, streams, enc, args):
 
 # ---- writing ----
 
-def write_splits(docs, out_dir, val_fraction, test_fraction, max_tokens, n_streams, progress, source):
+def write_splits(docs, out_dir, val_fraction, test_fraction, max_tokens, n_streams, bar, source):
     """Append each document to train.bin, val.bin or test.bin; returns the counts for meta.json (the
     files' sha256 among them, hashed as they are written)."""
     splits = ("train", "val", "test") if test_fraction else ("train", "val")
@@ -723,7 +723,7 @@ def write_splits(docs, out_dir, val_fraction, test_fraction, max_tokens, n_strea
             if len(pending) == len(splits) - 1:
                 put(*pending.popleft())
             pending.append((stream, doc, split_of(doc)))
-            progress.update(len(doc.tokens))
+            bar.update(len(doc.tokens))
         if not pending:
             raise PrepareError(f"no text to write: {source} holds no document"
                                + (" that fits in --max_tokens" if max_tokens is not None else ""))

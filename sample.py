@@ -25,7 +25,8 @@ import time
 import torch
 
 from checkpoint import load_for_inference
-from common import DEVICE_HELP, DTYPE_HELP, TORCH_SEEDS, UserError, autocast, resolve_device, resolve_dtype, run_main
+from common import (DEVICE_HELP, DTYPE_HELP, THREADS_HELP, TORCH_SEEDS, UserError, autocast, device_text,
+                    resolve_device, resolve_dtype, run_main, set_threads)
 from configurator import parse_config, split_settings
 from engine import generate_stream
 from tokenizer import TextStream, encode_prompt
@@ -41,6 +42,7 @@ SETTINGS = {  # key: (default, meaning)
     "seed": (1337, "seeds the sampling; None: a different draw every run"),
     "device": ("auto", DEVICE_HELP),
     "dtype": ("auto", DTYPE_HELP),
+    "threads": (0, THREADS_HELP),
     "compile": (False, "torch.compile the model: a few graphs (prompt, step) compile first, so only long "
                        "generations gain"),
     "stop_at_eot": (True, "end a sample at <|endoftext|>"),
@@ -119,11 +121,12 @@ def main(argv):
 
     checkpoint, model, encoding = load_for_inference(config["out_dir"], device)
     block_size = model.config.block_size
+    set_threads(config["threads"], device, model, block_size)  # its largest call: a prompt of block_size tokens
     val_loss = checkpoint.get("val_loss")
     log(f"checkpoint {os.path.abspath(config['out_dir'])}: step {checkpoint.get('iter_num', '?')}, "
         f"val loss {f'{val_loss:.4f}' if isinstance(val_loss, float) else '?'}, input_code {model.config.input_code}, "
         f"{model.param_counts()['trainable'] / 1e6:.2f}M trainable parameters, encoding {encoding.name}, "
-        f"{device} {str(dtype).removeprefix('torch.')}")
+        f"{device_text(device)} {str(dtype).removeprefix('torch.')}")
     if config["compile"]:
         model.compile()  # in place, so generate_stream's calls to the model go through the compiled forward
 

@@ -71,8 +71,8 @@ from urllib.parse import urlsplit
 import torch
 
 from checkpoint import load_for_inference
-from common import (DEVICE_HELP, DTYPE_HELP, TORCH_SEEDS, UserError, autocast,
-                    resolve_device, resolve_dtype, run_folder, run_main, signal_of)
+from common import (DEVICE_HELP, DTYPE_HELP, THREADS_HELP, TORCH_SEEDS, UserError, autocast, device_text,
+                    resolve_device, resolve_dtype, run_folder, run_main, set_threads, signal_of)
 from configurator import parse_config, split_settings
 from engine import Engine, KVCache, QueueFull, Sequence
 from tokenizer import ENDOFTEXT, TextStream, encode_prompt
@@ -83,6 +83,7 @@ SETTINGS = {  # key: (default, meaning)
     "port": (8000, "port to listen on, 0..65535; 0 picks a free one (printed on stderr)"),
     "device": ("auto", DEVICE_HELP),
     "dtype": ("auto", DTYPE_HELP),
+    "threads": (0, THREADS_HELP),
     "model_name": ("", "the model id in answers; '': the out_dir's folder name"),
     "max_tokens_cap": (None, "the largest max_tokens a request may ask for; None: block_size"),
     "max_body_bytes": (4_000_000, "larger request bodies get a 413"),
@@ -629,6 +630,7 @@ def main(argv):
     dtype = resolve_dtype(config["dtype"], device)
     server = listen(config["host"], config["port"])  # before the model loads: a wrong address fails at once
     _, model, encoding = load_for_inference(config["out_dir"], device)
+    set_threads(config["threads"], device, model, config["prefill_tokens"])  # its largest call: a prefill step
     rows = cache_rows(config, model, dtype)
 
     server.name = config["model_name"] or os.path.basename(os.path.abspath(run_folder(config["out_dir"])))
@@ -639,7 +641,7 @@ def main(argv):
     server.engine = Engine(model, cache, config["max_queue"], config["prefill_tokens"],
                            precision=lambda: autocast(device, dtype)).start()
     host, port = server.server_address[:2]
-    print(f"serving {server.name} ({model.config.input_code}, block_size {server.block_size}, {device} "
+    print(f"serving {server.name} ({model.config.input_code}, block_size {server.block_size}, {device_text(device)} "
           f"{str(dtype).removeprefix('torch.')}, batches of up to {rows}) at http://{host}:{port}/v1",
           file=sys.stderr, flush=True)
     try:

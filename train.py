@@ -50,13 +50,13 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import CKPT_NAME, load_checkpoint, load_weights, model_config, save_checkpoint
-from common import (EVAL_FILES, StopSignals, UserError, atomic_write, check_token_files, data_dir, hold_writer,
-                    load_meta, make_dataset, releases_writer_locks, resolve_device, resolve_dtype, run_folder, run_main,
-                    unrecorded_note)
+from common import (EVAL_FILES, StopSignals, UserError, atomic_write, check_token_files, data_dir, device_text,
+                    hold_writer, load_meta, make_dataset, progress, releases_writer_locks, resolve_device,
+                    resolve_dtype, run_folder, run_main, set_threads, unrecorded_note)
 from configurator import parse_config
 from model import CODES, GPT, GPTConfig
 from training import (DEFAULTS, MEANINGS, MODEL_KEYS, checkpoint_activations, dropout_seed, learning_rate,
-                      load_optimizer_state, make_optimizer, peak_flops, read_batch, set_threads, setup_precision,
+                      load_optimizer_state, make_optimizer, peak_flops, read_batch, setup_precision,
                       to_device, train_step)
 from tokenizer import get_encoding, token_bytes
 
@@ -371,8 +371,7 @@ class Log:
         self.tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
         self.say(header)
         self.wandb = start_wandb(cfg) if master and cfg["wandb_log"] else None
-        self.bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master or self.plain,
-                        dynamic_ncols=True, file=sys.stderr)
+        self.bar = progress(total=cfg["max_iters"], initial=iter_num, hide=not master)
 
     def evaluation(self, iter_num, losses, tokens):
         self.record({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "tokens": tokens})
@@ -381,8 +380,7 @@ class Log:
     def evaluation_bar(self, batches, shown):
         """A bar over an evaluation's batches (this rank's), on a terminal where shown: the first
         evaluation, which can take a while; a log file has had its line."""
-        return tqdm(total=batches, desc="evaluating", leave=False, dynamic_ncols=True, file=sys.stderr,
-                    disable=not (shown and self.master) or self.plain)
+        return progress(total=batches, desc="evaluating", leave=False, hide=not (shown and self.master))
 
     def step_done(self):
         self.bar.update(1)
@@ -431,7 +429,7 @@ def run_header(cfg, raw_model, world_size, on, dtype, tokens_per_step):
     return line
 
 
-CPU_FLOPS_PER_THREAD = 3e10  # about the quickstart's pace on this repository's CPU (BENCHMARKS.md): a rough guide only
+CPU_FLOPS_PER_THREAD = 3e10  # a round guess at one thread's pace: the note below gives an order of magnitude only
 
 
 def start_notes(cfg, meta, start_iter, tokens_per_step, params, on):
@@ -492,8 +490,8 @@ def main(argv):
     tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
     flops_per_token = raw_model.flops_per_token()
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    threads = set_threads(cfg, raw_model, device)
-    on = f"{device} ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else str(device)
+    set_threads(cfg["threads"], device, raw_model, cfg["batch_size"] * cfg["block_size"], backward=True)
+    on = device_text(device)
     if master:
         prepare_out_dir(cfg, start_iter)
     log = Log(cfg, master, start_iter, run_header(cfg, raw_model, world_size, on, dtype, tokens_per_step))

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import DEVICE_HELP, DTYPE_HELP, autocast, data_dir, resolve_dtype
+from common import DEVICE_HELP, DTYPE_HELP, THREADS_HELP, autocast, data_dir, resolve_dtype
 from configurator import split_settings
 from model import GPTConfig
 
@@ -65,29 +65,11 @@ SETTINGS = {  # key: (default, meaning)
     "activation_checkpointing": (False, "recompute each block's activations in backward instead of keeping them: "
                                         "less memory for about a third more compute"),
     "seed": (1337, "the initialization, the data order and the dropout masks"),
-    "threads": (0, "CPU threads of torch's operations; 0: auto, 1 for a model under 10 GFLOP a micro-batch (the "
-                   "quickstart's 4: a second thread made its steps 1.6x faster idle, 4.5x to 16x slower on a busy "
-                   "machine), else torch's own count; OMP_NUM_THREADS, when set, wins over auto"),
+    "threads": (0, THREADS_HELP),
     "collective_timeout": (30.0, "minutes a process waits for the others (DDP) before the run fails; rank 0 "
                                  "writes each checkpoint (5.6 GB at the paper config) while the others wait"),
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
-
-
-SMALL_MICRO_BATCH_FLOPS = 1e10  # below this, one CPU thread (BENCHMARKS.md, "A busy machine")
-
-
-def set_threads(cfg, model, device):
-    """torch's CPU threads for this run, set and returned. Auto picks 1 for a small model on the CPU:
-    its operations are short, and while other processes hold the cores, the thread that finishes one
-    first spins waiting for the other to be scheduled (4.5 to 16 times the step measured under load,
-    against 1.6 times faster on an idle machine; BENCHMARKS.md)."""
-    small = model.flops_per_token() * cfg["batch_size"] * cfg["block_size"] < SMALL_MICRO_BATCH_FLOPS
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    elif device.type == "cpu" and small and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    return torch.get_num_threads()
 
 
 def setup_precision(cfg, device):
@@ -102,8 +84,8 @@ def setup_precision(cfg, device):
 
 def make_optimizer(model, cfg, device):
     """AdamW with weight decay on matrices only (not on norms and biases); fused (one kernel over all
-    parameters) on CUDA and on the CPU, where it is about 4% of a small model's step faster than the
-    default for-each version (BENCHMARKS.md)."""
+    parameters) on CUDA and on the CPU, where it beats the default for-each version (BENCHMARKS.md,
+    "Speed work")."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

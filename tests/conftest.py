@@ -14,8 +14,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "assets", "tinyshakespeare.txt.gz")  # bundled: a fresh clone needs nothing else
 # One thread per process: the suite's tools run as subprocesses side by side (pytest -n 2), and tiny
-# models gain little from a second thread while two processes each spinning two threads on two cores
-# slow each other down threefold (measured: the learning test, 55 s alone, took 166 s).
+# models gain little from a second thread, while two processes each spinning two threads on two cores
+# slow each other down several times over (BENCHMARKS.md, "A busy machine").
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY_MODEL = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--compile=False", "--device=cpu"]
 

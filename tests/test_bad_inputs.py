@@ -105,6 +105,7 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("train", ["--init_from=resume", "--out_dir={root}/run/ckpt.pt", "--max_iters=30"], "with M above 40"),
     ("eval", ["--out_dir={root}/run", "--batch_size=-1"], "batch_size"),
     ("eval", ["--out_dir={root}/run", "--max_val_tokens=-5"], "max_val_tokens"),
+    ("eval", ["--out_dir={root}/run", "--threads=-1"], "threads"),
     ("eval", ["--out_dir={root}/nowhere"], "does not exist"),
     ("eval", ["--out_dir={root}/run", "--dataset={root}/corrupt"], "not valid JSON"),
     ("eval", ["--out_dir={root}/run", "--device=tpu"], "device"),
@@ -117,6 +118,7 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("sample", ["--out_dir={root}/run", "--top_p=None"], "top_p"),  # None only where a key takes it (top_k)
     ("sample", ["--out_dir={root}/run", "--top_k=-3"], "top_k"),
     ("sample", ["--out_dir={root}/run", "--max_new_tokens=-1"], "max_new_tokens"),
+    ("sample", ["--out_dir={root}/run", "--threads=-2"], "threads"),
     ("sample", ["--out_dir={root}/run", "--start=FILE:{root}/no_prompt.txt"], "prompt file"),
     ("sample", ["--out_dir={root}/nowhere"], "does not exist"),
     ("sample", ["--out_dir={root}/a_file"], "a_file"),

@@ -130,26 +130,3 @@ def test_user_errors_are_one_line_and_keep_an_existing_json(tmp_path):
         assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""
     assert path.read_text() == "[]\n"
-
-
-
-def test_threads_auto_is_one_for_a_small_model_on_the_cpu_unless_told(monkeypatch):
-    """train.py and bench.py set their threads with training.set_threads (BENCHMARKS.md, "A busy machine")."""
-    from training import DEFAULTS, set_threads
-    before = torch.get_num_threads()
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cpu = torch.device("cpu")
-    quickstart = {**DEFAULTS, "batch_size": 12, "block_size": 64}  # 4.1 GFLOP a micro-batch
-    wide = {**DEFAULTS, "batch_size": 16, "block_size": 1024}  # 260 GFLOP a micro-batch
-    small, large = (GPT(GPTConfig(vocab_size=257, n_layer=n, n_head=4, n_embd=w, block_size=b))
-                    for n, w, b in ((4, 128, 64), (2, 256, 1024)))
-    try:
-        torch.set_num_threads(2)
-        assert set_threads(quickstart, small, cpu) == 1
-        torch.set_num_threads(2)
-        assert set_threads(wide, large, cpu) == 2  # left as torch set it
-        assert set_threads({**quickstart, "threads": 2}, small, cpu) == 2
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert set_threads(quickstart, small, cpu) == 2  # a count the user set wins over auto
-    finally:
-        torch.set_num_threads(before)
