@@ -604,6 +604,12 @@ class Server(ThreadingHTTPServer):
         self.address_family = family  # IPv4 or IPv6, as the host resolved
         super().__init__((host, port), Handler)
 
+    def handle_error(self, request, client_address):
+        # A connection torn down under its thread (the client gone, or the server stopping while a thread
+        # was just taking a connection: EBADF) is not a fault of the server: no traceback on stderr.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
 
 def listen(host, port):
     """The HTTP server bound to host:port, or a UserError that says which of the two is the problem."""

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import bench_serve
+import serve
 from checkpoint import build_model, load_checkpoint
 from conftest import shakespeare_text
 from serve import Inbox
@@ -556,3 +557,20 @@ def test_a_short_soak_holds(trained_checkpoint):
     assert rows == {kind: str(2 * count) for kind, count in bench_serve.MIX.items()}
     assert f"requests {requests}, problems 0; greedy answers compared with their alone answers 24" in result.stdout
     assert re.search(r"server memory \(resident\): start \d+ MiB, after warm-up \d+ MiB, end \d+ MiB", result.stdout)
+
+
+def test_a_connection_torn_down_under_its_thread_is_not_a_traceback(capsys):
+    """When the server stops while a thread is just taking a connection, the socket is closed under it
+    (EBADF in socketserver's setup): that is said nowhere; any other exception in a request still is."""
+    import serve
+    server = serve.listen("127.0.0.1", 0)
+    try:
+        for error, said in ((OSError(9, "Bad file descriptor"), False), (ConnectionResetError(), False),
+                            (RuntimeError("a bug"), True)):
+            try:
+                raise error
+            except Exception:
+                server.handle_error(None, ("127.0.0.1", 1))
+            assert ("Traceback" in capsys.readouterr().err) == said, error
+    finally:
+        server.server_close()
