@@ -562,7 +562,6 @@ def test_a_short_soak_holds(trained_checkpoint):
 def test_a_connection_torn_down_under_its_thread_is_not_a_traceback(capsys):
     """When the server stops while a thread is just taking a connection, the socket is closed under it
     (EBADF in socketserver's setup): that is said nowhere; any other exception in a request still is."""
-    import serve
     server = serve.listen("127.0.0.1", 0)
     try:
         for error, said in ((OSError(9, "Bad file descriptor"), False), (ConnectionResetError(), False),
