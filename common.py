@@ -309,9 +309,9 @@ def hashed_meta(path):
     return meta_text({k: v for k, v in meta.items() if k != SHA256_KEY}).encode()
 
 
-def data_hash(dataset):
+def data_hash(dataset, digests=None):
     """sha256 (16 hex digits) of a dataset's meta.json (hashed_meta) and token files: the tokens a run
-    trained and was scored on."""
+    trained and was scored on. digests: {split: sha256} already read (check_token_files), not read again."""
     digest = hashlib.sha256()
     folder = data_dir(dataset)
     if os.path.isfile(os.path.join(folder, "meta.json")):
@@ -319,7 +319,8 @@ def data_hash(dataset):
     for split in SPLITS:
         path = os.path.join(folder, f"{split}.bin")
         if os.path.isfile(path):
-            digest.update(f"{split}.bin".encode() + b"\0" + bytes.fromhex(file_sha256(path)))
+            known = (digests or {}).get(split) or file_sha256(path)
+            digest.update(f"{split}.bin".encode() + b"\0" + bytes.fromhex(known))
     return digest.hexdigest()[:16]
 
 

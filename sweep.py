@@ -235,13 +235,13 @@ def checked_study(study):
 
 def ensure_dataset(study, dataset):
     """Run prepare.py when the dataset is missing and the study says how; refuse a dataset without the
-    split to score. Returns its meta.json."""
+    split to score. Returns its meta.json and data_hash (from the sha256 just checked, not read twice)."""
     folder = data_dir(dataset)
     how = study["prepare"].get(dataset) if isinstance(study["prepare"], dict) else study["prepare"]
     if not os.path.isfile(os.path.join(folder, "meta.json")) and how is not None:
         make_dataset(dataset, how)
     meta = load_meta(dataset)  # a folder that prepare.py did not write is refused here
-    check_token_files(dataset, meta, hashes=True)  # sizes and sha256 against meta.json
+    digests = check_token_files(dataset, meta, hashes=True)  # sizes and sha256 against meta.json
     unrecorded = unrecorded_note(dataset, meta)
     if unrecorded:
         print(unrecorded, file=sys.stderr)
@@ -249,7 +249,7 @@ def ensure_dataset(study, dataset):
     if not os.path.isfile(os.path.join(folder, f"{split}.bin")):
         raise UserError(f"dataset '{dataset}' has no {split} split ({split}.bin): prepare it again with "
                         f"--test_fraction=0.1")
-    return meta
+    return meta, data_hash(dataset, digests)
 
 
 # ---------------------------------------------------------------------------------- the results
@@ -295,7 +295,7 @@ def append_row(path, row):
         os.close(fd)
 
 
-def provenance(dataset):
+def provenance(dataset_hash):
     """torch, python, the commit (with -dirty when tracked files differ from it), the code's and the data's
     hashes, for every row."""
     try:
@@ -306,7 +306,7 @@ def provenance(dataset):
     except OSError:  # no git on this machine
         commit = None
     return {"torch": torch.__version__, "python": platform.python_version(), "commit": commit,
-            "code_hash": code_hash(), "data_hash": data_hash(dataset)}
+            "code_hash": code_hash(), "data_hash": dataset_hash}
 
 
 def result_row(job, study, extras):
@@ -614,8 +614,9 @@ def verify(study, cells, command):
             print(f"{cell['name']} (its row: loss {row['loss']:.6f}): {cell_commands(moved, split)}")
         return
     datasets = dict.fromkeys(cell["config"]["dataset"] for cell, _ in chosen)
-    metas = {dataset: ensure_dataset(study, dataset) for dataset in datasets}
-    extras = {dataset: provenance(dataset) for dataset in metas}
+    checked = {dataset: ensure_dataset(study, dataset) for dataset in datasets}
+    metas = {dataset: meta for dataset, (meta, _) in checked.items()}
+    extras = {dataset: provenance(hashed) for dataset, (_, hashed) in checked.items()}
     why = {}
     for cell, row in chosen:
         now = extras[cell["config"]["dataset"]]["data_hash"]
@@ -712,7 +713,9 @@ def main(argv):
         return list_cells(cells, todo, study["eval_split"])
     if not todo:
         return
-    metas = {dataset: ensure_dataset(study, dataset) for dataset in dict.fromkeys(c["config"]["dataset"] for c in todo)}
+    datasets = dict.fromkeys(c["config"]["dataset"] for c in todo)
+    checked = {dataset: ensure_dataset(study, dataset) for dataset in datasets}
+    metas = {dataset: meta for dataset, (meta, _) in checked.items()}
     work = {c["name"]: cell_work(c["config"], metas[c["config"]["dataset"]]["vocab_size"],
                                  metas[c["config"]["dataset"]][f"{study['eval_split']}_tokens"]) for c in todo}
     for c in todo:
@@ -725,7 +728,7 @@ def main(argv):
     except OSError as e:
         raise UserError(f"cannot make runs_dir {study['runs_dir']} ({e.strerror})") from None
     try:
-        extras = {dataset: provenance(dataset) for dataset in metas}
+        extras = {dataset: provenance(hashed) for dataset, (_, hashed) in checked.items()}
         failed = run_cells(todo, study, extras, work, pace_of(rows, metas))
     except KeyboardInterrupt as e:
         signum = e.args[0] if e.args else signal.SIGINT

@@ -746,6 +746,8 @@ def test_check_finds_a_changed_token_file_and_records_the_sha256_of_an_older_dat
     prepared(tmp_path, f"--input={shakespeare_file}", "--dataset=d", "--encoding=bytes")
     folder, written = tmp_path / "d", (tmp_path / "d" / "meta.json").read_text()
     hashed = common.data_hash(str(folder))
+    digests = common.check_token_files(str(folder), json.loads(written), hashes=True)
+    assert set(digests) == {"train", "val"} and common.data_hash(str(folder), digests) == hashed  # sweep.py's way
     assert prepared(tmp_path, "--check=True", "--dataset=d").stdout == \
         f"{folder}: train.bin, val.bin match meta.json (sizes and sha256)\n"
     older = {key: value for key, value in json.loads(written).items() if key != "sha256"}
