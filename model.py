@@ -368,8 +368,8 @@ class SpellingCode(WideCode):
     The spelling follows from the tokenizer's byte strings, which model.py does not read: a new model
     starts with none (all 0), which forward refuses, and is given them by set_token_bytes (train.py does
     it from the dataset's encoding). It is stored as the uint8 buffer spelling (V x (code_width - K)), so
-    a checkpoint loads without the tokenizer. code_width bits per token; V (code_width - K) stored bits, at code_width 64
-    212,992 for cl100k_4096 and 3,145,728 for the 65,536 ids of cl100k_65536."""
+    a checkpoint loads without the tokenizer. code_width bits per token; V (code_width - K) stored bits,
+    at code_width 64 212,992 for cl100k_4096 and 3,145,728 for the 65,536 ids of cl100k_65536."""
     needs_token_bytes = True
 
     def __init__(self, config):
@@ -389,13 +389,13 @@ class SpellingCode(WideCode):
     def loaded(self, incompatible_keys):  # checked here, so that a compiled loaded model never runs check_spelt
         self.spelt = not self.spelling.is_meta and bool(self.spelling.any())
 
-    @torch.compiler.disable  # a data-dependent check, once per model: compiled code runs it eagerly, outside the graph
+    @torch.compiler.disable  # a check of the data, once per model: compiled code runs it eagerly, outside the graph
     def check_spelt(self):
         """A loaded model holds its checkpoint's spelling; a new one holds zeros until set_token_bytes."""
         self.spelt = bool(self.spelling.any())
         if not self.spelt:
-            raise ValueError("input_code='spelling' has no spelling yet: give a new model its tokenizer's bytes with "
-                             "model.embed.set_token_bytes(tokenizer.token_bytes(encoding)), as train.py does")
+            raise ValueError("input_code='spelling' has no spelling yet: give a new model its tokenizer's bytes "
+                             "with model.embed.set_token_bytes(tokenizer.token_bytes(encoding)), as train.py does")
 
     def bits(self, idx):
         if not self.spelt:
@@ -557,10 +557,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, lengths=None):
         """idx (B, T) ids -> (logits, loss). With targets: the logits of every position and the mean
-        cross-entropy. Without: the logits of every position (B, T, V), or, given lengths (B,) of rows
-        padded on the right to T, only of each row's last real token (B, 1, V): engine.py's prefill
-        and analyze.py need no B x T x V logits. kv_cache: engine.py's KVCache, whose begin, update and
-        advance (engine.py says what each does) give the positions, keys and mask of a cached forward."""
+        cross-entropy. Without: the logits of every position (B, T, V), or, given the real lengths (B,)
+        of rows padded on the right, of each row's last real token only (B, 1, V), all that engine.py's
+        prefill reads. kv_cache: engine.py's KVCache, whose begin, update and advance give a cached
+        forward its positions, keys and attention mask (engine.py says how)."""
         B, T = idx.shape
         if kv_cache is None and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")

@@ -7,7 +7,8 @@ imported from the repository itself (the relative import only resolves inside an
 
 Generation is transformers' own (GenerationMixin, with all its options), recomputing the whole window
 at every step (no key/value cache through transformers), cropped to the last block_size tokens as
-engine.py's generate_stream does (sample.py, serve.py), so greedy decoding gives the same tokens as ours. Padding is supported on the right only, and for scoring (forward) only: the model has
+engine.py's generate_stream does (sample.py, serve.py), so greedy decoding gives the same tokens as
+ours. Padding is supported on the right only, and for scoring (forward) only: the model has
 no attention mask, and with causal attention right padding cannot change the logits of the real tokens
 before it; generate() refuses a padded batch, since its new tokens would come after the padding.
 """

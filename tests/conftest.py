@@ -54,9 +54,10 @@ def run_in_process(script, *args):
 
 
 def recomputed(model, idx, max_new_tokens, eos_id=None, generator=None, **sampling):
-    """idx (B, T) followed by up to max_new_tokens tokens, the plain way engine.py's generation is checked
-    against: no KV cache, each step a forward of the last block_size tokens, its last logits drawn by
-    engine.sample_next (temperature, top_k, top_p). Rows that produced eos_id repeat it; it stops when all have."""
+    """idx (B, T) followed by up to max_new_tokens tokens, made the plain way engine.py's generation is
+    checked against: no KV cache, each step a forward of the last block_size tokens, whose last logits
+    engine.sample_next draws from (temperature, top_k, top_p). Rows that produced eos_id repeat it; it
+    stops when all have."""
     import torch
     from engine import sample_next
     done = torch.zeros(len(idx), 1, dtype=torch.bool, device=idx.device)

@@ -164,7 +164,7 @@ def test_kv_cache_generation_equals_recomputing_every_step(name, layout):
     gpt = GPT(tiny(name, layout)).eval()
     spelt(gpt.embed)
     prompt = torch.randint(0, 257, (3, 40))  # longer than block_size: cropped from the left
-    out = torch.cat(list(generate_stream(gpt, prompt, 30, temperature=0)), dim=1)  # past the context: windows re-read
+    out = torch.cat(list(generate_stream(gpt, prompt, 30, temperature=0)), dim=1)  # past the context too
     assert torch.equal(out, recomputed(gpt, prompt, 30, temperature=0)[:, 40:])
 
 

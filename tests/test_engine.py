@@ -1,6 +1,7 @@
 """engine.py: rows of different lengths in one KV cache decode as each alone (what serve.py's batches
-rely on); generate_stream gives the tokens of recomputing every step without a cache; compiled generation
-neither breaks its graph nor compiles again for each new prompt length or window refill; sample_next's filters, and valid draws for any temperature > 0 and top_p in (0, 1];
+rely on); generate_stream gives the tokens of recomputing every step without a cache; compiled
+generation neither breaks its graph nor compiles again for each new prompt length or window refill;
+sample_next's filters, and valid draws for any temperature > 0 and top_p in (0, 1];
 and the continuous-batching Engine driven step by step on a trained checkpoint."""
 import queue
 
@@ -64,7 +65,7 @@ def test_compiled_generation_has_no_graph_break_and_few_graphs():
     model = small()
     prompts = [torch.randint(0, 257, (1, T), generator=torch.Generator().manual_seed(T)) for T in (5, 9, 13)]
     eager = [torch.cat(list(generate_stream(model, ids, 30, temperature=0)), dim=1) for ids in prompts]
-    model.compile(backend="eager", fullgraph=True)  # Dynamo's graphs without inductor's code generation: fast, same counters
+    model.compile(backend="eager", fullgraph=True)  # Dynamo's graphs without inductor's code generation: fast
     compiled = [torch.cat(list(generate_stream(model, ids, 30, temperature=0)), dim=1) for ids in prompts]
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
     assert sum(counters["graph_break"].values()) == 0

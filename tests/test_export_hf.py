@@ -132,8 +132,8 @@ def test_greedy_generate_equals_ours_past_the_context(exported, name):
     new = 24  # runs 16 tokens past block_size: both must crop to the last block_size tokens
     theirs_out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                  do_sample=False)
-    ours_out = torch.cat(list(generate_stream(ours, prompt, new, temperature=0, eos_id=tokenizer.eos_token_id)), dim=1)
-    assert torch.equal(theirs_out, torch.cat((prompt, ours_out), dim=1))
+    ours_out = generate_stream(ours, prompt, new, temperature=0, eos_id=tokenizer.eos_token_id)
+    assert torch.equal(theirs_out, torch.cat((prompt, *ours_out), dim=1))
 
 
 def test_seeded_sampling_equals_ours_past_the_context(exported):
@@ -232,8 +232,8 @@ def test_cli_export_runs_the_model_card_example_offline(trained_checkpoint, hf_e
     assert result.returncode == 0, result.stderr
     enc = get_encoding("bytes")
     ids = torch.tensor([enc.encode_ordinary(MODEL_CARD_PROMPT)])
-    expected = torch.cat(list(generate_stream(build_model(load_checkpoint(out_dir)), ids, 3, temperature=0)), dim=1)
-    assert result.stdout == enc.decode(ids[0].tolist() + expected[0].tolist()) + "\n"
+    expected = torch.cat((ids, *generate_stream(build_model(load_checkpoint(out_dir)), ids, 3, temperature=0)), dim=1)
+    assert result.stdout == enc.decode(expected[0].tolist()) + "\n"
 
 
 def error_of(result):
