@@ -172,8 +172,8 @@ def residual_stream(model, tokens, windows, device, dtype, desc):
     try:
         for batch in progress(batches, desc=desc, leave=False):
             idx = torch.from_numpy(np.stack([tokens[s:s + n].astype(np.int64) for s, n in batch])).to(device)
-            with autocast(device, dtype):
-                model(idx)
+            with autocast(device, dtype):  # the hooks keep the states; of the logits, only the last are made
+                model(idx, lengths=torch.full((len(idx),), idx.size(1), device=device))
             states.append(torch.stack(captured, dim=2).flatten(0, 1))  # (B * n, n_layer + 1, n_embd)
     finally:
         for handle in handles:

@@ -263,9 +263,9 @@ class Engine:
         idx = torch.zeros((len(sequences), max(lengths)), dtype=torch.long, device=self.device)
         for row, s in enumerate(sequences):
             idx[row, :lengths[row]] = torch.tensor(s.window)
-        scored = any(s.score_prompt for s in sequences)
-        logits, _ = self.model(idx, kv_cache=self.cache.rows(first, len(sequences)), all_logits=scored,
-                               lengths=torch.tensor(lengths, device=self.device))
+        scored = any(s.score_prompt for s in sequences)  # then every position's logits, else each row's last
+        logits, _ = self.model(idx, kv_cache=self.cache.rows(first, len(sequences)),
+                               lengths=None if scored else torch.tensor(lengths, device=self.device))
         for row, s in enumerate(sequences):
             self.cache.lengths[first + row] = lengths[row]
             if s.score_prompt:

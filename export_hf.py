@@ -109,7 +109,7 @@ def check_model_source(source, model):
         copy.load_state_dict(model.state_dict())
         ids = torch.arange(min(model.config.block_size, model.config.vocab_size))[None]
         with torch.no_grad():
-            same = torch.equal(copy.eval()(ids, all_logits=True)[0], model(ids, all_logits=True)[0])
+            same = torch.equal(copy.eval()(ids)[0], model(ids)[0])
     except Exception as e:
         raise UserError(f"input code '{model.config.input_code}' does not run from the exported model.py "
                               f"({type(e).__name__}: {e}): its class may use only names model.py defines or "

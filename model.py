@@ -366,24 +366,40 @@ class SpellingCode(WideCode):
     parameter, that carries the spelling. On bytes a token's spelling is its byte's own random bits,
     the byte again: the code holds what fixed_min holds.
     The spelling follows from the tokenizer's byte strings, which model.py does not read: a new model
-    starts with none (all 0) and is given them by set_token_bytes (train.py does it from the dataset's
-    encoding). It is stored as the uint8 buffer spelling (V x (code_width - K)), so a checkpoint loads
-    without the tokenizer. code_width bits per token; V (code_width - K) stored bits, at code_width 64
-    212,992 for cl100k_4096 and 3,145,728 for the 65,536 ids of cl100k_65536."""
+    starts with none (all 0), which forward refuses, and is given them by set_token_bytes (train.py does
+    it from the dataset's encoding). It is stored as the uint8 buffer spelling (V x (code_width - K)), so
+    a checkpoint loads without the tokenizer. code_width bits per token; V (code_width - K) stored bits,
+    at code_width 64 212,992 for cl100k_4096 and 3,145,728 for the 65,536 ids of cl100k_65536."""
     needs_token_bytes = True
 
     def __init__(self, config):
         super().__init__(config)
         self.seed = config.code_seed
         self.register_buffer("spelling", torch.zeros(config.vocab_size, config.code_width - self.K, dtype=torch.uint8))
+        self.spelt = False  # known to hold a spelling: from set_token_bytes, a loaded state_dict or check_spelt
+        self.register_load_state_dict_post_hook(SpellingCode.loaded)
 
     def set_token_bytes(self, token_bytes):
         if len(token_bytes) != self.spelling.size(0):
             raise ValueError(f"the tokenizer has {len(token_bytes)} tokens but the model's vocab_size is "
                              f"{self.spelling.size(0)}")
         self.spelling.copy_(spell(token_bytes, self.spelling.size(1), self.seed))
+        self.spelt = True
+
+    def loaded(self, incompatible_keys):  # checked here, so that a compiled loaded model never runs check_spelt
+        self.spelt = not self.spelling.is_meta and bool(self.spelling.any())
+
+    @torch.compiler.disable  # a check of the data, once per model: compiled code runs it eagerly, outside the graph
+    def check_spelt(self):
+        """A loaded model holds its checkpoint's spelling; a new one holds zeros until set_token_bytes."""
+        self.spelt = bool(self.spelling.any())
+        if not self.spelt:
+            raise ValueError("input_code='spelling' has no spelling yet: give a new model its tokenizer's bytes "
+                             "with model.embed.set_token_bytes(tokenizer.token_bytes(encoding)), as train.py does")
 
     def bits(self, idx):
+        if not self.spelt:
+            self.check_spelt()
         return torch.cat((super().bits(idx), self.spelling[idx].long()), dim=-1)
 
 
@@ -510,32 +526,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
-class SimpleKVCache:
-    """Keys and values of every layer, for rows that all hold the same positions: GPT.generate's cache.
-
-    The attention asks a cache three things, and engine.py's cache, whose rows hold sequences of
-    different lengths, answers them too: begin(B, T, device) before a forward of T new tokens on rows
-    0..B-1, giving their positions (an int: all rows start there; or a (B, T) tensor); update(layer,
-    k, v), which stores a layer's new keys and values and returns (all keys, all values, the attention
-    mask or None, whether plain causal attention applies); advance(B, T) after the forward."""
-
-    def __init__(self, n_layer):
-        self.keys, self.values = [None] * n_layer, [None] * n_layer
-        self.length = 0
-
-    def begin(self, B, T, device):
-        return self.length
-
-    def update(self, layer, k, v):
-        if self.length:  # generate runs a prompt into an empty cache, then one token at a time
-            k, v = torch.cat((self.keys[layer], k), dim=2), torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v, None, self.length == 0  # one new token sees every key; a prompt attends causally
-
-    def advance(self, B, T):
-        self.length += T
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -565,11 +555,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, kv_cache=None, all_logits=False, lengths=None):
-        """idx (B, T) ids -> (logits, loss). With targets: logits of every position and the mean
-        cross-entropy. Without: logits of the last position (B, 1, V), or of all if all_logits; rows
-        padded on the right give lengths (B,), their real lengths, to get the logits of their last
-        real position instead."""
+    def forward(self, idx, targets=None, kv_cache=None, lengths=None):
+        """idx (B, T) ids -> (logits, loss). With targets: the logits of every position and the mean
+        cross-entropy. Without: the logits of every position (B, T, V), or, given the real lengths (B,)
+        of rows padded on the right, of each row's last real token only (B, 1, V), all that engine.py's
+        prefill reads. kv_cache: engine.py's KVCache, whose begin, update and advance give a cached
+        forward its positions, keys and attention mask (engine.py says how)."""
         B, T = idx.shape
         if kv_cache is None and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -585,45 +576,12 @@ class GPT(nn.Module):
             kv_cache.advance(B, T)
         x = self.norm_f(x)
         if targets is None:
-            if lengths is not None and not all_logits:
+            if lengths is not None:
                 x = x[torch.arange(B, device=x.device), lengths - 1].unsqueeze(1)
-            return self.lm_head(x if all_logits else x[:, -1:]), None
+            return self.lm_head(x), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, generator=None):
-        """idx (B, T) followed by up to max_new_tokens tokens, each drawn from the softmax of the last
-        logits / temperature (from the top_k most likely only, if given; temperature 0 is greedy). The
-        model sees the last block_size tokens: a KV cache makes each step one token's forward until the
-        context is full, then each step recomputes the window, as a model that crops its input would.
-        Rows that produced eos_id keep emitting it; generation stops when every row has."""
-        cache = SimpleKVCache(self.config.n_layer)
-        logits, _ = self(idx[:, -self.config.block_size:], kv_cache=cache)
-        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
-            if step > 0 and cache.length == self.config.block_size:
-                cache = SimpleKVCache(self.config.n_layer)
-                logits, _ = self(idx[:, -self.config.block_size:], kv_cache=cache)
-            elif step > 0:
-                logits, _ = self(token, kv_cache=cache)
-            logits = logits[:, -1].float()
-            if temperature == 0:
-                token = logits.argmax(dim=-1, keepdim=True)
-            else:  # the top logit moved to 0 first: a tiny temperature then gives -inf, not nan
-                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
-            if eos_id is not None:
-                token = torch.where(done, eos_id, token)
-                done |= token == eos_id
-            idx = torch.cat((idx, token), dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-        return idx
 
     def param_counts(self):
         """Trainable parameters in all and in the input interface, and the fixed values the input holds."""

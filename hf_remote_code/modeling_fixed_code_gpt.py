@@ -5,9 +5,10 @@ export_hf.py copies this file into each folder it writes, beside a verbatim copy
 model.py, which it imports: the network transformers runs is our code, not a port of it. It is not
 imported from the repository itself (the relative import only resolves inside an exported folder).
 
-Generation recomputes the whole window at every step (no key/value cache through transformers),
-cropped to the last block_size tokens as model.GPT.generate does, so greedy decoding gives the same
-tokens as ours. Padding is supported on the right only, and for scoring (forward) only: the model has
+Generation is transformers' own (GenerationMixin, with all its options), recomputing the whole window
+at every step (no key/value cache through transformers), cropped to the last block_size tokens as
+engine.py's generate_stream does (sample.py, serve.py), so greedy decoding gives the same tokens as
+ours. Padding is supported on the right only, and for scoring (forward) only: the model has
 no attention mask, and with causal attention right padding cannot change the logits of the real tokens
 before it; generate() refuses a padded batch, since its new tokens would come after the padding.
 """
@@ -59,7 +60,7 @@ class FixedCodeGPTForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("this model has no attention mask, so no token may follow padding: pad batches on the "
                              "right (tokenizer.padding_side = 'right') to score them, or run rows of different "
                              "lengths one at a time")
-        logits, _ = self.gpt(input_ids, all_logits=True)
+        logits, _ = self.gpt(input_ids)
         loss = None
         if labels is not None:  # transformers' convention: position t is scored on labels[t + 1]
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

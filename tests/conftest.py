@@ -53,6 +53,27 @@ def run_in_process(script, *args):
     return result
 
 
+def recomputed(model, idx, max_new_tokens, eos_id=None, generator=None, **sampling):
+    """idx (B, T) followed by up to max_new_tokens tokens, made the plain way engine.py's generation is
+    checked against: no KV cache, each step a forward of the last block_size tokens, whose last logits
+    engine.sample_next draws from (temperature, top_k, top_p). Rows that produced eos_id repeat it; it
+    stops when all have."""
+    import torch
+    from engine import sample_next
+    done = torch.zeros(len(idx), 1, dtype=torch.bool, device=idx.device)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            token = sample_next(logits[:, -1], generator=generator, **sampling)
+            if eos_id is not None:
+                token = torch.where(done, eos_id, token)
+                done |= token == eos_id
+            idx = torch.cat((idx, token), dim=1)
+            if bool(done.all()):
+                break
+    return idx
+
+
 def limited_file_size(limit):
     """In the child before exec: files it writes may not grow past limit bytes (EFBIG, as a full disk)."""
     def apply():

@@ -15,6 +15,8 @@ import torch
 import model
 from checkpoint import CheckpointError, build_model, load_checkpoint, load_weights, save_checkpoint
 from common import UserError, run_main
+from conftest import recomputed
+from engine import generate_stream
 from model import CODES, GPT, LAYOUTS, BinaryCode, GPTConfig, code_bits, code_fields, make_norm
 from test_export_hf import hf_env, transformers  # noqa: F401 (fixtures: offline transformers in a temp HF_HOME)
 from tokenizer import get_encoding, token_bytes
@@ -79,6 +81,8 @@ def test_first_block_reads_an_injective_code_of_all_ids_at_paper_width(name):
     (One layout: both copy the same code bits, each bit onto at least one channel; see the layout tests.)"""
     config = GPTConfig(**code_settings(name, 65536), n_layer=1)
     embed, norm_1 = CODES[name](config), make_norm(config)  # what GPT builds as embed and blocks[0].norm_1
+    if embed.needs_token_bytes:  # some spelling: each id's two bytes (loading cl100k_65536 would take seconds)
+        embed.set_token_bytes([t.to_bytes(2, "little") for t in range(65536)])
     with torch.no_grad():
         seen = torch.cat([norm_1(embed(ids)) for ids in torch.arange(65536).split(16384)])
     assert seen.shape == (65536, 1024) and distinct_rows(seen)
@@ -147,7 +151,7 @@ def test_checkpoint_round_trip_keeps_the_code(name, layout, tmp_path):
     loaded = build_model(load_checkpoint(str(tmp_path)))
     ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(loaded(ids, all_logits=True)[0], gpt(ids, all_logits=True)[0])
+        assert torch.equal(loaded(ids)[0], gpt(ids)[0])
     other = GPT(tiny(name, layout, code_seed=6))  # a checkpoint's stored code wins over a fresh draw
     spelt(other.embed)
     other.load_state_dict(gpt.state_dict())
@@ -158,20 +162,17 @@ def test_checkpoint_round_trip_keeps_the_code(name, layout, tmp_path):
 def test_kv_cache_generation_equals_recomputing_every_step(name, layout):
     torch.manual_seed(0)
     gpt = GPT(tiny(name, layout)).eval()
+    spelt(gpt.embed)
     prompt = torch.randint(0, 257, (3, 40))  # longer than block_size: cropped from the left
-    out = gpt.generate(prompt, max_new_tokens=30, temperature=0)  # runs past the context: window re-fills
-    seq = prompt[:, -32:]
-    for _ in range(30):
-        logits, _ = gpt(seq[:, -32:])
-        seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-    assert torch.equal(out[:, :40], prompt)
-    assert torch.equal(out[:, 40:], seq[:, 32:])
+    out = torch.cat(list(generate_stream(gpt, prompt, 30, temperature=0)), dim=1)  # past the context too
+    assert torch.equal(out, recomputed(gpt, prompt, 30, temperature=0)[:, 40:])
 
 
 @pytest.mark.parametrize("name", CODES)
 def test_training_step_under_cpu_bf16_autocast_matches_float32(name):
     torch.manual_seed(0)
     gpt = GPT(tiny(name))
+    spelt(gpt.embed)
     ids = torch.randint(0, 257, (2, 33))
     _, loss32 = gpt(ids[:, :-1], ids[:, 1:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -197,7 +198,7 @@ def load_export(transformers, hf_dir):
 def check_export(ours, theirs, tokenizer, sampled, prompt, new):
     ids = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (theirs(ids).logits - ours(ids, all_logits=True)[0]).abs().max().item() < 1e-5
+        assert (theirs(ids).logits - ours(ids)[0]).abs().max().item() < 1e-5
     out = theirs.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=new, do_sample=False)
     # both stop at <|endoftext|>: sample.py before printing it, transformers' generate after
     assert sampled == tokenizer.decode(out[0]).split("<|endoftext|>")[0] + "\n"
@@ -268,7 +269,7 @@ def test_tile_and_repeat_are_one_network_up_to_a_permutation_of_residual_channel
                 q.copy_(p[P])  # the norms' per-channel weights, and the projections that write the residual stream
             else:  # c_attn, c_fc and lm_head read it
                 q.copy_(p[:, P])
-        diff = (repeat_model(ids, all_logits=True)[0] - tile_model(ids, all_logits=True)[0]).abs().max().item()
+        diff = (repeat_model(ids)[0] - tile_model(ids)[0]).abs().max().item()
     assert diff < 1e-12
 
 
@@ -470,7 +471,7 @@ def test_checkpoints_without_the_new_fields_load_and_give_the_same_logits(name, 
     loaded = build_model(load_checkpoint(str(tmp_path / "old")))
     ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(loaded(ids, all_logits=True)[0], gpt(ids, all_logits=True)[0])
+        assert torch.equal(loaded(ids)[0], gpt(ids)[0])
     assert loaded.state_dict().keys() == checkpoint["model"].keys()  # no new buffer is expected of it
     if name == "fixed_min":
         assert torch.equal(loaded.embed(ids), old_lift(ids, config))

@@ -1,6 +1,7 @@
 """engine.py: rows of different lengths in one KV cache decode as each alone (what serve.py's batches
-rely on); generate_stream gives GPT.generate's tokens; compiled generation neither breaks its graph nor compiles again for each new prompt length
-or window refill; sample_next's filters, and valid draws for any temperature > 0 and top_p in (0, 1];
+rely on); generate_stream gives the tokens of recomputing every step without a cache; compiled
+generation neither breaks its graph nor compiles again for each new prompt length or window refill;
+sample_next's filters, and valid draws for any temperature > 0 and top_p in (0, 1];
 and the continuous-batching Engine driven step by step on a trained checkpoint."""
 import queue
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from checkpoint import build_model, load_checkpoint
-from conftest import shakespeare_text
+from conftest import recomputed, shakespeare_text
 from engine import Engine, KVCache, QueueFull, Sequence, generate_stream, sample_next
 from model import GPT, GPTConfig
 from tokenizer import get_encoding
@@ -34,36 +35,37 @@ def test_rows_of_different_lengths_decode_as_each_alone():
             tokens += logits[:, -1].argmax(-1).tolist()
     batched = torch.tensor(tokens).view(-1, len(prompts)).T
     for ids, row in zip(prompts, batched):
-        assert torch.equal(model.generate(ids[None], 11, temperature=0)[0, len(ids):], row)
+        assert torch.equal(recomputed(model, ids[None], 11, temperature=0)[0, len(ids):], row)
 
 
-def test_generate_stream_gives_model_generates_tokens_past_the_context_and_after_the_end():
-    """The Engine's path (generate_stream) and model.py's plain loop (GPT.generate) agree: greedy rows
+def test_generate_stream_gives_recomputed_tokens_past_the_context_and_after_the_end():
+    """The Engine's path (generate_stream, KV cache) and the plain loop without one agree: greedy rows
     past block_size (the window refills), rows that reached eos_id repeating it, and a seeded draw."""
     model = small()
     prompt = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(1))
     stream = lambda *args, **kwargs: torch.cat(list(generate_stream(model, *args, **kwargs)), dim=1)
-    plain = model.generate(prompt, 40, temperature=0)
+    plain = recomputed(model, prompt, 40, temperature=0)
     assert torch.equal(stream(prompt, 40, temperature=0), plain[:, 20:])
     eos = int(plain[0, 25])
     ended = stream(prompt, 40, temperature=0, eos_id=eos)
-    assert torch.equal(ended, model.generate(prompt, 40, temperature=0, eos_id=eos)[:, 20:])
+    assert torch.equal(ended, recomputed(model, prompt, 40, temperature=0, eos_id=eos)[:, 20:])
     assert (ended[0, 5:] == eos).all()
     drawn = stream(prompt[:1], 40, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(drawn, model.generate(prompt[:1], 40, temperature=0.8, top_k=50,
-                                             generator=torch.Generator().manual_seed(3))[:, 20:])
+    assert torch.equal(drawn, recomputed(model, prompt[:1], 40, temperature=0.8, top_k=50,
+                                         generator=torch.Generator().manual_seed(3))[:, 20:])
 
 
 def test_compiled_generation_has_no_graph_break_and_few_graphs():
-    """Prompts of three lengths, each running past block_size (window refills): one graph for the
-    first prompt length, one for all later ones (dynamic), one for decode steps, one for refills."""
+    """Prompts of three lengths, each running past block_size (window refills), compiled with
+    fullgraph=True (a graph break is an error): one graph for the first prompt length, one for all
+    later ones (dynamic), one for decode steps, one for refills."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     model = small()
     prompts = [torch.randint(0, 257, (1, T), generator=torch.Generator().manual_seed(T)) for T in (5, 9, 13)]
     eager = [torch.cat(list(generate_stream(model, ids, 30, temperature=0)), dim=1) for ids in prompts]
-    model.compile(backend="eager")  # Dynamo's graphs without inductor's code generation: fast, same counters
+    model.compile(backend="eager", fullgraph=True)  # Dynamo's graphs without inductor's code generation: fast
     compiled = [torch.cat(list(generate_stream(model, ids, 30, temperature=0)), dim=1) for ids in prompts]
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
     assert sum(counters["graph_break"].values()) == 0
@@ -103,7 +105,7 @@ def model(trained_checkpoint):
 def model_logprobs(model, ids):
     """log p(ids[i] | ids[:i]) for i >= 1, and each position's log-softmax, from the model without a cache."""
     with torch.no_grad():
-        logits, _ = model(torch.tensor([ids]), all_logits=True)
+        logits, _ = model(torch.tensor([ids]))
     scores = logits[0].log_softmax(dim=-1)
     return [scores[i - 1, ids[i]].item() for i in range(1, len(ids))], scores
 
@@ -137,7 +139,7 @@ def events_of(events):
 
 def test_a_batch_of_different_lengths_decodes_as_each_alone(model):
     """Greedy tokens in one batch (prompts of 1 to 60 tokens, windows re-read past block_size 64) are
-    model.generate's for each prompt alone; prompt scores agree within float32 rounding."""
+    those of each prompt alone without a cache; prompt scores agree within float32 rounding."""
     model, encoding = model
     text = shakespeare_text()
     prompts = [encoding.encode(text[i:i + n]) for i, n in ((0, 1), (500, 7), (900, 30), (1500, 60), (2000, 33))]
@@ -147,7 +149,7 @@ def test_a_batch_of_different_lengths_decodes_as_each_alone(model):
     got = events_of(events)
     for i, ids in enumerate(prompts):
         tokens = [e[1] for e in got[i] if e[0] == "token"]
-        alone = model.generate(torch.tensor([ids]), len(tokens), temperature=0)[0, len(ids):].tolist()
+        alone = recomputed(model, torch.tensor([ids]), len(tokens), temperature=0)[0, len(ids):].tolist()
         assert tokens == alone
         assert tokens[-1] == 256 or len(tokens) == 30
         if len(ids) > 1:

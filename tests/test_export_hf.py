@@ -9,6 +9,7 @@ import torch
 
 from conftest import shakespeare_text
 from checkpoint import build_model, load_checkpoint, save_checkpoint
+from engine import generate_stream
 from model import GPT, GPTConfig
 from tokenizer import BUNDLED_FILE, get_encoding
 
@@ -115,7 +116,7 @@ def test_logits_and_loss_equal_ours(exported, name):
     T = ours.config.block_size
     ids = torch.tensor([tokenizer.encode(shakespeare(start, 400))[:T] for start in (1000, 50_000)])
     with torch.no_grad():
-        expected, _ = ours(ids, all_logits=True)
+        expected, _ = ours(ids)
         out = theirs(ids, labels=ids)
         _, expected_loss = ours(ids[:, :-1], ids[:, 1:])
     assert out.logits.dtype == torch.float32 and out.logits.shape == (2, T, ours.config.vocab_size)
@@ -131,8 +132,24 @@ def test_greedy_generate_equals_ours_past_the_context(exported, name):
     new = 24  # runs 16 tokens past block_size: both must crop to the last block_size tokens
     theirs_out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                  do_sample=False)
-    ours_out = ours.generate(prompt, new, temperature=0, eos_id=tokenizer.eos_token_id)
-    assert torch.equal(theirs_out, ours_out)
+    ours_out = generate_stream(ours, prompt, new, temperature=0, eos_id=tokenizer.eos_token_id)
+    assert torch.equal(theirs_out, torch.cat((prompt, *ours_out), dim=1))
+
+
+def test_seeded_sampling_equals_ours_past_the_context(exported):
+    """transformers' sampling (top_k, temperature 1) from the global generator seeded s draws the tokens
+    that engine.py draws from a generator seeded s: the same probabilities, the same uniforms."""
+    ours, theirs, tokenizer, _ = exported("fixed_min")
+    prompt = torch.tensor([tokenizer.encode(shakespeare(3000, 400))[:ours.config.block_size - 8]])
+    outputs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        outputs.append(theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                       do_sample=True, top_k=20, temperature=1.0))
+        drawn = generate_stream(ours, prompt, 24, top_k=20, eos_id=tokenizer.eos_token_id,
+                                generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(outputs[-1], torch.cat((prompt, *drawn), dim=1))
+    assert not torch.equal(*outputs)  # drawn, not greedy
 
 
 def test_greedy_generate_equals_sample_py(exported, trained_checkpoint, hf_env):
@@ -152,7 +169,7 @@ def test_right_padding_keeps_logits_and_left_padding_is_refused(exported):
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = theirs(**batch).logits
-        alone, _ = ours(torch.tensor([tokenizer.encode(texts[0])]), all_logits=True)
+        alone, _ = ours(torch.tensor([tokenizer.encode(texts[0])]))
     assert (logits[0, :12] - alone[0]).abs().max().item() < 1e-5
     tokenizer.padding_side = "left"
     try:
@@ -215,7 +232,7 @@ def test_cli_export_runs_the_model_card_example_offline(trained_checkpoint, hf_e
     assert result.returncode == 0, result.stderr
     enc = get_encoding("bytes")
     ids = torch.tensor([enc.encode_ordinary(MODEL_CARD_PROMPT)])
-    expected = build_model(load_checkpoint(out_dir)).generate(ids, 3, temperature=0)
+    expected = torch.cat((ids, *generate_stream(build_model(load_checkpoint(out_dir)), ids, 3, temperature=0)), dim=1)
     assert result.stdout == enc.decode(expected[0].tolist()) + "\n"
 
 

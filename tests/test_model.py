@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import CODES, GPT, GPTConfig, code_bits, gf2_inverse, make_norm, rotary_tables, rotate
+from tokenizer import get_encoding, token_bytes
 
 V = 65536
 ALL_IDS = torch.arange(V)
@@ -111,13 +112,21 @@ def test_layernorm_pitfall_is_real(code_values):
     assert not torch.allclose(seen[0], seen[2])
 
 
-def test_generation_stops_at_end_of_text():
-    torch.manual_seed(0)
-    model = GPT(small()).eval()
-    prompt = torch.randint(0, 257, (2, 5))
-    first = model.generate(prompt, max_new_tokens=1, temperature=0)[:, -1]
-    out = model.generate(prompt, max_new_tokens=20, temperature=0, eos_id=int(first[0]))
-    assert out.size(1) <= 25 and (out[0, 5:] == first[0]).all()
+def test_a_spelling_model_runs_only_with_a_spelling_given_or_loaded():
+    """GPT(config) cannot know the tokenizer: its spelling is all 0 until set_token_bytes, and forward
+    refuses it in one line, compiled too; a loaded state_dict brings its own and needs nothing more."""
+    ids = torch.randint(0, 257, (2, 8), generator=torch.Generator().manual_seed(0))
+    fresh = GPT(small(input_code="spelling", code_width=32)).eval()
+    for model in (fresh, torch.compile(fresh, backend="eager")):
+        with pytest.raises(ValueError, match=r"^input_code='spelling' has no spelling yet: .*set_token_bytes"):
+            model(ids)
+    fresh.embed.set_token_bytes(token_bytes(get_encoding("bytes")))
+    with torch.no_grad():
+        expected, _ = fresh(ids)
+        loaded = GPT(small(input_code="spelling", code_width=32, code_seed=1)).eval()
+        loaded.load_state_dict(fresh.state_dict())
+        assert torch.equal(torch.compile(loaded, backend="eager", fullgraph=True)(ids)[0], expected)
+    torch._dynamo.reset()
 
 
 def test_initial_loss_on_random_ids_is_close_to_ln_V():

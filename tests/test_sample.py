@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import build_model, load_checkpoint
-from conftest import run_tool, shakespeare_text
+from conftest import recomputed, run_tool, shakespeare_text
 from sample import SEPARATOR, write_text
 from tokenizer import get_encoding
 
@@ -33,13 +33,14 @@ def samples_of(result):
 
 
 def reference(out_dir, prompt, generator=None, num_samples=1, **sampling):
-    """prompt followed by what model.generate continues it with, for each sample, decoded in one go."""
+    """prompt followed by what generation without a cache (conftest.recomputed) continues it with, for
+    each sample, decoded in one go."""
     checkpoint = load_checkpoint(out_dir)
     model, encoding = build_model(checkpoint), get_encoding(checkpoint["meta"]["encoding"])
     ids = torch.tensor([encoding.encode(prompt)])
     texts = []
     for _ in range(num_samples):
-        out = model.generate(ids, NEW_TOKENS, eos_id=encoding.eot_token, generator=generator, **sampling)
+        out = recomputed(model, ids, NEW_TOKENS, eos_id=encoding.eot_token, generator=generator, **sampling)
         new = [t for t in out[0, ids.size(1):].tolist() if t != encoding.eot_token]
         texts.append(prompt + encoding.decode(new, errors="replace"))
     return texts
@@ -67,7 +68,7 @@ def greedy(trained_checkpoint, prompt):
 
 
 @pytest.mark.parametrize("input_code", ["fixed_min", "affine", "learned"])
-def test_greedy_equals_model_generate(trained_checkpoint, greedy, prompt, input_code):
+def test_greedy_equals_generation_without_a_cache(trained_checkpoint, greedy, prompt, input_code):
     [text] = greedy(input_code)
     assert text.startswith(prompt) and len(text) > len(prompt)
     assert [text] == reference(trained_checkpoint(input_code), prompt, temperature=0)
@@ -94,7 +95,7 @@ def test_seed_makes_sampling_reproducible(trained_checkpoint, prompt):
     assert len(first) == 2 and first[0] != first[1]  # the second sample goes on drawing, it does not restart
     assert first != other
     assert all(text.startswith(prompt) for text in first + other)
-    # the samples are model.generate's with a generator seeded so, drawn one after the other
+    # the samples are those drawn without a cache with a generator seeded so, one after the other
     assert first == reference(out_dir, prompt, torch.Generator().manual_seed(7), num_samples=2, temperature=1.0)
 
 
@@ -111,7 +112,7 @@ def test_long_prompt_keeps_its_last_block_size_tokens(trained_checkpoint):
     result = run_sample(f"--out_dir={out_dir}", f"--start={long_prompt}", "--temperature=0",
                         f"--max_new_tokens={NEW_TOKENS}")
     assert "warning" in result.stderr and "last 64 tokens" in result.stderr
-    assert samples_of(result) == reference(out_dir, long_prompt, temperature=0)  # generate crops the same way
+    assert samples_of(result) == reference(out_dir, long_prompt, temperature=0)  # recomputed crops the same way
 
 
 def test_file_prompt_with_multibyte_characters(trained_checkpoint, tmp_path):
