@@ -24,7 +24,8 @@ much of what the step allows the server delivers, served / engine how much of wh
 allows: the rest is HTTP, the server's threads and the clients. Each ratio is the median of each
 repeat's own pair. A second table gives the same per CPU-second (Linux): the server's CPU time
 against this thread's, which a busy machine's scheduler does not blur. The clients' CPU share is
-this process's CPU time while they ran over that and serve.py's. On a machine of few cores the
+this process's CPU time while they ran over that and serve.py's; the server's CPU beside its engine
+thread is what HTTP, JSON and its other threads took of serve.py's. On a machine of few cores the
 clients compete with the server for them, so give the load average and compare runs as ratios.
 
 Soak (--soak=SECONDS). soak_clients threads send requests one after another for soak_warmup + soak
@@ -122,14 +123,24 @@ def resident_mib(pid):
         return None
 
 
-def cpu_seconds(pid):
-    """A process's user + system CPU time (Linux), else None."""
+def cpu_seconds(pid, thread=None):
+    """A process's (or one of its threads') user + system CPU time (Linux), else None."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def engine_thread(pid):
+    """The id of serve.py's engine thread (Linux), else None: once it has served, the busiest thread
+    but the main one (which loaded the model)."""
+    try:
+        threads = [thread for thread in os.listdir(f"/proc/{pid}/task") if thread != str(pid)]
+    except OSError:
+        return None
+    return max(threads, key=lambda thread: cpu_seconds(pid, thread) or 0, default=None)
 
 
 def own_cpu_seconds():
@@ -217,13 +228,16 @@ def run_clients(config, port, clients, prompts, server_pid):
             results.append((time.perf_counter() - start, tokens_of(config, answer)))
         return results
 
+    engine = engine_thread(server_pid)
     own, server, start = own_cpu_seconds(), cpu_seconds(server_pid), time.perf_counter()
+    engine_cpu = cpu_seconds(server_pid, engine)
     with ThreadPoolExecutor(max_workers=clients) as pool:
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
     tokens, server_cpu = sum(t for _, t in results), None if server is None else cpu_seconds(server_pid) - server
+    engine_cpu = None if engine_cpu is None else cpu_seconds(server_pid, engine) - engine_cpu
     return {"rate": tokens / (time.perf_counter() - start), "cpu_rate": tokens / server_cpu if server_cpu else None,
             "latencies": [seconds for seconds, _ in results], "clients_cpu": own_cpu_seconds() - own,
-            "server_cpu": server_cpu}
+            "server_cpu": server_cpu, "engine_cpu": engine_cpu}
 
 
 @torch.no_grad()
@@ -305,11 +319,14 @@ def sweep(config, counts, process, port, cache_rows):
     first, rows = counts[0], []
     for clients in counts:
         latencies = sorted(seconds for run in runs[clients] for seconds in run["latencies"])
-        used = [(run["clients_cpu"], run["server_cpu"]) for run in runs[clients]]
+        used = [(run["clients_cpu"], run["server_cpu"], run["engine_cpu"]) for run in runs[clients]]
+        known = None not in (value for run in used for value in run)
         row = {"clients": clients, "requests": len(latencies),
                "latency_median_s": statistics.median(latencies), "latency_p95_s": quantile(latencies, 0.95),
-               "clients_cpu_share": None if any(server is None for _, server in used) else
-               sum(own for own, _ in used) / sum(own + server for own, server in used)}
+               "clients_cpu_share": sum(own for own, _, _ in used) / sum(own + server for own, server, _ in used)
+               if known else None,
+               "http_cpu_share": (sum(server - engine for _, server, engine in used)
+                                  / sum(server for _, server, _ in used)) if known else None}
         for clock, i, served in (("wall", 0, "rate"), ("cpu", 1, "cpu_rate")):
             if any(run[served] is None for c in counts for run in runs[c]):  # no CPU times (not Linux), or too few
                 continue
@@ -332,13 +349,14 @@ def print_sweep(config, argv, banner, rows, loads):
     print(f"{banner}\npython bench_serve.py {' '.join(argv)}")
     unit = "scored tokens" if config["kind"] == "loglikelihood" else "new tokens"
     first = rows[0]["clients"]
+    where_cpu_went = " latency median | latency p95 | clients' CPU share | server's CPU beside its engine thread |"
     for clock, per in (("wall", "s"), ("cpu", "server CPU-s")):  # per CPU-second: what a busy machine's
         if f"{clock}_tokens_per_s" not in rows[0]:                 # scheduler leaves out
             continue
         wall = clock == "wall"
         print(f"\n| clients | requests | {unit} per {per} | vs {first} | step vs {first} | engine vs {first} | "
-              f"served / step | served / engine |" + " latency median | latency p95 | clients' CPU share |" * wall
-              + "\n|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * wall)
+              f"served / step | served / engine |" + where_cpu_went * wall
+              + "\n|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|---:|" * wall)
         for row in rows:
             ratios = [shown(row.get(f"{clock}_{name}_vs_first"), "{:.1f}x") for name in ("step", "engine")]
             shares = [shown(statistics.median(row[f"{clock}_served_vs_{name}"]) if f"{clock}_served_vs_{name}" in row
@@ -346,7 +364,8 @@ def print_sweep(config, argv, banner, rows, loads):
             print(f"| {row['clients']} | {row['requests']} | {row[f'{clock}_tokens_per_s']:,.0f} | "
                   f"{row[f'{clock}_vs_first']:.1f}x | {' | '.join(ratios)} | {' | '.join(shares)} |"
                   + f" {row['latency_median_s']:.2f} s | {row['latency_p95_s']:.2f} s | "
-                    f"{shown(row['clients_cpu_share'], '{:.0%}')} |" * wall)
+                    f"{shown(row['clients_cpu_share'], '{:.0%}')} | "
+                    f"{shown(row['http_cpu_share'], '{:.1%}')} |" * wall)
         for row in rows[1:]:
             for name in ("step", "engine"):
                 if row.get(f"{clock}_served_vs_{name}"):
