@@ -16,17 +16,18 @@ prompt_tokens ids, echo, logprobs=1, max_tokens=1; its tokens are the prompt tok
 all clients' tokens over the wall time from the first request to the last answer. The sweep runs
 `repeats` times, interleaved, and each row gives the median over its repeats (the machine's load
 changes under a long run). Against it, for generation, two baselines timed in this process on the
-same checkpoint between the repeats, each in a KV cache of the server's rows: the engine's own decode
-step, with c rows at different lengths (spread over one request's life, as clients out of phase are)
-against one row; and the engine alone, serving the clients' very requests without HTTP (each
-client's next request submitted the moment its last ends, prefills included). Served / step is how
-much of what the step allows the server delivers, served / engine how much of what the engine
-allows: the rest is HTTP, the server's threads and the clients. Each ratio is the median of each
-repeat's own pair. A second table gives the same per CPU-second (Linux): the server's CPU time
-against this thread's, which a busy machine's scheduler does not blur. The clients' CPU share is
-this process's CPU time while they ran over that and serve.py's; the server's CPU beside its engine
-thread is what HTTP, JSON and its other threads took of serve.py's. On a machine of few cores the
-clients compete with the server for them, so give the load average and compare runs as ratios.
+same checkpoint between the repeats, each in a KV cache of the server's rows and on its count of
+CPU threads: the engine's own decode step, with c rows at different lengths (spread over one
+request's life, as clients out of phase are) against one row; and the engine alone, serving the
+clients' very requests without HTTP (each client's next request submitted the moment its last
+ends, prefills included). Served / step is how much of what the step allows the server delivers,
+served / engine how much of what the engine allows: the rest is HTTP, the server's threads and the
+clients. Each ratio is the median of each repeat's own pair. A second table gives the same per
+CPU-second (Linux): the server's CPU time against this thread's, which a busy machine's scheduler
+does not blur. The clients' CPU share is this process's CPU time while they ran over that and
+serve.py's; the server's CPU beside its engine thread is what HTTP, JSON and its other threads took
+of serve.py's. On a machine of few cores the clients compete with the server for them, so give the
+load average and compare runs as ratios.
 
 Soak (--soak=SECONDS). soak_clients threads send requests one after another for soak_warmup + soak
 seconds, or until soak_requests have gone, request k being the k-th of a fixed, shuffled cycle of 23
@@ -89,6 +90,7 @@ SETTINGS = {  # key: (default, meaning)
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 MEMORY_GROWTH = 0.10  # the soak's bound on the server's memory at the end over after warm-up
+MIN_CPU_S = 0.5  # /proc counts CPU time in ticks of 10 ms: a run's shorter figures per CPU-second are not shown
 
 
 # ---------------------------------------------------------------------------------------- the server
@@ -112,6 +114,12 @@ def start_server(config):
 def cache_rows(banner):
     """The rows of the server's KV cache, from the line it starts with."""
     return int(re.search(r"batches of up to (\d+)", banner).group(1))
+
+
+def cpu_threads(banner):
+    """The server's torch threads on the CPU, from the line it starts with; None on a GPU."""
+    match = re.search(r"cpu \((\d+) threads?\)", banner)
+    return match and int(match.group(1))
 
 
 def resident_mib(pid):
@@ -235,7 +243,9 @@ def run_clients(config, port, clients, prompts, server_pid):
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
     tokens, server_cpu = sum(t for _, t in results), None if server is None else cpu_seconds(server_pid) - server
     engine_cpu = None if engine_cpu is None else cpu_seconds(server_pid, engine) - engine_cpu
-    return {"rate": tokens / (time.perf_counter() - start), "cpu_rate": tokens / server_cpu if server_cpu else None,
+    if server_cpu is not None and server_cpu < MIN_CPU_S:
+        server_cpu = engine_cpu = None
+    return {"rate": tokens / (time.perf_counter() - start), "cpu_rate": server_cpu and tokens / server_cpu,
             "latencies": [seconds for seconds, _ in results], "clients_cpu": own_cpu_seconds() - own,
             "server_cpu": server_cpu, "engine_cpu": engine_cpu}
 
@@ -292,9 +302,9 @@ def engine_rate(model, clients, cache_rows, config, prompts, eos_id, device, dty
     return tokens / (time.perf_counter() - start), tokens / (time.thread_time() - cpu)
 
 
-def sweep(config, counts, process, port, cache_rows):
-    """The client counts, repeats times, interleaved with the engine's step and the engine alone: a row
-    per count."""
+def sweep(config, counts, process, port, cache_rows, threads):
+    """The client counts, repeats times, interleaved with the engine's step and the engine alone, both
+    on the server's count of CPU threads: a row per count."""
     vocab = server_info(port)["vocab_size"]
     rng = random.Random(config["seed"])
     prompts = [[rng.randrange(vocab - 1) for _ in range(config["prompt_tokens"])] for _ in range(256)]
@@ -303,6 +313,8 @@ def sweep(config, counts, process, port, cache_rows):
         device = resolve_device(config["device"])
         dtype = resolve_dtype(config["dtype"], device)
         _, model, encoding = load_for_inference(config["out_dir"], device)
+        if threads:
+            torch.set_num_threads(threads)
         step_rate(model, min(max(counts), cache_rows), cache_rows, config, device, dtype, generator)  # warm-up
     post(port, request_body(config, prompts[0]))  # warm-up: first allocations, kernels
     runs, steps, engines, loads = {c: [] for c in counts}, {c: [] for c in counts}, {c: [] for c in counts}, []
@@ -572,7 +584,7 @@ def main(argv):
         if config["soak"]:
             result = soak(config, process, port, log)
         else:
-            rows, loads = sweep(config, counts, process, port, cache_rows(banner))
+            rows, loads = sweep(config, counts, process, port, cache_rows(banner), cpu_threads(banner))
     finally:
         process.terminate()
         process.wait()
