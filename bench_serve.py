@@ -361,13 +361,13 @@ def print_sweep(config, argv, banner, rows, loads):
     print(f"{banner}\npython bench_serve.py {' '.join(argv)}")
     unit = "scored tokens" if config["kind"] == "loglikelihood" else "new tokens"
     first = rows[0]["clients"]
-    where_cpu_went = " latency median | latency p95 | clients' CPU share | server's CPU beside its engine thread |"
+    wall_only = " latency median | latency p95 | clients' CPU share | server's CPU beside its engine thread |"
     for clock, per in (("wall", "s"), ("cpu", "server CPU-s")):  # per CPU-second: what a busy machine's
         if f"{clock}_tokens_per_s" not in rows[0]:                 # scheduler leaves out
             continue
         wall = clock == "wall"
         print(f"\n| clients | requests | {unit} per {per} | vs {first} | step vs {first} | engine vs {first} | "
-              f"served / step | served / engine |" + where_cpu_went * wall
+              f"served / step | served / engine |" + wall_only * wall
               + "\n|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|---:|" * wall)
         for row in rows:
             ratios = [shown(row.get(f"{clock}_{name}_vs_first"), "{:.1f}x") for name in ("step", "engine")]
