@@ -14,13 +14,20 @@ every run sends the same ones) and max_tokens new ones, greedy; its tokens are u
 (fewer when <|endoftext|> comes first). A loglikelihood request is what lm-evaluation-harness sends:
 prompt_tokens ids, echo, logprobs=1, max_tokens=1; its tokens are the prompt tokens scored. tokens/s is
 all clients' tokens over the wall time from the first request to the last answer. The sweep runs
-`repeats` times, interleaved, and each row gives the median tokens/s of its repeats (the machine's
-load changes under a long run). Against it, for generation: the engine's own decode step, timed in
-this process on the same checkpoint between the repeats, with c rows at different lengths (spread
-over one request's life, as clients out of phase are) against one row. Served/step is how much of
-what the step allows the server delivers; the clients' CPU share is this process's CPU time while
-they ran over that and serve.py's (Linux). On a machine of few cores the clients compete with the
-server for them, so give the load average and compare runs as ratios.
+`repeats` times, interleaved, and each row gives the median over its repeats (the machine's load
+changes under a long run). Against it, for generation, two baselines timed in this process on the
+same checkpoint between the repeats, each in a KV cache of the server's rows and on its count of
+CPU threads: the engine's own decode step, with c rows at different lengths (spread over one
+request's life, as clients out of phase are) against one row; and the engine alone, serving the
+clients' very requests without HTTP (each client's next request submitted the moment its last
+ends, prefills included). Served / step is how much of what the step allows the server delivers,
+served / engine how much of what the engine allows: the rest is HTTP, the server's threads and the
+clients. Each ratio is the median of each repeat's own pair. A second table gives the same per
+CPU-second (Linux): the server's CPU time against this thread's, which a busy machine's scheduler
+does not blur. The clients' CPU share is this process's CPU time while they ran over that and
+serve.py's; the server's CPU beside its engine thread is what HTTP, JSON and its other threads took
+of serve.py's. On a machine of few cores the clients compete with the server for them, so give the
+load average and compare runs as ratios.
 
 Soak (--soak=SECONDS). soak_clients threads send requests one after another for soak_warmup + soak
 seconds, or until soak_requests have gone, request k being the k-th of a fixed, shuffled cycle of 23
@@ -83,6 +90,7 @@ SETTINGS = {  # key: (default, meaning)
 }
 DEFAULTS, MEANINGS = split_settings(SETTINGS)
 MEMORY_GROWTH = 0.10  # the soak's bound on the server's memory at the end over after warm-up
+MIN_CPU_S = 0.5  # /proc counts CPU time in ticks of 10 ms: a run's shorter figures per CPU-second are not shown
 
 
 # ---------------------------------------------------------------------------------------- the server
@@ -103,6 +111,17 @@ def start_server(config):
     return process, int(match.group(1)), line.strip(), log
 
 
+def cache_rows(banner):
+    """The rows of the server's KV cache, from the line it starts with."""
+    return int(re.search(r"batches of up to (\d+)", banner).group(1))
+
+
+def cpu_threads(banner):
+    """The server's torch threads on the CPU, from the line it starts with; None on a GPU."""
+    match = re.search(r"cpu \((\d+) threads?\)", banner)
+    return match and int(match.group(1))
+
+
 def resident_mib(pid):
     """A process's resident memory in MiB (Linux), else None."""
     try:
@@ -112,14 +131,24 @@ def resident_mib(pid):
         return None
 
 
-def cpu_seconds(pid):
-    """A process's user + system CPU time (Linux), else None."""
+def cpu_seconds(pid, thread=None):
+    """A process's (or one of its threads') user + system CPU time (Linux), else None."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def engine_thread(pid):
+    """The id of serve.py's engine thread (Linux), else None: once it has served, the busiest thread
+    but the main one (which loaded the model)."""
+    try:
+        threads = [thread for thread in os.listdir(f"/proc/{pid}/task") if thread != str(pid)]
+    except OSError:
+        return None
+    return max(threads, key=lambda thread: cpu_seconds(pid, thread) or 0, default=None)
 
 
 def own_cpu_seconds():
@@ -207,39 +236,75 @@ def run_clients(config, port, clients, prompts, server_pid):
             results.append((time.perf_counter() - start, tokens_of(config, answer)))
         return results
 
+    engine = engine_thread(server_pid)
     own, server, start = own_cpu_seconds(), cpu_seconds(server_pid), time.perf_counter()
+    engine_cpu = cpu_seconds(server_pid, engine)
     with ThreadPoolExecutor(max_workers=clients) as pool:
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
-    return {"rate": sum(t for _, t in results) / (time.perf_counter() - start),
+    tokens, server_cpu = sum(t for _, t in results), None if server is None else cpu_seconds(server_pid) - server
+    engine_cpu = None if engine_cpu is None else cpu_seconds(server_pid, engine) - engine_cpu
+    if server_cpu is not None and server_cpu < MIN_CPU_S:
+        server_cpu = engine_cpu = None
+    return {"rate": tokens / (time.perf_counter() - start), "cpu_rate": server_cpu and tokens / server_cpu,
             "latencies": [seconds for seconds, _ in results], "clients_cpu": own_cpu_seconds() - own,
-            "server_cpu": None if server is None else cpu_seconds(server_pid) - server}
+            "server_cpu": server_cpu, "engine_cpu": engine_cpu}
 
 
 @torch.no_grad()
-def step_rate(model, rows, config, device, dtype, generator):
-    """New tokens/s of the engine's decode steps with rows sequences in flight, in this thread: their
-    lengths spread over one request's life (prompt_tokens to prompt_tokens + max_tokens), as clients
-    out of phase are; one row sits in the middle. The steps before the timed ones fill the cache. In
-    serve.py's precision: a KV cache of dtype, the model under common.autocast."""
+def step_rate(model, rows, cache_rows, config, device, dtype, generator):
+    """(new tokens per second, per CPU-second) of the engine's decode steps with rows sequences in
+    flight, in this thread, in a cache of the server's cache_rows: their lengths spread over one
+    request's life (prompt_tokens to prompt_tokens + max_tokens), as clients out of phase are; one row
+    sits in the middle. The steps before the timed ones fill the cache. In serve.py's precision: a KV
+    cache of dtype, the model under common.autocast."""
     steps = max(config["max_tokens"] // 2, 1)
     room = model.config.block_size - steps - 1  # no window may fill up while timed
     spread = [config["max_tokens"] * r // rows for r in range(rows)] if rows > 1 else [config["max_tokens"] // 2]
     lengths = [max(1, min(config["prompt_tokens"] + offset, room)) for offset in spread]
-    engine = Engine(model, KVCache(model.config, rows, dtype, device), rows, sum(lengths))
+    engine = Engine(model, KVCache(model.config, cache_rows, dtype, device), rows, sum(lengths))
     events = queue.SimpleQueue()  # the engine reports every token; nobody reads them here
     engine.submit([Sequence(torch.randint(model.config.vocab_size, (n,), generator=generator).tolist(), steps + 2,
                             events, r) for r, n in enumerate(lengths)])
     with autocast(device, dtype):
         engine.step(engine.admit())  # the prefill
         engine.step([])
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         for _ in range(steps):
             engine.step([])  # each ends in .tolist() of the picked tokens: on a GPU too, the step is done
-        return rows * steps / (time.perf_counter() - start)
+        return rows * steps / (time.perf_counter() - start), rows * steps / (time.thread_time() - cpu)
 
 
-def sweep(config, counts, process, port):
-    """The client counts, repeats times, interleaved with the engine's step: a row per count."""
+@torch.no_grad()
+def engine_rate(model, clients, cache_rows, config, prompts, eos_id, device, dtype):
+    """(new tokens per second, per CPU-second) of the engine serving what the clients ask, in this
+    thread, without HTTP: each client's requests one after another, the next submitted the moment the
+    last ends, in a cache of the server's cache_rows, prefills included. What the server could do if
+    HTTP, its threads and the clients cost nothing."""
+    engine = Engine(model, KVCache(model.config, cache_rows, dtype, device), clients, clients * len(prompts[0]))
+    events, sent = queue.SimpleQueue(), [0] * clients
+
+    def submit(c):  # the client's next request, as run_clients sends it
+        prompt = prompts[(c * config["rounds"] + sent[c]) % len(prompts)]
+        engine.submit([Sequence(prompt, config["max_tokens"], events, c, eos_id=eos_id)])
+        sent[c] += 1
+
+    tokens, start, cpu = 0, time.perf_counter(), time.thread_time()
+    with autocast(device, dtype):
+        for c in range(clients):
+            submit(c)
+        while engine.running or engine.waiting:
+            engine.step(engine.admit())
+            while not events.empty():
+                c, event = events.get()
+                tokens += event[0] == "token" and event[1] != eos_id  # usage.completion_tokens leaves it out
+                if event[0] == "end" and sent[c] < config["rounds"]:
+                    submit(c)
+    return tokens / (time.perf_counter() - start), tokens / (time.thread_time() - cpu)
+
+
+def sweep(config, counts, process, port, cache_rows, threads):
+    """The client counts, repeats times, interleaved with the engine's step and the engine alone, both
+    on the server's count of CPU threads: a row per count."""
     vocab = server_info(port)["vocab_size"]
     rng = random.Random(config["seed"])
     prompts = [[rng.randrange(vocab - 1) for _ in range(config["prompt_tokens"])] for _ in range(256)]
@@ -247,51 +312,77 @@ def sweep(config, counts, process, port):
     if config["step_ratio"] and config["kind"] == "generate":
         device = resolve_device(config["device"])
         dtype = resolve_dtype(config["dtype"], device)
-        model = load_for_inference(config["out_dir"], device)[1]
-        step_rate(model, max(counts), config, device, dtype, generator)  # warm-up: first allocations, kernels
+        _, model, encoding = load_for_inference(config["out_dir"], device)
+        if threads:
+            torch.set_num_threads(threads)
+        step_rate(model, min(max(counts), cache_rows), cache_rows, config, device, dtype, generator)  # warm-up
     post(port, request_body(config, prompts[0]))  # warm-up: first allocations, kernels
-    runs, steps, loads = {c: [] for c in counts}, {c: [] for c in counts}, []
+    runs, steps, engines, loads = {c: [] for c in counts}, {c: [] for c in counts}, {c: [] for c in counts}, []
     for _ in range(config["repeats"]):
         for clients in counts:
             loads.append(os.getloadavg()[0])
             runs[clients].append(run_clients(config, port, clients, prompts, process.pid))
-            if model is not None:
-                steps[clients].append(statistics.median(step_rate(model, clients, config, device, dtype, generator)
-                                                        for _ in range(7)))
-    rows, first = [], [run["rate"] for run in runs[counts[0]]]
+            if model is not None:  # (tokens/s, tokens per CPU-s): the median of 7 steps, one engine run
+                timed = [step_rate(model, min(clients, cache_rows), cache_rows, config, device, dtype, generator)
+                         for _ in range(7)]
+                steps[clients].append(tuple(statistics.median(t[i] for t in timed) for i in (0, 1)))
+                engines[clients].append(engine_rate(model, clients, cache_rows, config, prompts, encoding.eot_token,
+                                                    device, dtype))
+    first, rows = counts[0], []
     for clients in counts:
-        rates = [run["rate"] for run in runs[clients]]
         latencies = sorted(seconds for run in runs[clients] for seconds in run["latencies"])
-        used = [(run["clients_cpu"], run["server_cpu"]) for run in runs[clients]]
-        rows.append({
-            "clients": clients, "requests": len(latencies), "tokens_per_s": statistics.median(rates),
-            "vs_first": statistics.median(rates) / statistics.median(first),
-            "step_vs_first": statistics.median(steps[clients]) / statistics.median(steps[counts[0]]) if model else None,
-            "served_vs_step": [(rate / rate_first) / (step / step_first) for rate, rate_first, step, step_first
-                               in zip(rates, first, steps[clients], steps[counts[0]])],  # each repeat's own pair
-            "latency_median_s": statistics.median(latencies), "latency_p95_s": quantile(latencies, 0.95),
-            "clients_cpu_share": None if any(server is None for _, server in used) else
-            sum(own for own, _ in used) / sum(own + server for own, server in used),
-        })
+        used = [(run["clients_cpu"], run["server_cpu"], run["engine_cpu"]) for run in runs[clients]]
+        known = None not in (value for run in used for value in run)
+        row = {"clients": clients, "requests": len(latencies),
+               "latency_median_s": statistics.median(latencies), "latency_p95_s": quantile(latencies, 0.95),
+               "clients_cpu_share": sum(own for own, _, _ in used) / sum(own + server for own, server, _ in used)
+               if known else None,
+               "http_cpu_share": (sum(server - engine for _, server, engine in used)
+                                  / sum(server for _, server, _ in used)) if known else None}
+        for clock, i, served in (("wall", 0, "rate"), ("cpu", 1, "cpu_rate")):
+            if any(run[served] is None for c in counts for run in runs[c]):  # no CPU times (not Linux), or too few
+                continue
+            rates = [run[served] for run in runs[clients]]
+            row[f"{clock}_tokens_per_s"] = statistics.median(rates)
+            row[f"{clock}_vs_first"] = statistics.median(
+                rate / run[served] for rate, run in zip(rates, runs[first]))  # each repeat's own pair
+            for name, baseline in (("step", steps), ("engine", engines)):
+                if model is None:
+                    continue
+                vs_first = [b[i] / b_first[i] for b, b_first in zip(baseline[clients], baseline[first])]
+                row[f"{clock}_{name}_vs_first"] = statistics.median(vs_first)
+                row[f"{clock}_served_vs_{name}"] = [rate / run[served] / v for rate, run, v
+                                                    in zip(rates, runs[first], vs_first)]
+        rows.append(row)
     return rows, (min(loads), max(loads))
 
 
 def print_sweep(config, argv, banner, rows, loads):
     print(f"{banner}\npython bench_serve.py {' '.join(argv)}")
-    unit = "scored tokens/s" if config["kind"] == "loglikelihood" else "new tokens/s"
+    unit = "scored tokens" if config["kind"] == "loglikelihood" else "new tokens"
     first = rows[0]["clients"]
-    print(f"| clients | requests | {unit} | vs {first} | engine step vs {first} | served / step | latency median "
-          f"| latency p95 | clients' CPU share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        step, share = row["step_vs_first"], row["clients_cpu_share"]
-        print(f"| {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} | {row['vs_first']:.1f}x | "
-              f"{shown(step, '{:.1f}x')} | {shown(step and row['vs_first'] / step, '{:.0%}')} | "
-              f"{row['latency_median_s']:.2f} s | {row['latency_p95_s']:.2f} s | {shown(share, '{:.0%}')} |")
-    for row in rows[1:]:
-        if row["served_vs_step"]:
-            each = ", ".join(f"{r:.0%}" for r in row["served_vs_step"])
-            print(f"served / step at {row['clients']} clients, each repeat: {each} "
-                  f"(median {statistics.median(row['served_vs_step']):.0%})")
+    wall_only = " latency median | latency p95 | clients' CPU share | server's CPU beside its engine thread |"
+    for clock, per in (("wall", "s"), ("cpu", "server CPU-s")):  # per CPU-second: what a busy machine's
+        if f"{clock}_tokens_per_s" not in rows[0]:                 # scheduler leaves out
+            continue
+        wall = clock == "wall"
+        print(f"\n| clients | requests | {unit} per {per} | vs {first} | step vs {first} | engine vs {first} | "
+              f"served / step | served / engine |" + wall_only * wall
+              + "\n|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|---:|" * wall)
+        for row in rows:
+            ratios = [shown(row.get(f"{clock}_{name}_vs_first"), "{:.1f}x") for name in ("step", "engine")]
+            shares = [shown(statistics.median(row[f"{clock}_served_vs_{name}"]) if f"{clock}_served_vs_{name}" in row
+                            else None, "{:.0%}") for name in ("step", "engine")]
+            print(f"| {row['clients']} | {row['requests']} | {row[f'{clock}_tokens_per_s']:,.0f} | "
+                  f"{row[f'{clock}_vs_first']:.1f}x | {' | '.join(ratios)} | {' | '.join(shares)} |"
+                  + f" {row['latency_median_s']:.2f} s | {row['latency_p95_s']:.2f} s | "
+                    f"{shown(row['clients_cpu_share'], '{:.0%}')} | "
+                    f"{shown(row['http_cpu_share'], '{:.1%}')} |" * wall)
+        for row in rows[1:]:
+            for name in ("step", "engine"):
+                if row.get(f"{clock}_served_vs_{name}"):
+                    each = ", ".join(f"{r:.0%}" for r in row[f"{clock}_served_vs_{name}"])
+                    print(f"served / {name} per {per} at {row['clients']} clients, each repeat: {each}")
     print(f"load average (1 min) {loads[0]:.1f} to {loads[1]:.1f} during the runs, {os.cpu_count()} CPUs")
 
 
@@ -493,7 +584,7 @@ def main(argv):
         if config["soak"]:
             result = soak(config, process, port, log)
         else:
-            rows, loads = sweep(config, counts, process, port)
+            rows, loads = sweep(config, counts, process, port, cache_rows(banner), cpu_threads(banner))
     finally:
         process.terminate()
         process.wait()
