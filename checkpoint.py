@@ -1,22 +1,19 @@
 """
 Checkpoints: written atomically, read back memory-mapped with torch.load(weights_only=True), checked,
 turned into a model. Every check of what is loaded lives here: the file's digest, finite weights, the
-model settings (model_config, the one way from settings to a GPTConfig, which train.py and bench.py
-use too) and the input code's stored buffers (check_input_code).
+model settings (model_config, the one way from settings to a GPTConfig) and the input code's stored
+buffers (check_input_code).
 
 A checkpoint is out_dir/ckpt.pt, a dict of plain types and tensors:
   model_args     GPTConfig fields            model          state_dict (the code buffers A/b included)
-  meta           the dataset's meta.json     config         the full training config
+  meta           the dataset's meta.json     config         train.py's settings (a TrainConfig as a dict)
   iter_num       optimizer steps done        tokens_seen    tokens trained on
-  best_val_loss, val_loss                    optimizer    AdamW state (train.py)
-  sha256         a digest of everything else, verified on every load: a checkpoint changed on disk
-                 (a bad disk, a partial copy, flipped bytes) is refused, not silently used
+  best_val_loss, val_loss                    optimizer      AdamW state; scaler: float16's loss scale
+  sha256         a digest of everything else, verified on every load: a changed file is refused
 
-Loading maps the file into memory rather than reading it into each process's own memory: the
-tensors are pages of the page cache, which every process of a host that loads the same file
-shares, so 8 ranks resuming on one host hold one copy, not 8 (the digest still reads every byte).
-The mapping stays valid however long a loaded tensor lives, because a checkpoint is only ever
-replaced by a rename, never rewritten in place.
+Loading maps the file into memory: every process of a host that loads it shares the page cache's
+one copy (8 ranks resuming on one host hold one copy, not 8); the mapping stays valid as long as a
+tensor lives, because a checkpoint is only ever replaced by a rename, never rewritten in place.
 """
 import hashlib
 import os

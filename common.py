@@ -39,7 +39,7 @@ def run_main(main, argv=None):
     """Run a script's main(argv): a UserError becomes `error: ...` on stderr and exit code 1; Ctrl-C
     or SIGTERM one line and exit code 128 + the signal (130, 143), as shells report them. Under
     torchrun only rank 0 speaks, so a configuration error is printed once."""
-    speak = int(os.environ.get("RANK", 0)) == 0
+    speak = torchrun_process()[0] == 0
     try:
         with StopSignals():
             main(sys.argv[1:] if argv is None else argv)
@@ -54,6 +54,11 @@ def run_main(main, argv=None):
     except BrokenPipeError:  # stdout piped into `head` and closed: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def torchrun_process():
+    """(rank, world size) of this process as torchrun sets them (RANK, WORLD_SIZE); (0, 1) outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def closest(name, known):
