@@ -616,8 +616,9 @@ def main(argv):
           f"{first['dtype']}, compile={cfg['compile']}, sdpa={cfg['sdpa']}; each code measured in a fresh process")
     print(f"n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} block_size={cfg['block_size']} "
           f"vocab_size={vocab_size:,} ({source})")
-    print(f"\ntraining: {train.tokens_per_step:,} tokens/step (batch_size {cfg['batch_size']} x gradient_accumulation_steps "
-          f"{cfg['gradient_accumulation_steps']} x block_size {cfg['block_size']}), {cfg['warmup_steps']} warm-up then "
+    print(f"\ntraining: {train.tokens_per_step:,} tokens/step (batch_size {cfg['batch_size']} x "
+          f"gradient_accumulation_steps {cfg['gradient_accumulation_steps']} x block_size {cfg['block_size']}), "
+          f"{cfg['warmup_steps']} warm-up then "
           f"{cfg['steps']} timed steps; peak memory: {first['peak_mem_kind']}\n")
     print(training_table(results))
     if cfg["decode"]:

@@ -17,6 +17,7 @@ tensor lives, because a checkpoint is only ever replaced by a rename, never rewr
 """
 import hashlib
 import os
+import re
 from dataclasses import fields
 
 import torch
@@ -26,7 +27,6 @@ from model import CODES, GPT, BinaryCode, GPTConfig
 from tokenizer import get_encoding
 
 CKPT_NAME = "ckpt.pt"
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP
 
 
 class CheckpointError(UserError):
@@ -60,13 +60,8 @@ def save_checkpoint(checkpoint, out_dir):
 
 
 def clean_state_dict(state_dict):
-    """Strip the key prefixes that torch.compile and DDP wrappers add."""
-    clean = {}
-    for key, value in state_dict.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        clean[key] = value
-    return clean
+    """Strip the key prefixes that torch.compile (_orig_mod.) and DDP (module.) wrappers add."""
+    return {re.sub(r"^((_orig_mod|module)\.)+", "", key): value for key, value in state_dict.items()}
 
 
 def load_checkpoint(out_dir, device="cpu"):
@@ -81,7 +76,8 @@ def load_checkpoint(out_dir, device="cpu"):
     except Exception as e:  # torch's own message suggests weights_only=False: wrong advice for a broken file
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch "
                               f"checkpoint ({type(e).__name__})") from None
-    missing = [key for key in ("model_args", "model", "meta") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    missing = [key for key in ("model_args", "model", "meta")
+               if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repository (missing {', '.join(missing)})")
     expected = checkpoint.pop("sha256", None)  # checkpoints written before checksums have none
@@ -130,19 +126,18 @@ def check_input_code(model):
         return
     ids = torch.arange(model.config.vocab_size, device=model.lm_head.weight.device)
     stored = ", ".join(f"embed.{name}" for name in embed.state_dict()) or "none"
+    code = f"checkpoint's input code {model.config.input_code!r} (stored: {stored})"
     if type(embed).bits is BinaryCode.bits:
         recoded = embed.recode(ids)
         if not bool(((recoded >= 0) & (recoded < 2 ** embed.K)).all()) or len(recoded.unique()) != len(ids):
-            raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) does not "
-                                  f"map the {len(ids)} ids to distinct {embed.K}-bit ids: it is damaged")
+            raise CheckpointError(f"{code} does not map the {len(ids)} ids to distinct {embed.K}-bit ids: it is "
+                                  f"damaged")
         return
     bits = embed.bits(ids)
     if not bool(((bits == 0) | (bits == 1)).all()):
-        raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) holds values "
-                              f"other than 0 and 1: it is damaged")
+        raise CheckpointError(f"{code} holds values other than 0 and 1: it is damaged")
     if len(bits.unique(dim=0)) != len(ids):
-        raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) gives two ids "
-                              f"the same code: it is damaged")
+        raise CheckpointError(f"{code} gives two ids the same code: it is damaged")
 
 
 def load_weights(model, checkpoint):

@@ -188,6 +188,16 @@ def device_text(device):
     return f"{device} ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else str(device)
 
 
+def plot_figure(**options):
+    """A matplotlib Figure of its own (no pyplot: no global state, no GUI backend to pick); matplotlib
+    is an optional extra, so its absence is a UserError naming it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    return Figure(**options)
+
+
 def progress(iterable=None, hide=False, **options):
     """A tqdm bar on stderr, shown only when stderr is a terminal (and not hide): in a log file or a
     pipe its carriage returns would pile up, so there a tool writes its own plain lines or none."""

@@ -95,7 +95,8 @@ def help_text(config, meanings, usage, ignored=()):
     lines = [usage.strip(), "", "keys (values after the config files given; --key=value overrides):"]
     for key, value in listed.items():
         shown, meaning = f"--{key}={value!r}", meanings.get(key, "")
-        lines.append(f"  {shown:<{width}}  {meaning}" if len(shown) <= width else f"  {shown}\n  {'':<{width}}  {meaning}")
+        lines.append(f"  {shown:<{width}}  {meaning}" if len(shown) <= width
+                     else f"  {shown}\n  {'':<{width}}  {meaning}")
     if ignored:
         lines += ["", f"accepted and ignored, so that a training config file works as is: {', '.join(ignored)}"]
     return "\n".join(line.rstrip() for line in lines)

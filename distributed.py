@@ -85,9 +85,8 @@ def agree(configured, device, failure):
 
 
 def tell_launcher(message):
-    """Put the one line where torchrun's summary of a failed job looks for each process's reason: the
-    file it names in TORCHELASTIC_ERROR_FILE (in the JSON its own @record writes). Without it the
-    summary says only "To enable traceback see: <a link>"; torchrun's own traceback stays either way."""
+    """Put the one line where torchrun's summary of a failed job looks for each process's reason (the
+    file TORCHELASTIC_ERROR_FILE names, in @record's JSON), instead of its "To enable traceback see"."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         reason = {"message": f"error: {message}", "extraInfo": {"timestamp": str(int(time.time()))}}
@@ -155,16 +154,12 @@ def fsdp_available():
 
 
 def shard(raw_model, device, dtype, compile):
-    """FSDP2 on raw_model, in place: each Block, then the whole model (the embedding, the final norm
-    and the head), as fully_shard asks (bottom-up). Each parameter becomes a DTensor holding this
-    rank's slice of dim 0; a block's full weights exist only while it runs, gathered just in time.
-
-    Under bfloat16 the weights are gathered and computed in bfloat16 and the gradients reduced in
-    float32 (FSDP2's MixedPrecisionPolicy), while the float32 slices stay the master copy AdamW
-    updates. train.py still enters autocast, as under DDP: it keeps norms, softmax and the loss in
-    float32 and lets the input code's float32 buffers meet bfloat16 weights. With compile, each block
-    is compiled before it is sharded (the order of torchtitan, PyTorch's FSDP2 reference), and the
-    FSDP hooks run between compiled blocks."""
+    """FSDP2 on raw_model, in place, bottom-up as fully_shard asks: each Block, then the rest (the
+    embedding, the final norm, the head). Each parameter becomes a DTensor of this rank's slice of dim
+    0; a block's full weights exist only while it runs. Under bfloat16 they are gathered and computed
+    in bfloat16 and the gradients reduced in float32, the float32 slices staying AdamW's master copy
+    (train.py still enters autocast, for the norms, softmax and loss). With compile, each block is
+    compiled before it is sharded (torchtitan's order), the FSDP hooks running between blocks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the run's device, even on a GPU machine

@@ -45,7 +45,7 @@ from training import (DEFAULTS, MEANINGS, MODEL_KEYS, TrainConfig, checkpoint_ac
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
 RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what a run replaced by overwrite=True leaves
-CPU_STEP_FLOPS = 1e13  # a step above this wants a GPU: hours of a CPU's time
+CPU_STEP_FLOPS = 1e13  # a step of more work than this is a GPU's (what a CPU does: BENCHMARKS.md)
 
 
 # --------------------------------------------------------------------------------------- configure
@@ -62,15 +62,15 @@ def configure(argv):
         settings["out_dir"] = run_folder(settings["out_dir"])  # --out_dir=RUN/ckpt.pt resumes RUN
     cfg = TrainConfig(**settings)
     check_machine(cfg)
-    if cfg.prepare is not None and not os.path.isfile(os.path.join(data_dir(cfg.dataset), "meta.json")) \
-            and torchrun_process()[1] == 1:  # torchrun's processes would race
+    missing = not os.path.isfile(os.path.join(data_dir(cfg.dataset), "meta.json"))
+    if missing and cfg.prepare is not None and torchrun_process()[1] == 1:  # torchrun's processes would race
         make_dataset(cfg.dataset, cfg.prepare)
     meta = load_meta(cfg.dataset)
     check_token_files(cfg.dataset, meta, ("train", "val"))  # a file cut short or replaced since prepare.py
     for split in ("train", "val"):
-        require(meta[f"{split}_tokens"] > cfg.block_size,
-                f"block_size {cfg.block_size} needs at least {cfg.block_size + 1} tokens, but the {split} split of "
-                f"'{cfg.dataset}' has {meta[f'{split}_tokens']}: lower block_size or prepare more data")
+        tokens = meta[f"{split}_tokens"]
+        require(tokens > cfg.block_size, f"block_size {cfg.block_size} needs at least {cfg.block_size + 1} "
+                f"tokens, but the {split} split of '{cfg.dataset}' has {tokens}: lower block_size or prepare more data")
     model_config(asdict(cfg), vocab_size=meta["vocab_size"])  # a model that cannot be built is refused here
     if checkpoint is None and CODES[cfg.input_code].needs_token_bytes:
         check_spelling_encoding(cfg, meta)
@@ -85,9 +85,10 @@ def checkpoint_to_resume(out_dir):
         return load_checkpoint(out_dir, device="cpu")
     except UserError as e:
         log = os.path.join(out_dir, "metrics.jsonl")
-        if os.path.isfile(log) and os.path.getsize(log) > 0 and not os.path.exists(os.path.join(out_dir, CKPT_NAME)):
-            raise UserError(f"cannot resume: out_dir '{out_dir}' holds only the metrics.jsonl of a run stopped before "
-                            f"its first checkpoint: start it over with --init_from=scratch --overwrite=True") from None
+        if os.path.isfile(log) and os.path.getsize(log) and not os.path.exists(os.path.join(out_dir, CKPT_NAME)):
+            raise UserError(f"cannot resume: out_dir '{out_dir}' holds only the metrics.jsonl of a run "
+                            f"stopped before its first checkpoint: start it over with --init_from=scratch "
+                            f"--overwrite=True") from None
         raise UserError(f"cannot resume: {e}") from None
 
 
@@ -97,17 +98,18 @@ def check_machine(cfg):
             "wandb_log=True needs wandb: pip install wandb")
     world_size = torchrun_process()[1]
     require(cfg.gradient_accumulation_steps % world_size == 0,
-            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the number of "
-            f"processes ({world_size}): tokens per step stay the same whatever the world size")
+            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
+            f"number of processes ({world_size}): tokens per step stay the same whatever the world size")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.parallel == "fsdp":
-        require(distributed.fsdp_available(), f"parallel=fsdp needs torch >= 2.6 (FSDP2's torch.distributed.fsdp."
-                f"fully_shard), and this is torch {torch.__version__}: pip install -U torch, or use parallel=ddp")
-        require(device.type in ("cpu", "cuda"), f"parallel=fsdp runs on cuda or cpu, not {device.type}: use "
-                                                f"parallel=ddp")
-        require(dtype != torch.float16, f"parallel=fsdp cannot train in float16 (dtype={cfg.dtype} here): FSDP2 "
-                f"has no sharded GradScaler for its loss scaling; use --dtype=bfloat16, or float32 on a GPU without it")
+        require(distributed.fsdp_available(), f"parallel=fsdp needs torch >= 2.6 (FSDP2's torch.distributed."
+                f"fsdp.fully_shard), and this is torch {torch.__version__}: pip install -U torch, or use parallel=ddp")
+        require(device.type in ("cpu", "cuda"),
+                f"parallel=fsdp runs on cuda or cpu, not {device.type}: use parallel=ddp")
+        require(dtype != torch.float16, f"parallel=fsdp cannot train in float16 (dtype={cfg.dtype} here): "
+                f"FSDP2 has no sharded GradScaler for its loss scaling; use --dtype=bfloat16, or float32 on a "
+                f"GPU without it")
     if world_size > 1 and device.type == "cuda":
         require(int(os.environ["LOCAL_RANK"]) < torch.cuda.device_count(),
                 f"torchrun started more processes on {socket.gethostname()} than it has GPUs "
@@ -119,27 +121,30 @@ def check_spelling_encoding(cfg, meta):
     try:
         vocab_size = get_encoding(meta["encoding"]).n_vocab
     except ValueError as e:
-        raise UserError(f"input_code={cfg.input_code} is made from the byte strings of the dataset's tokens: "
-                        f"{e}") from None
-    require(vocab_size == meta["vocab_size"], f"dataset '{cfg.dataset}' says vocab_size {meta['vocab_size']} "
-            f"(meta.json) but its encoding {meta['encoding']} has {vocab_size} tokens: prepare it again")
+        raise UserError(f"input_code={cfg.input_code} is made from the byte strings of the dataset's "
+                        f"tokens: {e}") from None
+    require(vocab_size == meta["vocab_size"], f"dataset '{cfg.dataset}' says vocab_size "
+            f"{meta['vocab_size']} (meta.json) but its encoding {meta['encoding']} has {vocab_size} tokens: "
+            f"prepare it again")
 
 
 def check_resume(cfg, meta, checkpoint):
-    saved = {**{f.name: f.default for f in fields(GPTConfig)}, **checkpoint["model_args"]}  # newer fields: defaults
+    """The checkpoint's dataset and model are this run's, and it has steps left to take."""
+    saved = {**{f.name: f.default for f in fields(GPTConfig)}, **checkpoint["model_args"]}  # newer fields
     require(saved["vocab_size"] == meta["vocab_size"], f"cannot resume: the checkpoint's vocab_size is "
-            f"{saved['vocab_size']} but dataset '{cfg.dataset}' has {meta['vocab_size']} (meta.json): use the "
-            f"dataset it was trained on")
+            f"{saved['vocab_size']} but dataset '{cfg.dataset}' has {meta['vocab_size']} (meta.json): use "
+            f"the dataset it was trained on")
     trained_on = checkpoint.get("meta", {}).get("encoding", meta["encoding"])
-    require(trained_on == meta["encoding"], f"cannot resume: the checkpoint was trained on encoding {trained_on} "
-            f"but dataset '{cfg.dataset}' is {meta['encoding']} (meta.json): use the dataset it was trained on")
+    require(trained_on == meta["encoding"], f"cannot resume: the checkpoint was trained on encoding "
+            f"{trained_on} but dataset '{cfg.dataset}' is {meta['encoding']} (meta.json): use the dataset "
+            f"it was trained on")
     mine = asdict(cfg)
     changed = [f"{k}={mine[k]!r} (checkpoint: {saved[k]!r})" for k in MODEL_KEYS if saved[k] != mine[k]]
     require(not changed, f"cannot resume with another model: {', '.join(changed)}")
     step = checkpoint["iter_num"]
-    require(step < cfg.max_iters, f"nothing to resume: the run in '{cfg.out_dir}' is finished at step {step} "
-            f"(max_iters {cfg.max_iters}); to train it further, raise max_iters: python train.py --init_from=resume "
-            f"--out_dir={cfg.out_dir} --max_iters=M, with M above {step}")
+    require(step < cfg.max_iters, f"nothing to resume: the run in '{cfg.out_dir}' is finished at step "
+            f"{step} (max_iters {cfg.max_iters}); to train it further, raise max_iters: python train.py "
+            f"--init_from=resume --out_dir={cfg.out_dir} --max_iters=M, with M above {step}")
 
 
 def check_out_dir(cfg):
@@ -156,19 +161,19 @@ def check_out_dir(cfg):
         raise UserError(f"cannot write out_dir '{out_dir}' ({e.strerror}): pick another --out_dir") from None
     left_by = None
     if torchrun_process()[0] == 0:  # once per run, DDP or FSDP
-        left_by = hold_writer(out_dir, f"out_dir '{out_dir}'", ", or pick another --out_dir", made_folder=made,
-                              quiet=True)
+        left_by = hold_writer(out_dir, f"out_dir '{out_dir}'", ", or pick another --out_dir",
+                              made_folder=made, quiet=True)
     killed = f"; its last writer, {left_by}, stopped without letting go of it (killed?)" if left_by else ""
     held = [name for name in (CKPT_NAME, "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))
             and os.path.getsize(os.path.join(out_dir, name)) > 0]  # an empty log: a run that wrote nothing
     if cfg.init_from == "scratch" and held and not cfg.overwrite:
-        require(CKPT_NAME in held, f"out_dir '{out_dir}' holds the metrics.jsonl of a run stopped before its "
-                f"first checkpoint{killed}: start over with --overwrite=True, or pick another --out_dir")
-        raise UserError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}){killed}: continue it with "
-                        f"--init_from=resume, pick another --out_dir, or start over with --overwrite=True")
+        require(CKPT_NAME in held, f"out_dir '{out_dir}' holds the metrics.jsonl of a run stopped before "
+                f"its first checkpoint{killed}: start over with --overwrite=True, or pick another --out_dir")
+        raise UserError(f"out_dir '{out_dir}' already holds a run ({', '.join(held)}){killed}: continue it "
+                        f"with --init_from=resume, pick another --out_dir, or start over with --overwrite=True")
     if left_by:
-        print(f"note: out_dir '{out_dir}' was being written by {left_by}, which stopped without letting go of it "
-              f"(killed?); this run takes it over", file=sys.stderr)
+        print(f"note: out_dir '{out_dir}' was being written by {left_by}, which stopped without letting go "
+              f"of it (killed?); this run takes it over", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -181,7 +186,7 @@ def build(cfg, meta, device, dtype, checkpoint, world_size):
     raw_model = GPT(model_config(asdict(cfg), vocab_size=meta["vocab_size"]))
     if checkpoint is not None:
         load_weights(raw_model, checkpoint)
-    elif raw_model.embed.needs_token_bytes:  # spelling: made from the dataset's tokens, then kept in the checkpoint
+    elif raw_model.embed.needs_token_bytes:  # spelling: from the dataset's tokens, then kept in the checkpoint
         raw_model.embed.set_token_bytes(token_bytes(get_encoding(meta["encoding"])))
     raw_model.to(device)
     if cfg.activation_checkpointing:
@@ -189,7 +194,8 @@ def build(cfg, meta, device, dtype, checkpoint, world_size):
     model, train_model = distributed.wrap(raw_model, cfg, device, dtype, world_size)
     optimizer = make_optimizer(raw_model, cfg, device)  # after sharding: AdamW's state is sharded too
     if checkpoint is not None:
-        distributed.restore_optimizer_state(raw_model, optimizer, checkpoint["optimizer"], cfg.parallel == "fsdp")
+        sharded = cfg.parallel == "fsdp"
+        distributed.restore_optimizer_state(raw_model, optimizer, checkpoint["optimizer"], sharded)
     return raw_model, model, train_model, optimizer
 
 
@@ -202,23 +208,18 @@ class Progress:
     best_val_loss: float = float("inf")
     val_loss: float = None
 
-    @classmethod
-    def resumed(cls, checkpoint):
-        return cls(**{f.name: checkpoint[f.name] for f in fields(cls)}) if checkpoint else cls()
-
 
 # ---------------------------------------------------------------------------------- the loop's parts
 
 @torch.no_grad()
 def estimate_loss(cfg, model, amp, rank, world_size, device, batch_done=lambda: None):
-    """Mean loss on the same eval_iters batches of each split every time (curves are comparable), a
-    sample of eval.py's full pass; batch_done() after each forward."""
+    """Mean loss on the same eval_iters batches of each split every time (curves are comparable): a
+    sample, where eval.py makes a full pass; batch_done() after each forward."""
     model.eval()
     out = {}
     for split_id, split in enumerate(("train", "val")):
         total = torch.zeros(2, device=device)
-        # every rank runs as many forwards (under FSDP each one is a collective); those past
-        # eval_iters are not counted
+        # every rank runs as many forwards (under FSDP each is a collective); those past eval_iters don't count
         for k in range(rank, math.ceil(cfg.eval_iters / world_size) * world_size, world_size):
             key = (cfg.seed, EVAL_KEY, split_id, k)
             x, y = to_device(read_batch(cfg.dataset, split, key, cfg.batch_size, cfg.block_size), device)
@@ -237,17 +238,18 @@ def save(cfg, meta, raw_model, optimizer, scaler, state, master):
     """ckpt.pt, written by rank 0; every rank calls this (under FSDP they gather the weights together)."""
     model_state, optimizer_state = distributed.gathered_state(raw_model, optimizer, cfg.parallel == "fsdp")
     if master:
-        save_checkpoint({"model_args": asdict(raw_model.config), "model": model_state, "optimizer": optimizer_state,
-                         "scaler": scaler.state_dict(), **asdict(state), "config": asdict(cfg), "meta": meta},
-                        cfg.out_dir)
+        save_checkpoint({"model_args": asdict(raw_model.config), "model": model_state, "config": asdict(cfg),
+                         "optimizer": optimizer_state, "scaler": scaler.state_dict(), **asdict(state),
+                         "meta": meta}, cfg.out_dir)
 
 
 def check_finite(value, what, iter_num, out_dir):
     """The one divergence check: stop with the last good checkpoint kept."""
     if not math.isfinite(value):
-        kept = (f"the last good checkpoint in {out_dir} is kept" if os.path.exists(os.path.join(out_dir, CKPT_NAME))
-                else "no checkpoint was written")
-        raise UserError(f"{what} is {value} at iter {iter_num}: training diverged; {kept} (try a lower learning_rate)")
+        kept = (f"the last good checkpoint in {out_dir} is kept"
+                if os.path.exists(os.path.join(out_dir, CKPT_NAME)) else "no checkpoint was written")
+        raise UserError(f"{what} is {value} at iter {iter_num}: training diverged; {kept} (try a lower "
+                        f"learning_rate)")
 
 
 # ------------------------------------------------------------------------------------ what the run says
@@ -268,7 +270,7 @@ def prepare_out_dir(cfg, iter_num):
 
 
 def logged_until(line, iter_num):
-    """Whether a line of metrics.jsonl is a whole record of a step up to iter_num (a kill may cut one short)."""
+    """Whether a line of metrics.jsonl is a whole record (a kill may cut one short) of a step to iter_num."""
     try:
         return json.loads(line)["iter"] <= iter_num
     except (ValueError, KeyError):
@@ -284,7 +286,8 @@ class Log:
         self.master, self.path, self.wandb = master, os.path.join(cfg.out_dir, "metrics.jsonl"), None
         if master and cfg.wandb_log:
             import wandb  # check_machine found it
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=asdict(cfg))
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                                    config=asdict(cfg))
         self.bar = progress(total=cfg.max_iters, initial=iter_num, hide=not master)
 
     def say(self, line, plain_only=False):
@@ -300,7 +303,8 @@ class Log:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise UserError(f"cannot append to {self.path} ({e.strerror}); the last checkpoint is kept") from None
+            raise UserError(f"cannot append to {self.path} ({e.strerror}); the last checkpoint is kept") \
+                from None
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
@@ -310,15 +314,16 @@ def start_notes(cfg, meta, raw_model, world_size, on, dtype, start_iter):
     where it resumes, token files whose sha256 is not recorded yet, the epochs it will make over its
     train split, and steps past the end of the learning-rate schedule."""
     counts, fsdp, tokens = raw_model.param_counts(), cfg.parallel == "fsdp", cfg.tokens_per_step
-    notes = [f"{cfg.input_code}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} in the "
-             f"input), {world_size} process(es){' (FSDP)' if fsdp else ''} on {on}, "
+    notes = [f"{cfg.input_code}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} "
+             f"in the input), {world_size} process(es){' (FSDP)' if fsdp else ''} on {on}, "
              f"{str(dtype).removeprefix('torch.')}, {tokens:,} tokens/step"]
     if fsdp and world_size == 1:
-        notes.append("parallel=fsdp on 1 process shards nothing: the memory of a plain run (a check of the setup)")
+        notes.append("parallel=fsdp on 1 process shards nothing: the memory of a plain run (a check of the "
+                     "setup)")
     flops = raw_model.flops_per_token() * tokens
     if on.startswith("cpu") and flops > CPU_STEP_FLOPS:
-        notes.append(f"note: a {counts['trainable'] / 1e9:.2f}B-parameter model on {on}: {tokens:,} tokens a step, "
-                     f"{flops / 1e12:,.0f} TFLOP each; a model this size wants a GPU")
+        notes.append(f"note: a {counts['trainable'] / 1e9:.2f}B-parameter model on {on}: {tokens:,} tokens a "
+                     f"step, {flops / 1e12:,.0f} TFLOP each; a model this size wants a GPU")
     if start_iter:
         notes.append(f"resumed from step {start_iter} of {os.path.join(cfg.out_dir, CKPT_NAME)}")
     notes.append(unrecorded_note(cfg.dataset, meta))
@@ -347,8 +352,9 @@ def main(argv):
     # raw_model: the weights, their counts, the checkpoints (sharded in place under FSDP)
     # model: raw_model compiled or not, what evaluation runs
     # train_model: model wrapped for DDP (or model itself), what training runs
-    state, resumed = Progress.resumed(checkpoint), checkpoint is not None
-    if resumed and checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale, as the run left it
+    resumed = checkpoint is not None
+    state = Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)}) if resumed else Progress()
+    if resumed and checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale, as it was
         scaler.load_state_dict(checkpoint["scaler"])
     del checkpoint
     start_iter = state.iter_num
@@ -362,8 +368,9 @@ def main(argv):
         log.say(line)
 
     # the loop: evaluate and checkpoint, stop if asked to, one optimizer step, log
+    # the first signal: checkpoint and stop at the next step boundary; a second one stops at once
     stop = StopSignals(defer=1, noted="stopping after this step, with a checkpoint; Ctrl-C again to stop now"
-                       if master else "")  # the first signal: checkpoint and stop at the next step boundary
+                       if master else "")
     signum, window_start, window_steps = 0, time.time(), 0
     try:
         while True:
@@ -371,7 +378,7 @@ def main(argv):
             # a resumed run's first step was evaluated before its checkpoint was saved
             due = iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters
             if due and not (resumed and iter_num == start_iter):
-                first = iter_num == start_iter  # the first evaluation can take a while (compilation, a large model)
+                first = iter_num == start_iter  # it can take a while (compilation, a large model)
                 if first:
                     log.say(f"iter {iter_num}: evaluating on {cfg.eval_iters} batch(es) of each split ...")
                 batches = 2 * math.ceil(cfg.eval_iters / world_size)  # this rank's; a bar only for the first
@@ -383,7 +390,7 @@ def main(argv):
                 log.record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
                            tokens=state.tokens_seen)
                 log.say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if iter_num > start_iter or iter_num >= cfg.max_iters:  # max_iters=0 too: a checkpoint of the init
+                if iter_num > start_iter or iter_num >= cfg.max_iters:  # max_iters=0: a checkpoint of the init
                     save(cfg, meta, raw_model, optimizer, scaler, state, master)
                 window_start, window_steps = time.time(), 0
             if iter_num >= cfg.max_iters:
@@ -418,13 +425,13 @@ def main(argv):
                         plain_only=True)
                 window_start, window_steps = time.time(), 0
     finally:
-        log.bar.close()  # the bar's line ends, so that what is said next (an error too) starts a line of its own
+        log.bar.close()  # the bar's line ends: what is said next (an error too) starts a line of its own
 
     # finish: say what was done, or how to continue a stopped run; leave the process group
     stop.close()
     if signum:
-        log.say(f"{signal.Signals(signum).name} at iter {state.iter_num}: checkpoint saved in {cfg.out_dir}; "
-                f"continue with python train.py --init_from=resume --out_dir={cfg.out_dir}")
+        log.say(f"{signal.Signals(signum).name} at iter {state.iter_num}: checkpoint saved in "
+                f"{cfg.out_dir}; continue with python train.py --init_from=resume --out_dir={cfg.out_dir}")
     else:
         log.say(f"done: steps {start_iter} to {state.iter_num}, {state.tokens_seen:,} tokens seen, "
                 f"{time.time() - started:.1f} s; val loss {state.val_loss or float('nan'):.4f}; checkpoint "

@@ -42,11 +42,9 @@ class TrainConfig(ModelSettings):
     """Every key of train.py: the model's (ModelSettings, checked by GPTConfig once the dataset gives
     vocab_size) and the run's below, each checked here; a bad value is a one-line UserError."""
     # I/O
-    out_dir: str = setting("out", "the run folder: ckpt.pt, metrics.jsonl (and eval.json from eval.py); on "
-                                  "resume also a path to its ckpt.pt")
+    out_dir: str = setting("out", "the run folder (ckpt.pt, metrics.jsonl, eval.py's eval.json), or its ckpt.pt")
     dataset: str = setting("pydoc", "a folder under data/ written by prepare.py, or a path to one")
-    prepare: list = setting(None, "prepare.py arguments (a list; --dataset is added) that make the dataset when it "
-                                  "is missing")
+    prepare: list = setting(None, "prepare.py's arguments (a list; --dataset is added) that make a missing dataset")
     init_from: str = setting("scratch", "scratch (a new run) or resume (from out_dir/ckpt.pt; its config is the base)")
     overwrite: bool = setting(False, "True: a fresh run may replace the run already in out_dir")
     eval_interval: int = setting(250, "evaluate (and checkpoint) every this many steps, and at the end")
@@ -73,15 +71,14 @@ class TrainConfig(ModelSettings):
     device: str = setting("auto", f"{DEVICE_HELP}; torchrun picks cuda:LOCAL_RANK")
     dtype: str = setting("auto", DTYPE_HELP)
     compile: bool = setting(True, "torch.compile the model (under FSDP each block, before it is sharded)")
-    parallel: str = setting("ddp", "under torchrun: ddp (every process holds the whole model and its AdamW state) "
-                                   "or fsdp (FSDP2: weights, gradients and AdamW state sharded over the processes; "
-                                   "torch >= 2.6)")
-    activation_checkpointing: bool = setting(False, "recompute each block's activations in backward instead of "
-                                                    "keeping them: less memory for about a third more compute")
+    parallel: str = setting("ddp", "under torchrun: ddp (a whole copy per process) or fsdp (FSDP2: weights, "
+                                   "gradients and AdamW state sharded over the processes; torch >= 2.6)")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in backward: less memory "
+                                                    "for about a third more compute")
     seed: int = setting(1337, "the initialization, the data order and the dropout masks")
     threads: int = setting(0, THREADS_HELP)
-    collective_timeout: float = setting(30.0, "minutes a process waits for the others (DDP) before the run fails; "
-                                              "rank 0 writes each checkpoint while the others wait")
+    collective_timeout: float = setting(30.0, "minutes a process waits for the others before the run fails (rank 0 "
+                                              "writes each checkpoint while the others wait)")
 
     def __post_init__(self):
         require(all(math.isfinite(v) for v in asdict(self).values() if isinstance(v, float)),
@@ -123,8 +120,7 @@ MODEL_KEYS = [f.name for f in fields(ModelSettings)]
 # ------------------------------------------------------------------------------- what a step uses
 
 def setup_precision(cfg, device):
-    """(dtype, autocast context, GradScaler): bf16 autocast and TF32 on CUDA by default; the scaler
-    only does something for float16."""
+    """(dtype, autocast context, GradScaler): bf16 autocast and TF32 on CUDA by default; float16 scaled."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -134,8 +130,7 @@ def setup_precision(cfg, device):
 
 def make_optimizer(model, cfg, device):
     """AdamW with weight decay on matrices only (not on norms and biases); fused (one kernel over all
-    parameters) on CUDA and on the CPU, where it beats the default for-each version (BENCHMARKS.md,
-    "Speed work")."""
+    parameters) on CUDA and on the CPU, where it beats the for-each version (BENCHMARKS.md, "Speed work")."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -144,11 +139,10 @@ def make_optimizer(model, cfg, device):
 
 
 def load_optimizer_state(optimizer, saved):
-    """Restore a checkpoint's AdamW state (moments, step counts) into optimizer, keeping optimizer's own
-    options (fused, betas, weight decay, ...): optimizer.load_state_dict alone would also bring back
-    the saved run's options, so a run started on CPU would stay non-fused on CUDA and a new
-    weight_decay on resume would be silently ignored. Passing the current options also places the
-    step counts where they belong: on the device for fused AdamW, on the CPU otherwise."""
+    """A checkpoint's AdamW state (moments, step counts) into optimizer, which keeps its own options
+    (fused, betas, weight decay): load_state_dict alone would bring back the saved run's, so a new
+    weight_decay on resume would be ignored. The current options also put the step counts where
+    they belong: on the device for fused AdamW, on the CPU otherwise."""
     optimizer.load_state_dict({"state": saved["state"], "param_groups": groups_with_options(saved, optimizer)})
 
 
@@ -159,9 +153,8 @@ def groups_with_options(saved, optimizer):
 
 
 def checkpoint_activations(blocks):
-    """Keep only each block's input for backward, and recompute the rest there (torch.utils.checkpoint,
-    which replays the dropout masks too). The module tree and its parameter names stay as they are,
-    so checkpoints do not change."""
+    """Keep only each block's input for backward and recompute the rest there (torch.utils.checkpoint
+    replays the dropout masks too); the parameter names, so checkpoints, stay as they are."""
     for block in blocks:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
@@ -199,15 +192,10 @@ def read_batch(dataset, split, key, batch_size, block_size):
 
 
 def to_device(windows, device):
-    """(x, y) int64 on device: inputs and next-token targets, both views of the same windows.
-
-    On CUDA the windows travel as one copy of one contiguous pinned buffer, which is what lets
-    .to(non_blocking=True) return at once and overlap the GPU's queued work. Slicing x and y before
-    the copy would defeat it: pin_memory() keeps a view's strides, and a non-contiguous source is
-    first copied by PyTorch into a new pageable tensor, then transferred from there. The pinned
-    buffer may be dropped as soon as the copy is queued: the copy records an event with PyTorch's
-    caching host allocator, which hands the memory out again only after the copy has completed.
-    The int32 ids become int64 on the GPU, after the copy."""
+    """(x, y) int64 on device: inputs and next-token targets, both views of the same windows. On CUDA
+    they travel as one non-blocking copy of one contiguous pinned buffer, sliced and widened to int64
+    only after it: a sliced view would be copied into pageable memory first, and block. The pinned
+    buffer may be dropped once the copy is queued (the caching host allocator waits for the copy)."""
     if device.type == "cuda":
         windows = windows.contiguous().pin_memory().to(device, non_blocking=True)
     else:
