@@ -33,18 +33,19 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import CKPT_NAME, load_checkpoint, load_weights, model_config, save_checkpoint
-from common import (EVAL_FILES, StopSignals, UserError, atomic_write, check_token_files, data_dir, device_text,
-                    hold_writer, load_meta, make_dataset, progress, releases_writer_locks, resolve_device,
-                    resolve_dtype, run_folder, run_main, set_threads, torchrun_process, unrecorded_note)
+from common import (EVAL_FILES, StopSignals, UserError, atomic_write, check_token_files, data_dir,
+                    device_text, hold_writer, load_meta, make_dataset, progress, releases_writer_locks,
+                    resolve_device, resolve_dtype, run_folder, run_main, set_threads, torchrun_process,
+                    unrecorded_note)
 from configurator import parse_config
 from model import CODES, GPT, GPTConfig
 from tokenizer import get_encoding, token_bytes
-from training import (DEFAULTS, MEANINGS, MODEL_KEYS, TrainConfig, checkpoint_activations, learning_rate,
-                      make_optimizer, micro_batches, peak_flops, read_batch, require, setup_precision, to_device,
-                      train_step)
+from training import (DEFAULTS, MEANINGS, MODEL_KEYS, TrainConfig, checkpoint_activations,
+                      learning_rate, make_optimizer, micro_batches, peak_flops, read_batch, require,
+                      setup_precision, to_device, train_step)
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
-RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what a run replaced by overwrite=True leaves
+RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what overwrite=True clears
 CPU_STEP_FLOPS = 1e13  # a step of more work than this is a GPU's (what a CPU does: BENCHMARKS.md)
 
 
@@ -63,15 +64,15 @@ def configure(argv):
     cfg = TrainConfig(**settings)
     check_machine(cfg)
     missing = not os.path.isfile(os.path.join(data_dir(cfg.dataset), "meta.json"))
-    if missing and cfg.prepare is not None and torchrun_process()[1] == 1:  # torchrun's processes would race
+    if missing and cfg.prepare is not None and torchrun_process()[1] == 1:  # torchrun's would race
         make_dataset(cfg.dataset, cfg.prepare)
     meta = load_meta(cfg.dataset)
-    check_token_files(cfg.dataset, meta, ("train", "val"))  # a file cut short or replaced since prepare.py
+    check_token_files(cfg.dataset, meta, ("train", "val"))  # cut short or replaced since prepare.py
     for split in ("train", "val"):
         tokens = meta[f"{split}_tokens"]
         require(tokens > cfg.block_size, f"block_size {cfg.block_size} needs at least {cfg.block_size + 1} "
                 f"tokens, but the {split} split of '{cfg.dataset}' has {tokens}: lower block_size or prepare more data")
-    model_config(asdict(cfg), vocab_size=meta["vocab_size"])  # a model that cannot be built is refused here
+    model_config(asdict(cfg), vocab_size=meta["vocab_size"])  # a model that cannot be built: refused
     if checkpoint is None and CODES[cfg.input_code].needs_token_bytes:
         check_spelling_encoding(cfg, meta)
     if checkpoint is not None:
@@ -186,13 +187,13 @@ def build(cfg, meta, device, dtype, checkpoint, world_size):
     raw_model = GPT(model_config(asdict(cfg), vocab_size=meta["vocab_size"]))
     if checkpoint is not None:
         load_weights(raw_model, checkpoint)
-    elif raw_model.embed.needs_token_bytes:  # spelling: from the dataset's tokens, then kept in the checkpoint
+    elif raw_model.embed.needs_token_bytes:  # spelling: the dataset's tokens, then the checkpoint's
         raw_model.embed.set_token_bytes(token_bytes(get_encoding(meta["encoding"])))
     raw_model.to(device)
     if cfg.activation_checkpointing:
         checkpoint_activations(raw_model.blocks)
     model, train_model = distributed.wrap(raw_model, cfg, device, dtype, world_size)
-    optimizer = make_optimizer(raw_model, cfg, device)  # after sharding: AdamW's state is sharded too
+    optimizer = make_optimizer(raw_model, cfg, device)  # after sharding: its state is sharded too
     if checkpoint is not None:
         sharded = cfg.parallel == "fsdp"
         distributed.restore_optimizer_state(raw_model, optimizer, checkpoint["optimizer"], sharded)
@@ -219,7 +220,7 @@ def estimate_loss(cfg, model, amp, rank, world_size, device, batch_done=lambda: 
     out = {}
     for split_id, split in enumerate(("train", "val")):
         total = torch.zeros(2, device=device)
-        # every rank runs as many forwards (under FSDP each is a collective); those past eval_iters don't count
+        # every rank runs as many forwards (under FSDP each is a collective); past eval_iters: not counted
         for k in range(rank, math.ceil(cfg.eval_iters / world_size) * world_size, world_size):
             key = (cfg.seed, EVAL_KEY, split_id, k)
             x, y = to_device(read_batch(cfg.dataset, split, key, cfg.batch_size, cfg.block_size), device)
@@ -270,7 +271,7 @@ def prepare_out_dir(cfg, iter_num):
 
 
 def logged_until(line, iter_num):
-    """Whether a line of metrics.jsonl is a whole record (a kill may cut one short) of a step to iter_num."""
+    """Whether a line of metrics.jsonl is a whole record (a kill cuts one short) of a step to iter_num."""
     try:
         return json.loads(line)["iter"] <= iter_num
     except (ValueError, KeyError):
@@ -354,7 +355,7 @@ def main(argv):
     # train_model: model wrapped for DDP (or model itself), what training runs
     resumed = checkpoint is not None
     state = Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)}) if resumed else Progress()
-    if resumed and checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale, as it was
+    if resumed and checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale
         scaler.load_state_dict(checkpoint["scaler"])
     del checkpoint
     start_iter = state.iter_num
@@ -381,8 +382,8 @@ def main(argv):
                 first = iter_num == start_iter  # it can take a while (compilation, a large model)
                 if first:
                     log.say(f"iter {iter_num}: evaluating on {cfg.eval_iters} batch(es) of each split ...")
-                batches = 2 * math.ceil(cfg.eval_iters / world_size)  # this rank's; a bar only for the first
-                with progress(total=batches, desc="evaluating", leave=False, hide=not (first and master)) as bar:
+                forwards = 2 * math.ceil(cfg.eval_iters / world_size)  # this rank's
+                with progress(total=forwards, desc="evaluating", leave=False, hide=not (first and master)) as bar:
                     losses = estimate_loss(cfg, model, amp, rank, world_size, device, lambda: bar.update(1))
                 for split in ("train", "val"):
                     check_finite(losses[split], f"the eval loss on {split}", iter_num, cfg.out_dir)
@@ -390,7 +391,7 @@ def main(argv):
                 log.record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
                            tokens=state.tokens_seen)
                 log.say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if iter_num > start_iter or iter_num >= cfg.max_iters:  # max_iters=0: a checkpoint of the init
+                if iter_num > start_iter or iter_num >= cfg.max_iters:  # max_iters=0: the init
                     save(cfg, meta, raw_model, optimizer, scaler, state, master)
                 window_start, window_steps = time.time(), 0
             if iter_num >= cfg.max_iters:
@@ -403,9 +404,11 @@ def main(argv):
                 save(cfg, meta, raw_model, optimizer, scaler, state, master)
                 break
 
+            # one optimizer step (training.py): the schedule's rate, this rank's share of the step's
+            # micro-batches, then forward and backward of each, clipping and AdamW
             lr = learning_rate(cfg, iter_num)
-            loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp,
-                                  micro_batches(cfg, iter_num, rank, world_size, device), cfg.grad_clip, lr)
+            batches = micro_batches(cfg, iter_num, rank, world_size, device)
+            loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp, batches, cfg.grad_clip, lr)
             state.iter_num += 1
             state.tokens_seen += cfg.tokens_per_step
             window_steps += 1
@@ -425,7 +428,7 @@ def main(argv):
                         plain_only=True)
                 window_start, window_steps = time.time(), 0
     finally:
-        log.bar.close()  # the bar's line ends: what is said next (an error too) starts a line of its own
+        log.bar.close()  # ends the bar's line: what is said next (an error too) has its own
 
     # finish: say what was done, or how to continue a stopped run; leave the process group
     stop.close()
