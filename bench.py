@@ -618,8 +618,7 @@ def main(argv):
           f"vocab_size={vocab_size:,} ({source})")
     print(f"\ntraining: {train.tokens_per_step:,} tokens/step (batch_size {cfg['batch_size']} x "
           f"gradient_accumulation_steps {cfg['gradient_accumulation_steps']} x block_size {cfg['block_size']}), "
-          f"{cfg['warmup_steps']} warm-up then "
-          f"{cfg['steps']} timed steps; peak memory: {first['peak_mem_kind']}\n")
+          f"{cfg['warmup_steps']} warm-up then {cfg['steps']} timed steps; peak memory: {first['peak_mem_kind']}\n")
     print(training_table(results))
     if cfg["decode"]:
         print(f"\ngreedy decode after a {cfg['prompt_tokens']}-token prompt, {cfg['decode_tokens']} new tokens, "

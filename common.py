@@ -1,10 +1,11 @@
 """
 The helpers every script shares, importing nothing from this repository: the user-error type and the
-entry point (run_main) that turns it, Ctrl-C and SIGTERM into one line; the one way signals are
-handled (StopSignals); device, precision and CPU threads (one `auto` rule, one help text each); the
-progress bar; a dataset's folder, meta.json and the check of its token files against it; the hashes
-of the code and the data that sweep.py records with each result; atomic file writes; one writer per
-run folder or results table (hold_writer, releases_writer_locks); did-you-mean suggestions.
+entry point (run_main) that turns it, Ctrl-C and SIGTERM into one line; torchrun's rank and world
+size; the one way signals are handled (StopSignals); device, precision and CPU threads (one `auto`
+rule, one help text each); the progress bar and the matplotlib figure; a dataset's folder, meta.json
+and the check of its token files against it; the hashes of the code and the data that sweep.py
+records with each result; atomic file writes; one writer per run folder or results table
+(hold_writer, releases_writer_locks); did-you-mean suggestions.
 
 torch is imported inside the functions that use it, so that prepare.py, which needs no torch, starts
 in a fraction of a second.
