@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from checkpoint import build_model, load_checkpoint
 from common import (DEVICE_HELP, DTYPE_HELP, THREADS_HELP, UserError, atomic_write, autocast, data_dir, load_meta,
-                    progress, resolve_device, resolve_dtype, run_main, set_threads)
+                    plot_figure, progress, resolve_device, resolve_dtype, run_main, set_threads)
 from configurator import parse_config, split_settings
 from tokenizer import get_encoding, token_bytes
 
@@ -392,20 +392,11 @@ def table(results):
     return "\n".join(rows)
 
 
-def figure(**kwargs):
-    """A matplotlib Figure of its own (no pyplot: no global state, no GUI backend to pick)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib")
-    return Figure(**kwargs)
-
-
 def plot(results, title, path):
     relative = len({r["n_layer"] for r in results}) > 1
     columns = list(results[0]["layers"][0]["probes"])
     panels = ["logit lens: loss (nats/token)", *(f"probe: {c}" for c in columns), "cosine of pair means"]
-    fig = figure(figsize=(13, 7))
+    fig = plot_figure(figsize=(13, 7))
     axes = fig.subplots(2, 3)
     for i, result in enumerate(results):
         colour = f"C{i % 10}"
@@ -448,7 +439,7 @@ def check_settings(cfg):
     if cfg["plot"] and not cfg["plot"].endswith(".png"):
         raise UserError(f"plot must name a .png file, got '{cfg['plot']}'")
     if cfg["plot"]:
-        figure()  # a missing matplotlib fails now, not after the work
+        plot_figure()  # a missing matplotlib fails now, not after the work
     for path in filter(None, (cfg["plot"], cfg["json"])):
         folder = os.path.dirname(os.path.abspath(path))
         try:  # a file that cannot be written fails now, not after the work

@@ -75,7 +75,8 @@ from torch.profiler import ProfilerActivity, profile
 import distributed
 import training
 from checkpoint import model_config
-from common import REPO, UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main, set_threads
+from common import (REPO, UserError, atomic_write, data_dir, resolve_device, resolve_dtype, run_main, set_threads,
+                    torchrun_process)
 from configurator import parse_config, split_settings
 from engine import generate_stream
 from model import CODES, GPT
@@ -115,7 +116,8 @@ def parse_list(cfg, key, kind):
 
 def check_config(cfg):
     """The validated settings a measurement needs; every mistake is a one-line error here, before any process starts."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and cfg["parallel"] != "fsdp":
+    train = training.TrainConfig(**{key: cfg[key] for key in training.DEFAULTS})  # train.py's checks of its keys
+    if torchrun_process()[1] > 1 and train.parallel != "fsdp":
         raise UserError("bench.py measures one process: run it with python, not torchrun (or with --parallel=fsdp)")
     codes = parse_list(cfg, "codes", str)
     for code in codes:
@@ -132,8 +134,6 @@ def check_config(cfg):
         raise UserError("prompt_tokens must be at least 1 and decode_tokens at least 2")
     if cfg["steps"] < 1 or cfg["warmup_steps"] < 1:
         raise UserError("steps and warmup_steps must be at least 1 (the first step allocates the optimizer state)")
-    if cfg["threads"] < 0:
-        raise UserError(f"threads must be 0 (auto) or a count, got {cfg['threads']}")
     if cfg["sdpa"] not in ("auto", "flash", "efficient", "math"):
         raise UserError(f"sdpa must be auto, flash, efficient or math, got '{cfg['sdpa']}'")
     vocab_size, source = vocab_of(cfg)
@@ -143,7 +143,7 @@ def check_config(cfg):
         model_config(cfg, vocab_size=vocab_size, input_code=code)
     device = resolve_device(cfg["device"])
     resolve_dtype(cfg["dtype"], torch.device("cpu"))  # checks the name; on the CPU so this process leaves the GPU alone
-    return codes, batch_sizes, vocab_size, source, device
+    return codes, batch_sizes, vocab_size, source, device, train
 
 
 def vocab_of(cfg):
@@ -214,14 +214,15 @@ def decode_speed(gpt, autocast, cfg, vocab_size, batch_size, device, generator):
     return batch_size * new_tokens / (time.perf_counter() - start)
 
 
-def measure(cfg, input_code, vocab_size, batch_sizes):
-    """All the figures of one input code, as a JSON-ready dict (run in a fresh process)."""
+def measure(cfg, train, input_code, vocab_size, batch_sizes):
+    """All the figures of one input code, as a JSON-ready dict (run in a fresh process); train: cfg's
+    TrainConfig."""
     device = resolve_device(cfg["device"])
-    dtype, autocast, scaler = training.setup_precision(cfg, device)
+    dtype, autocast, scaler = training.setup_precision(train, device)
     torch.manual_seed(cfg["seed"])
     gpt = GPT(model_config(cfg, vocab_size=vocab_size, input_code=input_code)).to(device)
     set_threads(cfg["threads"], device, gpt, cfg["batch_size"] * cfg["block_size"], backward=True)
-    optimizer = training.make_optimizer(gpt, cfg, device)
+    optimizer = training.make_optimizer(gpt, train, device)
     model = torch.compile(gpt) if cfg["compile"] else gpt
     generator = torch.Generator().manual_seed(cfg["seed"])
 
@@ -244,8 +245,7 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
         sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         kernels = trace.key_averages().table(sort_by=sort_by, row_limit=15)
 
-    tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
-    tokens_per_s = cfg["steps"] * tokens_per_step / seconds
+    tokens_per_s = cfg["steps"] * train.tokens_per_step / seconds
     flops_per_token = gpt.flops_per_token()
     peak = training.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     counts = gpt.param_counts()
@@ -256,7 +256,7 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
         "trainable_params": counts["trainable"], "input_trainable_params": counts["input_trainable"],
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                      for t in state.values() if torch.is_tensor(t)),
-        "flops_per_token": flops_per_token, "peak_flops": peak, "tokens_per_step": tokens_per_step,
+        "flops_per_token": flops_per_token, "peak_flops": peak, "tokens_per_step": train.tokens_per_step,
         "steps": cfg["steps"], "warmup_steps": cfg["warmup_steps"], "seconds": seconds,
         "device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "compile": cfg["compile"], "sdpa": cfg["sdpa"], "torch": torch.__version__,
@@ -272,15 +272,15 @@ def measure(cfg, input_code, vocab_size, batch_sizes):
     return result
 
 
-def measure_sharded(cfg, input_code, vocab_size, device):
+def measure_sharded(cfg, train, input_code, vocab_size, device):
     """parallel=fsdp, on every process of torchrun (or on one): the bytes each process holds of the
     weights, the gradients (after a backward) and AdamW's state (after a step), as FSDP shards them.
     Returns every rank's figures."""
-    dtype, autocast, scaler = training.setup_precision(cfg, device)
+    dtype, autocast, scaler = training.setup_precision(train, device)
     torch.manual_seed(cfg["seed"])
     gpt = GPT(model_config(cfg, vocab_size=vocab_size, input_code=input_code)).to(device)
     distributed.shard(gpt, device, dtype, cfg["compile"])
-    optimizer = training.make_optimizer(gpt, cfg, device)
+    optimizer = training.make_optimizer(gpt, train, device)
     generator = torch.Generator().manual_seed(cfg["seed"])
     train_step(gpt, gpt, optimizer, scaler, autocast, cfg, vocab_size, device, generator)
     x, y, _ = random_batch(generator, vocab_size, cfg["batch_size"], cfg["block_size"], device)
@@ -582,13 +582,12 @@ def main(argv):
     cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__, ignored=IGNORED)
     if cfg["suite"]:
         return run_suite(cfg, argv)
-    codes, batch_sizes, vocab_size, source, device = check_config(cfg)
-    tokens_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
+    codes, batch_sizes, vocab_size, source, device, train = check_config(cfg)
     if cfg["parallel"] == "fsdp":
-        device = distributed.start_processes(cfg)
-        results = [measure_sharded(cfg, code, vocab_size, device) for code in codes]
+        device = distributed.start_processes(train)
+        results = [measure_sharded(cfg, train, code, vocab_size, device) for code in codes]
         distributed.stop_processes()
-        if int(os.environ.get("RANK", 0)) == 0:
+        if torchrun_process()[0] == 0:
             print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d')}: bytes each of {len(results[0])} "
                   f"process(es) holds under FSDP on {device}, torch {torch.__version__}\n\n{sharded_table(results)}")
             if cfg["json"]:
@@ -600,7 +599,7 @@ def main(argv):
         print(f"measuring {code} ...", file=sys.stderr)
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:  # a fresh process per code
             try:
-                results.append(pool.submit(measure, cfg, code, vocab_size, batch_sizes).result())
+                results.append(pool.submit(measure, cfg, train, code, vocab_size, batch_sizes).result())
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"{code}: out of memory on {device} at batch_size {cfg['batch_size']}: lower batch_size "
                            f"(raise gradient_accumulation_steps to keep the tokens per step)")
@@ -617,9 +616,9 @@ def main(argv):
           f"{first['dtype']}, compile={cfg['compile']}, sdpa={cfg['sdpa']}; each code measured in a fresh process")
     print(f"n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} block_size={cfg['block_size']} "
           f"vocab_size={vocab_size:,} ({source})")
-    print(f"\ntraining: {tokens_per_step:,} tokens/step (batch_size {cfg['batch_size']} x gradient_accumulation_steps "
-          f"{cfg['gradient_accumulation_steps']} x block_size {cfg['block_size']}), {cfg['warmup_steps']} warm-up then "
-          f"{cfg['steps']} timed steps; peak memory: {first['peak_mem_kind']}\n")
+    print(f"\ntraining: {train.tokens_per_step:,} tokens/step (batch_size {cfg['batch_size']} x "
+          f"gradient_accumulation_steps {cfg['gradient_accumulation_steps']} x block_size {cfg['block_size']}), "
+          f"{cfg['warmup_steps']} warm-up then {cfg['steps']} timed steps; peak memory: {first['peak_mem_kind']}\n")
     print(training_table(results))
     if cfg["decode"]:
         print(f"\ngreedy decode after a {cfg['prompt_tokens']}-token prompt, {cfg['decode_tokens']} new tokens, "

@@ -1,25 +1,23 @@
 """
 Checkpoints: written atomically, read back memory-mapped with torch.load(weights_only=True), checked,
 turned into a model. Every check of what is loaded lives here: the file's digest, finite weights, the
-model settings (model_config, the one way from settings to a GPTConfig, which train.py and bench.py
-use too) and the input code's stored buffers (check_input_code).
+model settings (model_config, the one way from settings to a GPTConfig) and the input code's stored
+buffers (check_input_code).
 
 A checkpoint is out_dir/ckpt.pt, a dict of plain types and tensors:
   model_args     GPTConfig fields            model          state_dict (the code buffers A/b included)
-  meta           the dataset's meta.json     config         the full training config
+  meta           the dataset's meta.json     config         train.py's settings (a TrainConfig as a dict)
   iter_num       optimizer steps done        tokens_seen    tokens trained on
-  best_val_loss, val_loss                    optimizer    AdamW state (train.py)
-  sha256         a digest of everything else, verified on every load: a checkpoint changed on disk
-                 (a bad disk, a partial copy, flipped bytes) is refused, not silently used
+  best_val_loss, val_loss                    optimizer      AdamW state; scaler: float16's loss scale
+  sha256         a digest of everything else, verified on every load: a changed file is refused
 
-Loading maps the file into memory rather than reading it into each process's own memory: the
-tensors are pages of the page cache, which every process of a host that loads the same file
-shares, so 8 ranks resuming on one host hold one copy, not 8 (the digest still reads every byte).
-The mapping stays valid however long a loaded tensor lives, because a checkpoint is only ever
-replaced by a rename, never rewritten in place.
+Loading maps the file into memory: every process of a host that loads it shares the page cache's
+one copy (8 ranks resuming on one host hold one copy, not 8); the mapping stays valid as long as a
+tensor lives, because a checkpoint is only ever replaced by a rename, never rewritten in place.
 """
 import hashlib
 import os
+import re
 from dataclasses import fields
 
 import torch
@@ -29,7 +27,6 @@ from model import CODES, GPT, BinaryCode, GPTConfig
 from tokenizer import get_encoding
 
 CKPT_NAME = "ckpt.pt"
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP
 
 
 class CheckpointError(UserError):
@@ -63,13 +60,8 @@ def save_checkpoint(checkpoint, out_dir):
 
 
 def clean_state_dict(state_dict):
-    """Strip the key prefixes that torch.compile and DDP wrappers add."""
-    clean = {}
-    for key, value in state_dict.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        clean[key] = value
-    return clean
+    """Strip the key prefixes that torch.compile (_orig_mod.) and DDP (module.) wrappers add."""
+    return {re.sub(r"^((_orig_mod|module)\.)+", "", key): value for key, value in state_dict.items()}
 
 
 def load_checkpoint(out_dir, device="cpu"):
@@ -84,7 +76,8 @@ def load_checkpoint(out_dir, device="cpu"):
     except Exception as e:  # torch's own message suggests weights_only=False: wrong advice for a broken file
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch "
                               f"checkpoint ({type(e).__name__})") from None
-    missing = [key for key in ("model_args", "model", "meta") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    missing = [key for key in ("model_args", "model", "meta")
+               if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repository (missing {', '.join(missing)})")
     expected = checkpoint.pop("sha256", None)  # checkpoints written before checksums have none
@@ -133,19 +126,18 @@ def check_input_code(model):
         return
     ids = torch.arange(model.config.vocab_size, device=model.lm_head.weight.device)
     stored = ", ".join(f"embed.{name}" for name in embed.state_dict()) or "none"
+    code = f"checkpoint's input code {model.config.input_code!r} (stored: {stored})"
     if type(embed).bits is BinaryCode.bits:
         recoded = embed.recode(ids)
         if not bool(((recoded >= 0) & (recoded < 2 ** embed.K)).all()) or len(recoded.unique()) != len(ids):
-            raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) does not "
-                                  f"map the {len(ids)} ids to distinct {embed.K}-bit ids: it is damaged")
+            raise CheckpointError(f"{code} does not map the {len(ids)} ids to distinct {embed.K}-bit ids: it is "
+                                  f"damaged")
         return
     bits = embed.bits(ids)
     if not bool(((bits == 0) | (bits == 1)).all()):
-        raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) holds values "
-                              f"other than 0 and 1: it is damaged")
+        raise CheckpointError(f"{code} holds values other than 0 and 1: it is damaged")
     if len(bits.unique(dim=0)) != len(ids):
-        raise CheckpointError(f"checkpoint's input code {model.config.input_code!r} (stored: {stored}) gives two ids "
-                              f"the same code: it is damaged")
+        raise CheckpointError(f"{code} gives two ids the same code: it is damaged")
 
 
 def load_weights(model, checkpoint):

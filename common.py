@@ -1,10 +1,11 @@
 """
 The helpers every script shares, importing nothing from this repository: the user-error type and the
-entry point (run_main) that turns it, Ctrl-C and SIGTERM into one line; the one way signals are
-handled (StopSignals); device, precision and CPU threads (one `auto` rule, one help text each); the
-progress bar; a dataset's folder, meta.json and the check of its token files against it; the hashes
-of the code and the data that sweep.py records with each result; atomic file writes; one writer per
-run folder or results table (hold_writer, releases_writer_locks); did-you-mean suggestions.
+entry point (run_main) that turns it, Ctrl-C and SIGTERM into one line; torchrun's rank and world
+size; the one way signals are handled (StopSignals); device, precision and CPU threads (one `auto`
+rule, one help text each); the progress bar and the matplotlib figure; a dataset's folder, meta.json
+and the check of its token files against it; the hashes of the code and the data that sweep.py
+records with each result; atomic file writes; one writer per run folder or results table
+(hold_writer, releases_writer_locks); did-you-mean suggestions.
 
 torch is imported inside the functions that use it, so that prepare.py, which needs no torch, starts
 in a fraction of a second.
@@ -39,7 +40,7 @@ def run_main(main, argv=None):
     """Run a script's main(argv): a UserError becomes `error: ...` on stderr and exit code 1; Ctrl-C
     or SIGTERM one line and exit code 128 + the signal (130, 143), as shells report them. Under
     torchrun only rank 0 speaks, so a configuration error is printed once."""
-    speak = int(os.environ.get("RANK", 0)) == 0
+    speak = torchrun_process()[0] == 0
     try:
         with StopSignals():
             main(sys.argv[1:] if argv is None else argv)
@@ -54,6 +55,11 @@ def run_main(main, argv=None):
     except BrokenPipeError:  # stdout piped into `head` and closed: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def torchrun_process():
+    """(rank, world size) of this process as torchrun sets them (RANK, WORLD_SIZE); (0, 1) outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def closest(name, known):
@@ -181,6 +187,16 @@ def device_text(device):
     import torch
     threads = torch.get_num_threads()
     return f"{device} ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else str(device)
+
+
+def plot_figure(**options):
+    """A matplotlib Figure of its own (no pyplot: no global state, no GUI backend to pick); matplotlib
+    is an optional extra, so its absence is a UserError naming it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    return Figure(**options)
 
 
 def progress(iterable=None, hide=False, **options):

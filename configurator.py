@@ -7,8 +7,8 @@ files of plain Python assignments, then --key=value, applied in the order given.
 
 Every key must already exist in the script's defaults and keep its type (an int is accepted where a
 float is expected; a key whose default is None takes any value; None is taken only there and for the
-keys a script names as nullable). Unlike nanoGPT's configurator, a
-typo is an error that names the closest key. Booleans are True/False (true/false, 1/0 also work).
+keys a script names as nullable). Unlike nanoGPT's configurator, a typo is an error that names the
+closest key. Booleans are True/False (true/false, 1/0 also work).
 """
 import ast
 import os
@@ -16,12 +16,15 @@ import types
 
 from common import UserError, closest
 
+BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
 
 class ConfigError(UserError):
     pass
 
 
-def _checked(key, value, defaults, where, nullable):
+def checked(key, value, defaults, where, nullable):
+    """value, if key is known and value has its default's type (an int widened to a float)."""
     if key not in defaults:
         raise ConfigError(f"unknown config key '{key}' {where}{closest(key, defaults)}")
     default = defaults[key]
@@ -40,15 +43,13 @@ def _checked(key, value, defaults, where, nullable):
     return value
 
 
-BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False}
-
-
-def _parse_value(text, default):
+def parse_value(text, default):
+    """The value --key=text stands for, read as the default's type would be written."""
     if isinstance(default, str):
         return text  # --start=123 is the text "123"
     if isinstance(default, bool) and text.lower() in BOOLEAN_WORDS:
         return BOOLEAN_WORDS[text.lower()]
-    if isinstance(default, float) and not isinstance(default, bool):
+    if isinstance(default, float):
         try:
             return float(text)  # also nan and inf, for the script's own range checks to refuse by name
         except ValueError:
@@ -59,38 +60,25 @@ def _parse_value(text, default):
         return text  # a bare word is a string: --device=cuda
 
 
-def _apply(config, defaults, arg, nullable):
-    if arg.startswith("--"):
-        if "=" not in arg:
-            raise ConfigError(f"argument '{arg}' must be --key=value{closest(arg[2:], defaults)}")
-        key, text = arg[2:].split("=", 1)
-        config[key] = _checked(key, _parse_value(text, defaults.get(key)), defaults, "on the command line", nullable)
-        return
-    if os.path.isdir(arg) or arg.endswith(".pt") and os.path.isfile(arg):
-        raise ConfigError(f"'{arg}' is not a config file but {what_path(arg)}")
-    if not os.path.isfile(arg):
-        raise ConfigError(f"config file '{arg}' not found")
+def config_file(path):
+    """The assignments of a config file (names starting with _, modules, functions and classes left out)."""
+    if os.path.isdir(path) or path.endswith(".pt") and os.path.isfile(path):  # a run given where a config belongs
+        run = os.path.isfile(path) or os.path.isfile(os.path.join(path, "ckpt.pt"))
+        what = ("a checkpoint" if os.path.isfile(path) else "a run folder (it holds ckpt.pt)" if run
+                else "a folder (a config file is a .py file of assignments)")
+        raise ConfigError(f"'{path}' is not a config file but {what}" + (f": give it as --out_dir={path}" * run))
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found")
     namespace = {}
     try:
-        with open(arg) as f:
-            exec(compile(f.read(), arg, "exec"), {}, namespace)
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), {}, namespace)
     except (SyntaxError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file '{arg}' is not valid Python: {e}") from None
+        raise ConfigError(f"config file '{path}' is not valid Python: {e}") from None
     except Exception as e:  # the file runs code of its own; say where it went wrong
-        raise ConfigError(f"config file '{arg}' failed: {type(e).__name__}: {e}") from None
-    for key, value in namespace.items():
-        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-            continue
-        config[key] = _checked(key, value, defaults, f"in {arg}", nullable)
-
-
-def what_path(path):
-    """A folder or checkpoint given where a config file belongs, in words, with the flag that takes a run."""
-    if os.path.isfile(path):
-        return f"a checkpoint: give it as --out_dir={path}"
-    if os.path.isfile(os.path.join(path, "ckpt.pt")):
-        return f"a run folder (it holds ckpt.pt): give it as --out_dir={path}"
-    return "a folder (a config file is a .py file of assignments)"
+        raise ConfigError(f"config file '{path}' failed: {type(e).__name__}: {e}") from None
+    return {key: value for key, value in namespace.items()
+            if not key.startswith("_") and not isinstance(value, (types.ModuleType, types.FunctionType, type))}
 
 
 def split_settings(settings):
@@ -106,9 +94,9 @@ def help_text(config, meanings, usage, ignored=()):
     width = min(40, max(len(f"--{k}={v!r}") for k, v in listed.items()))
     lines = [usage.strip(), "", "keys (values after the config files given; --key=value overrides):"]
     for key, value in listed.items():
-        shown = f"--{key}={value!r}"
-        meaning = meanings.get(key, "")
-        lines.append(f"  {shown:<{width}}  {meaning}" if len(shown) <= width else f"  {shown}\n  {'':<{width}}  {meaning}")
+        shown, meaning = f"--{key}={value!r}", meanings.get(key, "")
+        lines.append(f"  {shown:<{width}}  {meaning}" if len(shown) <= width
+                     else f"  {shown}\n  {'':<{width}}  {meaning}")
     if ignored:
         lines += ["", f"accepted and ignored, so that a training config file works as is: {', '.join(ignored)}"]
     return "\n".join(line.rstrip() for line in lines)
@@ -119,11 +107,16 @@ def parse_config(defaults, argv, meanings=None, usage="", nullable=(), ignored=(
     in nullable also take None. --help (anywhere) prints each key's value after the other arguments,
     with its meaning, and exits; it lists the ignored keys (accepted, unused) by name only."""
     config = dict(defaults)
-    wants_help = any(arg in ("-h", "--help") for arg in argv)
-    for arg in argv:
-        if arg not in ("-h", "--help"):
-            _apply(config, defaults, arg, nullable)
-    if wants_help:
+    for arg in [arg for arg in argv if arg not in ("-h", "--help")]:
+        if arg.startswith("--") and "=" not in arg:
+            raise ConfigError(f"argument '{arg}' must be --key=value{closest(arg[2:], defaults)}")
+        if arg.startswith("--"):
+            key, text = arg[2:].split("=", 1)
+            config[key] = checked(key, parse_value(text, defaults.get(key)), defaults, "on the command line", nullable)
+        else:
+            config.update({key: checked(key, value, defaults, f"in {arg}", nullable)
+                           for key, value in config_file(arg).items()})
+    if any(arg in ("-h", "--help") for arg in argv):
         print(help_text(config, meanings or {}, usage, ignored))
         raise SystemExit(0)
     return config

@@ -5,25 +5,25 @@ agreement every process reaches before anything is written, the model wrapped fo
 processes, with checkpoints gathered into the one ckpt.pt format), and the decisions every rank must
 take alike (a signal's stop, summed losses).
 
-Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK) each process checks its own files: its
-config files, data/, out_dir and the checkpoint it resumes from. Without a shared filesystem these
-differ from node to node, and a process that stopped alone would leave the others waiting in their
-first collective until the timeout. So every process joins the process group even when its checks
-failed, and they agree: all go on, or all stop with the same one line.
+Under torchrun each process checks its own files (config files, data/, out_dir, the checkpoint).
+Without a shared filesystem these differ from node to node, and a process that stopped alone would
+leave the others waiting in their first collective until the timeout. So every process joins the
+process group even when its checks failed, and they agree: all go on, or all stop with one line.
 """
 import inspect
 import json
 import os
 import socket
 import time
+from dataclasses import asdict
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import UserError, data_dir, resolve_device
-from training import DEFAULTS, groups_with_options
+from common import UserError, data_dir, resolve_device, torchrun_process
+from training import DEFAULTS, groups_with_options, load_optimizer_state
 
 SHARED = "every node must see the same config files, data/ and out_dir: a shared filesystem, or copies"
 # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning
@@ -34,10 +34,10 @@ NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in i
 def start(configure, argv):
     """(cfg, meta, checkpoint, rank, world_size, device): configure(argv) on this process, which checks
     every setting, and under torchrun the process group joined and every process agreeing."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = torchrun_process()[1]
     if world_size == 1:
         cfg, meta, checkpoint = configure(argv)
-        device = start_processes(cfg) if cfg["parallel"] == "fsdp" else resolve_device(cfg["device"])
+        device = start_processes(cfg) if cfg.parallel == "fsdp" else resolve_device(cfg.device)
         return cfg, meta, checkpoint, 0, 1, device
     try:
         configured, failure = configure(argv), None
@@ -50,26 +50,22 @@ def start(configure, argv):
 
 def start_processes(cfg):
     """Join the process group (cfg is None where this process's checks failed); this process's device.
-    Outside torchrun, a group of this one process: what FSDP needs to run on one."""
-    device = resolve_device(cfg["device"]) if cfg else torch.device("cpu")
+    Outside torchrun, a group of this one process: what FSDP needs to run on one. gloo carries CPU
+    tensors, so the agreement works whatever the device, and NCCL the CUDA tensors of training; NCCL
+    connects at its first collective, which a process that failed its checks never reaches."""
+    device = resolve_device(cfg.device) if cfg else torch.device("cpu")
     alone = "WORLD_SIZE" not in os.environ
     if device.type == "cuda":
         index = device.index if alone else int(os.environ["LOCAL_RANK"])
         device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         torch.cuda.set_device(device)
-    timeout = timedelta(minutes=cfg["collective_timeout"] if cfg else DEFAULTS["collective_timeout"])
+    timeout = timedelta(minutes=cfg.collective_timeout if cfg else DEFAULTS["collective_timeout"])
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if alone:
-        dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
-        dist.init_process_group(backend(), timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout)
     return device
-
-
-def backend():
-    """gloo carries CPU tensors, so the agreement works on every process whatever its device, and NCCL
-    the CUDA tensors of training; NCCL connects at its first collective, which a process that failed
-    its checks never reaches."""
-    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def agree(configured, device, failure):
@@ -89,9 +85,8 @@ def agree(configured, device, failure):
 
 
 def tell_launcher(message):
-    """Put the one line where torchrun's summary of a failed job looks for each process's reason: the
-    file it names in TORCHELASTIC_ERROR_FILE (in the JSON its own @record writes). Without it the
-    summary says only "To enable traceback see: <a link>"; torchrun's own traceback stays either way."""
+    """Put the one line where torchrun's summary of a failed job looks for each process's reason (the
+    file TORCHELASTIC_ERROR_FILE names, in @record's JSON), instead of its "To enable traceback see"."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         reason = {"message": f"error: {message}", "extraInfo": {"timestamp": str(int(time.time()))}}
@@ -102,9 +97,9 @@ def tell_launcher(message):
 def run_seen(cfg, meta, checkpoint, device):
     """What every process must see alike: the settings, the device type, the dataset (meta.json and
     the .bin sizes) and the checkpoint resumed from (its step and losses)."""
-    folder = data_dir(cfg["dataset"])
+    folder = data_dir(cfg.dataset)
     sizes = {split: os.path.getsize(os.path.join(folder, f"{split}.bin")) for split in ("train", "val")}
-    return {"settings": cfg, "device": device.type, "dataset": {**meta, **sizes},
+    return {"settings": asdict(cfg), "device": device.type, "dataset": {**meta, **sizes},
             "checkpoint": checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}}
 
 
@@ -128,16 +123,26 @@ def disagreement(everyone):
     return None
 
 
+# ------------------------------------------------------------------------------ wrapping: DDP, FSDP
+
+def wrap(raw_model, cfg, device, dtype, world_size):
+    """(model, train_model): what evaluation runs (raw_model compiled or not) and what training runs
+    (under DDP, model wrapped). Under FSDP raw_model is sharded in place and is both."""
+    if cfg.parallel == "fsdp":
+        shard(raw_model, device, dtype, cfg.compile)
+        return raw_model, raw_model
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    return model, wrap_ddp(model, device) if world_size > 1 else model
+
+
 def wrap_ddp(model, device):
     """DDP around the model. Its buffers (rotary tables, the code's A and b, a frozen table) are the
     same on every rank by construction, so they are not broadcast before every forward; and the
-    gradients are views into DDP's all-reduce buckets, not a second copy beside them (1.75 GiB at the
-    paper config; train_step zeroes them in place to keep them so)."""
+    gradients are views into DDP's all-reduce buckets, not a second copy beside them (train_step
+    zeroes them in place to keep them so)."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
                **NO_BUFFER_SYNC)
 
-
-# ------------------------------------------------------------------------------------------- FSDP
 
 def fsdp_available():
     """Whether this torch has FSDP2's public API (torch.distributed.fsdp.fully_shard, torch >= 2.6)."""
@@ -149,16 +154,12 @@ def fsdp_available():
 
 
 def shard(raw_model, device, dtype, compile):
-    """FSDP2 on raw_model, in place: each Block, then the whole model (the embedding, the final norm
-    and the head), as fully_shard asks (bottom-up). Each parameter becomes a DTensor holding this
-    rank's slice of dim 0; a block's full weights exist only while it runs, gathered just in time.
-
-    Under bfloat16 the weights are gathered and computed in bfloat16 and the gradients reduced in
-    float32 (FSDP2's MixedPrecisionPolicy), while the float32 slices stay the master copy AdamW
-    updates. train.py still enters autocast, as under DDP: it keeps norms, softmax and the loss in
-    float32 and lets the input code's float32 buffers meet bfloat16 weights. With compile, each block
-    is compiled before it is sharded (the order of torchtitan, PyTorch's FSDP2 reference), and the
-    FSDP hooks run between compiled blocks."""
+    """FSDP2 on raw_model, in place, bottom-up as fully_shard asks: each Block, then the rest (the
+    embedding, the final norm, the head). Each parameter becomes a DTensor of this rank's slice of dim
+    0; a block's full weights exist only while it runs. Under bfloat16 they are gathered and computed
+    in bfloat16 and the gradients reduced in float32, the float32 slices staying AdamW's master copy
+    (train.py still enters autocast, for the norms, softmax and loss). With compile, each block is
+    compiled before it is sharded (torchtitan's order), the FSDP hooks running between blocks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the run's device, even on a GPU machine
@@ -171,13 +172,13 @@ def shard(raw_model, device, dtype, compile):
     fully_shard(raw_model, mesh=mesh, mp_policy=policy)
 
 
-def gathered_state(raw_model, optimizer):
-    """(model state, optimizer state) of a model sharded by FSDP, as ckpt.pt holds them under DDP:
-    whole tensors, the optimizer's state keyed by its parameters' order. Every rank must call this:
-    the slices are gathered onto rank 0's CPU one tensor at a time (GPU memory grows by one
-    parameter, not the model), and the other ranks get (None, None). So eval, sample, serve,
-    export_hf, report and a DDP resume read an FSDP run's checkpoint as any other, whatever the
-    number of processes."""
+def gathered_state(raw_model, optimizer, sharded):
+    """(model state, optimizer state) as ckpt.pt holds them: whole tensors, the optimizer's state keyed
+    by its parameters' order. Under FSDP every rank must call this: the slices are gathered onto rank
+    0's CPU one tensor at a time (GPU memory grows by one parameter, not the model), and the other
+    ranks get (None, None); so every tool reads an FSDP run's checkpoint as any other."""
+    if not sharded:
+        return raw_model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_state, by_name = get_state_dict(raw_model, optimizer,
                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -189,9 +190,11 @@ def gathered_state(raw_model, optimizer):
                                           for group in by_name["param_groups"]]}
 
 
-def load_sharded_optimizer_state(raw_model, optimizer, saved):
-    """training.load_optimizer_state for a model sharded by FSDP: every rank holds the checkpoint's
-    whole tensors (memory-mapped) and keeps its slice of each."""
+def restore_optimizer_state(raw_model, optimizer, saved, sharded):
+    """training.load_optimizer_state, also for a model sharded by FSDP: there every rank holds the
+    checkpoint's whole tensors (memory-mapped) and keeps its slice of each."""
+    if not sharded:
+        return load_optimizer_state(optimizer, saved)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     names = {id(p): name for name, p in raw_model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]

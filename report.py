@@ -53,7 +53,7 @@ from collections import Counter
 import numpy as np
 
 from checkpoint import CheckpointError, build_model, load_checkpoint
-from common import UserError, atomic_write, code_hash, run_main
+from common import UserError, atomic_write, code_hash, plot_figure, run_main
 from configurator import parse_config, split_settings
 from studies import load_results, load_verification, verification_path
 from model import BASELINE_CODE, CODES, code_fields
@@ -228,34 +228,23 @@ def read_curve(run_dir):
     return sorted(curve)
 
 
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        fail("--plot needs matplotlib: pip install matplotlib")
-    return plt
-
-
-def save_figure(fig, plt, path):
+def save_figure(fig, path):
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     except OSError as e:
         fail(f"cannot write {path}: {e.strerror or e}")
-    plt.close(fig)
 
 
 def plot(variants, title, path):
     """Val loss against tokens, every run, one colour per variant; the right panel zooms on the end."""
-    plt = pyplot()
+    fig = plot_figure(figsize=(11, 4.2))
     import matplotlib.ticker
     curves = {variant: [read_curve(run["dir"]) for run in runs] for variant, runs in variants.items()}
     last = max(tokens for runs in curves.values() for curve in runs for tokens, _ in curve)
     tail = [loss for runs in curves.values() for curve in runs for tokens, loss in curve if tokens >= last / 2]
-    fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 4.2))
+    full, zoom = fig.subplots(1, 2)
     for i, (variant, runs) in enumerate(curves.items()):
-        colour = plt.get_cmap("tab10")(i % 10)
+        colour = f"C{i % 10}"  # matplotlib's default cycle, tab10
         for j, curve in enumerate(runs):
             tokens, losses = zip(*curve)
             full.plot(tokens, losses, color=colour, lw=1, alpha=0.8,
@@ -276,7 +265,7 @@ def plot(variants, title, path):
     full.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    save_figure(fig, plt, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- a sweep's results, paired seeds
@@ -445,12 +434,12 @@ def plot_gaps(gaps, x, title, path):
     lines = {label: sorted(points) for label, points in lines.items() if points}
     if not lines:
         fail(f"nothing to draw: no code has a {BASELINE_CODE} run of its seeds at its setting")
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = plot_figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for i, (label, points) in enumerate(lines.items()):
         xs, means, halves = zip(*points)
         ax.errorbar(xs, means, yerr=[h or 0 for h in halves], marker="o", capsize=3, label=label,
-                    color=plt.get_cmap("tab10")(i % 10))
+                    color=f"C{i % 10}")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(x)
@@ -459,7 +448,7 @@ def plot_gaps(gaps, x, title, path):
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    save_figure(fig, plt, path)
+    save_figure(fig, path)
 
 
 def literal(text):

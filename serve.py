@@ -570,29 +570,29 @@ class Handler(BaseHTTPRequestHandler):
 
 # -------------------------------------------------------------------------------------------- main
 
-def check_settings(config):
+def check_settings(cfg):
     limits = ("max_body_bytes", "max_batch_size", "kv_cache_mib", "max_queue", "prefill_tokens")
-    checks = [(isinstance(config["port"], int) and 0 <= config["port"] <= 65535,
-               f"port must be 0..65535 (0: any free port), got {config['port']!r}"),
-              (bool(config["host"]), "host must be an address or a name, e.g. 127.0.0.1"),
-              (config["max_tokens_cap"] is None or (isinstance(config["max_tokens_cap"], int)
-                                                    and not isinstance(config["max_tokens_cap"], bool)
-                                                    and config["max_tokens_cap"] >= 1),
-               f"max_tokens_cap must be None (block_size) or a positive integer, got {config['max_tokens_cap']!r}")]
-    checks += [(config[key] >= 1, f"{key} must be positive, got {config[key]}") for key in limits]
+    checks = [(isinstance(cfg["port"], int) and 0 <= cfg["port"] <= 65535,
+               f"port must be 0..65535 (0: any free port), got {cfg['port']!r}"),
+              (bool(cfg["host"]), "host must be an address or a name, e.g. 127.0.0.1"),
+              (cfg["max_tokens_cap"] is None or (isinstance(cfg["max_tokens_cap"], int)
+                                                 and not isinstance(cfg["max_tokens_cap"], bool)
+                                                 and cfg["max_tokens_cap"] >= 1),
+               f"max_tokens_cap must be None (block_size) or a positive integer, got {cfg['max_tokens_cap']!r}")]
+    checks += [(cfg[key] >= 1, f"{key} must be positive, got {cfg[key]}") for key in limits]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
 
 
-def cache_rows(config, model, dtype):
+def cache_rows(cfg, model, dtype):
     """KV cache rows: max_batch_size, or as many whole rows as kv_cache_mib holds."""
-    cfg = model.config
-    row_bytes = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * torch.tensor([], dtype=dtype).element_size()
-    rows = min(config["max_batch_size"], config["kv_cache_mib"] * 2 ** 20 // row_bytes)
+    shape = model.config
+    row_bytes = 2 * shape.n_layer * shape.block_size * shape.n_embd * torch.tensor([], dtype=dtype).element_size()
+    rows = min(cfg["max_batch_size"], cfg["kv_cache_mib"] * 2 ** 20 // row_bytes)
     if rows < 1:
-        raise UserError(f"kv_cache_mib={config['kv_cache_mib']} cannot hold one sequence of block_size "
-                        f"{cfg.block_size} ({row_bytes / 2 ** 20:.1f} MiB): raise it")
+        raise UserError(f"kv_cache_mib={cfg['kv_cache_mib']} cannot hold one sequence of block_size "
+                        f"{shape.block_size} ({row_bytes / 2 ** 20:.1f} MiB): raise it")
     return rows
 
 
@@ -630,21 +630,21 @@ def listen(host, port):
 
 
 def main(argv):
-    config = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
-    check_settings(config)
-    device = resolve_device(config["device"])
-    dtype = resolve_dtype(config["dtype"], device)
-    server = listen(config["host"], config["port"])  # before the model loads: a wrong address fails at once
-    _, model, encoding = load_for_inference(config["out_dir"], device)
-    set_threads(config["threads"], device, model, config["prefill_tokens"])  # its largest call: a prefill step
-    rows = cache_rows(config, model, dtype)
+    cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__)
+    check_settings(cfg)
+    device = resolve_device(cfg["device"])
+    dtype = resolve_dtype(cfg["dtype"], device)
+    server = listen(cfg["host"], cfg["port"])  # before the model loads: a wrong address fails at once
+    _, model, encoding = load_for_inference(cfg["out_dir"], device)
+    set_threads(cfg["threads"], device, model, cfg["prefill_tokens"])  # its largest call: a prefill step
+    rows = cache_rows(cfg, model, dtype)
 
-    server.name = config["model_name"] or os.path.basename(os.path.abspath(run_folder(config["out_dir"])))
+    server.name = cfg["model_name"] or os.path.basename(os.path.abspath(run_folder(cfg["out_dir"])))
     server.encoding, server.block_size = encoding, model.config.block_size
-    server.max_tokens_cap = config["max_tokens_cap"] or server.block_size
-    server.max_body_bytes, server.log_requests = config["max_body_bytes"], config["log_requests"]
+    server.max_tokens_cap = cfg["max_tokens_cap"] or server.block_size
+    server.max_body_bytes, server.log_requests = cfg["max_body_bytes"], cfg["log_requests"]
     cache = KVCache(model.config, rows, dtype=dtype, device=device)
-    server.engine = Engine(model, cache, config["max_queue"], config["prefill_tokens"],
+    server.engine = Engine(model, cache, cfg["max_queue"], cfg["prefill_tokens"],
                            precision=lambda: autocast(device, dtype)).start()
     host, port = server.server_address[:2]
     print(f"serving {server.name} ({model.config.input_code}, block_size {server.block_size}, {device_text(device)} "

@@ -72,6 +72,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 import torch
@@ -80,9 +81,9 @@ from checkpoint import load_checkpoint
 from common import (EVAL_FILES, REPO, STOP_SIGNALS, UserError, atomic_write, check_token_files, closest, code_hash,
                     data_dir, data_hash, hold_writer, load_meta, make_dataset, releases_writer_locks, run_main,
                     unrecorded_note)
-from configurator import ConfigError, parse_config, split_settings
+from configurator import parse_config, split_settings
 from studies import verification_path
-from training import DEFAULTS as TRAIN_DEFAULTS
+from training import DEFAULTS as TRAIN_DEFAULTS, TrainConfig
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SETTINGS = {  # key: (default, meaning)
@@ -190,8 +191,8 @@ def make_cells(study):
         dataset = [] if "dataset" in cell else [f"--dataset={study['dataset']}"]
         args = [*head, *(as_arg(k, v) for k, v in {**cell, **paired}.items()), *dataset, f"--out_dir={out_dir}"]
         try:
-            config = parse_config(TRAIN_DEFAULTS, args)
-        except ConfigError as e:
+            config = asdict(TrainConfig(**parse_config(TRAIN_DEFAULTS, args)))  # checked as train.py checks it
+        except UserError as e:
             raise UserError(f"cell {name}: {e}") from None
         cells.append({"cell": cell, "name": name, "out_dir": out_dir, "args": args, "config": config})
     longest = max((c["name"] for c in cells), key=len)
@@ -387,7 +388,8 @@ def cell_work(config, vocab_size, eval_tokens):
     """What a cell's wall time grows with, in relative units: the tokens it trains on and scores (a
     forward pass about a third of a training step) times the weights each token meets."""
     per_token = 12 * config["n_layer"] * config["n_embd"] ** 2 + config["n_embd"] * vocab_size
-    trained = config["max_iters"] * config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
+    step = TrainConfig(**{k: config[k] for k in ("batch_size", "gradient_accumulation_steps", "block_size")})
+    trained = config["max_iters"] * step.tokens_per_step
     return (trained + eval_tokens / 3) * per_token
 
 

@@ -1,18 +1,17 @@
 """
-One training step and what it is made of, shared by train.py (the training run) and bench.py (which
-times exactly this step): the training settings, batches read from the uint16 memmap, precision, the
-AdamW optimizer and its schedule, and train_step itself.
+The training settings (TrainConfig: each key's default and meaning, checked when it is made) and one
+optimizer step, shared by train.py (the run) and bench.py (which times exactly this step).
 
-Follow one step from disk to the optimizer: read_batch (the uint16 memmap's windows, widened to int32
-on the CPU as they are gathered, a pure function of (seed, step, g)) -> to_device (one contiguous
-pinned copy per micro-batch on CUDA, widened to int64 there) -> train_step (dropout reseeded per
-micro-batch, forward, backward, gradient all-reduce under DDP on the last micro-batch only, clipping,
-AdamW).
+One step, in the order of this file's second half: learning_rate (warmup, then cosine decay),
+micro_batches (this rank's share of the step's G micro-batches: read_batch's windows of the uint16
+memmap, a pure function of (seed, step, g), and to_device's one copy), then train_step (dropout
+reseeded per micro-batch, forward, backward, the DDP all-reduce on the last micro-batch only,
+clipping, AdamW).
 """
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from functools import partial
 
 import numpy as np
@@ -20,85 +19,130 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from common import DEVICE_HELP, DTYPE_HELP, THREADS_HELP, autocast, data_dir, resolve_dtype
-from configurator import split_settings
+from common import DEVICE_HELP, DTYPE_HELP, THREADS_HELP, UserError, autocast, data_dir, resolve_dtype
 from model import GPTConfig
 
-MODEL_FIELDS = [f for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from meta.json
-MODEL_KEYS = [f.name for f in MODEL_FIELDS]
-SETTINGS = {  # key: (default, meaning)
-    # I/O
-    "out_dir": ("out", "the run folder: ckpt.pt, metrics.jsonl (and eval.json from eval.py); on resume also "
-                       "a path to its ckpt.pt"),
-    "dataset": ("pydoc", "a folder under data/ written by prepare.py, or a path to one"),
-    "prepare": (None, "prepare.py arguments (a list; --dataset is added) that make the dataset when it is missing"),
-    "init_from": ("scratch", "scratch (a new run) or resume (from out_dir/ckpt.pt; its config is the base)"),
-    "overwrite": (False, "True: a fresh run may replace the run already in out_dir"),
-    "eval_interval": (250, "evaluate (and checkpoint) every this many steps, and at the end"),
-    "eval_iters": (20, "batches per split in each evaluation (the same batches every time)"),
-    "log_interval": (10, "log the training loss and speed every this many steps"),
-    "wandb_log": (False, "also log to Weights & Biases (pip install wandb)"),
-    "wandb_project": ("fixed-code-lm", "the wandb project"),
-    "wandb_run_name": ("", "the wandb run name ('' lets wandb pick)"),
-    # data: tokens per optimizer step = batch_size * gradient_accumulation_steps * block_size
-    "batch_size": (8, "sequences per micro-batch (per process)"),
-    "gradient_accumulation_steps": (8, "micro-batches per optimizer step, over all processes together"),
-    # model: the GPTConfig fields (the paper's model by default)
-    **{f.name: (f.default, f.metadata.get("help", "")) for f in MODEL_FIELDS},
-    # AdamW, warmup then cosine decay to min_lr at lr_decay_iters
-    "learning_rate": (6e-4, "peak learning rate, reached after warmup_iters"),
-    "max_iters": (5000, "optimizer steps in all; a checkpoint is always written at the end"),
-    "weight_decay": (0.1, "AdamW weight decay, on matrices only (not norms, biases)"),
-    "beta1": (0.9, "AdamW beta1"),
-    "beta2": (0.95, "AdamW beta2"),
-    "grad_clip": (1.0, "clip the gradient norm to this; 0 disables clipping"),
-    "decay_lr": (True, "cosine decay after warmup; False: constant learning_rate"),
-    "warmup_iters": (200, "linear warmup steps"),
-    "lr_decay_iters": (5000, "the step at which the cosine reaches min_lr (usually max_iters)"),
-    "min_lr": (6e-5, "the learning rate at and after lr_decay_iters"),
-    # system
-    "device": ("auto", f"{DEVICE_HELP}; torchrun picks cuda:LOCAL_RANK"),
-    "dtype": ("auto", DTYPE_HELP),
-    "compile": (True, "torch.compile the model (under FSDP each block, before it is sharded)"),
-    "parallel": ("ddp", "under torchrun: ddp (every process holds the whole model and its AdamW state) or fsdp "
-                        "(FSDP2: weights, gradients and AdamW state sharded over the processes; torch >= 2.6)"),
-    "activation_checkpointing": (False, "recompute each block's activations in backward instead of keeping them: "
-                                        "less memory for about a third more compute"),
-    "seed": (1337, "the initialization, the data order and the dropout masks"),
-    "threads": (0, THREADS_HELP),
-    "collective_timeout": (30.0, "minutes a process waits for the others (DDP) before the run fails; rank 0 "
-                                 "writes each checkpoint (5.6 GB at the paper config) while the others wait"),
-}
-DEFAULTS, MEANINGS = split_settings(SETTINGS)
 
+def setting(default, meaning):
+    return field(default=default, metadata={"help": meaning})
+
+
+def require(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+# The model's keys: GPTConfig's fields and defaults (the paper's model), but vocab_size, which the dataset gives
+ModelSettings = make_dataclass("ModelSettings", [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+                                                  for f in fields(GPTConfig) if f.name != "vocab_size"])
+
+
+@dataclass
+class TrainConfig(ModelSettings):
+    """Every key of train.py: the model's (ModelSettings, checked by GPTConfig once the dataset gives
+    vocab_size) and the run's below, each checked here; a bad value is a one-line UserError."""
+    # I/O
+    out_dir: str = setting("out", "the run folder (ckpt.pt, metrics.jsonl, eval.py's eval.json), or its ckpt.pt")
+    dataset: str = setting("pydoc", "a folder under data/ written by prepare.py, or a path to one")
+    prepare: list = setting(None, "prepare.py's arguments (a list; --dataset is added) that make a missing dataset")
+    init_from: str = setting("scratch", "scratch (a new run) or resume (from out_dir/ckpt.pt; its config is the base)")
+    overwrite: bool = setting(False, "True: a fresh run may replace the run already in out_dir")
+    eval_interval: int = setting(250, "evaluate (and checkpoint) every this many steps, and at the end")
+    eval_iters: int = setting(20, "batches per split in each evaluation (the same batches every time)")
+    log_interval: int = setting(10, "log the training loss and speed every this many steps")
+    wandb_log: bool = setting(False, "also log to Weights & Biases (pip install wandb)")
+    wandb_project: str = setting("fixed-code-lm", "the wandb project")
+    wandb_run_name: str = setting("", "the wandb run name ('' lets wandb pick)")
+    # data: tokens per optimizer step = batch_size * gradient_accumulation_steps * block_size
+    batch_size: int = setting(8, "sequences per micro-batch (per process)")
+    gradient_accumulation_steps: int = setting(8, "micro-batches per optimizer step, over all processes together")
+    # AdamW, warmup then cosine decay to min_lr at lr_decay_iters
+    learning_rate: float = setting(6e-4, "peak learning rate, reached after warmup_iters")
+    max_iters: int = setting(5000, "optimizer steps in all; a checkpoint is always written at the end")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (not norms, biases)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping")
+    decay_lr: bool = setting(True, "cosine decay after warmup; False: constant learning_rate")
+    warmup_iters: int = setting(200, "linear warmup steps")
+    lr_decay_iters: int = setting(5000, "the step at which the cosine reaches min_lr (usually max_iters)")
+    min_lr: float = setting(6e-5, "the learning rate at and after lr_decay_iters")
+    # system
+    device: str = setting("auto", f"{DEVICE_HELP}; torchrun picks cuda:LOCAL_RANK")
+    dtype: str = setting("auto", DTYPE_HELP)
+    compile: bool = setting(True, "torch.compile the model (under FSDP each block, before it is sharded)")
+    parallel: str = setting("ddp", "under torchrun: ddp (a whole copy per process) or fsdp (FSDP2: weights, "
+                                   "gradients and AdamW state sharded over the processes; torch >= 2.6)")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in backward: less memory "
+                                                    "for about a third more compute")
+    seed: int = setting(1337, "the initialization, the data order and the dropout masks")
+    threads: int = setting(0, THREADS_HELP)
+    collective_timeout: float = setting(30.0, "minutes a process waits for the others before the run fails (rank 0 "
+                                              "writes each checkpoint while the others wait)")
+
+    def __post_init__(self):
+        require(all(math.isfinite(v) for v in asdict(self).values() if isinstance(v, float)),
+                "every number must be finite (no nan or inf)")
+        require(self.init_from in ("scratch", "resume"),
+                f"init_from must be scratch or resume, got '{self.init_from}'")
+        require(bool(self.out_dir), "out_dir must name a folder")
+        for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+            require(getattr(self, key) >= 1, f"{key} must be at least 1, got {getattr(self, key)}")
+        require(self.max_iters >= 0, f"max_iters must be 0 or more, got {self.max_iters}")
+        require(self.learning_rate > 0, f"learning_rate must be above 0, got {self.learning_rate}")
+        require(0 <= self.min_lr <= self.learning_rate,
+                f"min_lr must be between 0 and learning_rate, got {self.min_lr}")
+        require(self.warmup_iters >= 0 and self.lr_decay_iters >= 0,
+                "warmup_iters and lr_decay_iters must be 0 or more")
+        require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or more, got {self.grad_clip}")
+        require(self.parallel in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, got '{self.parallel}'")
+        require(self.collective_timeout > 0,
+                f"collective_timeout must be above 0 minutes, got {self.collective_timeout}")
+        require(0 <= self.seed < 2 ** 64, f"seed must be a whole number from 0 to 2^64 - 1, got {self.seed}")
+        require(self.threads >= 0, f"threads must be 0 (auto) or a count, got {self.threads}")
+        require(self.prepare is None or isinstance(self.prepare, list)
+                and all(isinstance(a, str) for a in self.prepare),
+                "prepare must be a list of prepare.py arguments, e.g. ['--encoding=bytes']")
+
+    @property
+    def tokens_per_step(self):
+        """Tokens of one optimizer step, whatever the number of processes."""
+        return self.batch_size * self.gradient_accumulation_steps * self.block_size
+
+
+DEFAULTS = asdict(TrainConfig())
+MEANINGS = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+MODEL_KEYS = [f.name for f in fields(ModelSettings)]
+
+
+# ------------------------------------------------------------------------------- what a step uses
 
 def setup_precision(cfg, device):
-    """(dtype, autocast context, GradScaler): bf16 autocast and TF32 on CUDA by default; the scaler
-    only does something for float16."""
+    """(dtype, autocast context, GradScaler): bf16 autocast and TF32 on CUDA by default; float16 scaled."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = resolve_dtype(cfg["dtype"], device)
+    dtype = resolve_dtype(cfg.dtype, device)
     return dtype, autocast(device, dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def make_optimizer(model, cfg, device):
     """AdamW with weight decay on matrices only (not on norms and biases); fused (one kernel over all
-    parameters) on CUDA and on the CPU, where it beats the default for-each version (BENCHMARKS.md,
-    "Speed work")."""
+    parameters) on CUDA and on the CPU, where it beats the for-each version (BENCHMARKS.md, "Speed work")."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type in ("cuda", "cpu"))
 
 
 def load_optimizer_state(optimizer, saved):
-    """Restore a checkpoint's AdamW state (moments, step counts) into optimizer, keeping optimizer's own
-    options (fused, betas, weight decay, ...): optimizer.load_state_dict alone would also bring back
-    the saved run's options, so a run started on CPU would stay non-fused on CUDA and a new
-    weight_decay on resume would be silently ignored. Passing the current options also places the
-    step counts where they belong: on the device for fused AdamW, on the CPU otherwise."""
+    """A checkpoint's AdamW state (moments, step counts) into optimizer, which keeps its own options
+    (fused, betas, weight decay): load_state_dict alone would bring back the saved run's, so a new
+    weight_decay on resume would be ignored. The current options also put the step counts where
+    they belong: on the device for fused AdamW, on the CPU otherwise."""
     optimizer.load_state_dict({"state": saved["state"], "param_groups": groups_with_options(saved, optimizer)})
 
 
@@ -109,11 +153,33 @@ def groups_with_options(saved, optimizer):
 
 
 def checkpoint_activations(blocks):
-    """Keep only each block's input for backward, and recompute the rest there (torch.utils.checkpoint,
-    which replays the dropout masks too). The module tree and its parameter names stay as they are,
-    so checkpoints do not change."""
+    """Keep only each block's input for backward and recompute the rest there (torch.utils.checkpoint
+    replays the dropout masks too); the parameter names, so checkpoints, stay as they are."""
     for block in blocks:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+# ---------------------------------------------------------------------------------------- the step
+
+def learning_rate(cfg, it):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (unless not decay_lr)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def micro_batches(cfg, step, rank, world_size, device):
+    """This rank's share of step's micro-batches: g = rank, rank + world_size, ... of G, each (x, y,
+    dropout seed), a pure function of (seed, step, g)."""
+    for g in range(rank, cfg.gradient_accumulation_steps, world_size):
+        key = (cfg.seed, step, g)
+        yield *to_device(read_batch(cfg.dataset, "train", key, cfg.batch_size, cfg.block_size), device), \
+            dropout_seed(key)
 
 
 def read_batch(dataset, split, key, batch_size, block_size):
@@ -126,15 +192,10 @@ def read_batch(dataset, split, key, batch_size, block_size):
 
 
 def to_device(windows, device):
-    """(x, y) int64 on device: inputs and next-token targets, both views of the same windows.
-
-    On CUDA the windows travel as one copy of one contiguous pinned buffer, which is what lets
-    .to(non_blocking=True) return at once and overlap the GPU's queued work. Slicing x and y before
-    the copy would defeat it: pin_memory() keeps a view's strides, and a non-contiguous source is
-    first copied by PyTorch into a new pageable tensor, then transferred from there. The pinned
-    buffer may be dropped as soon as the copy is queued: the copy records an event with PyTorch's
-    caching host allocator, which hands the memory out again only after the copy has completed.
-    The int32 ids become int64 on the GPU, after the copy."""
+    """(x, y) int64 on device: inputs and next-token targets, both views of the same windows. On CUDA
+    they travel as one non-blocking copy of one contiguous pinned buffer, sliced and widened to int64
+    only after it: a sliced view would be copied into pageable memory first, and block. The pinned
+    buffer may be dropped once the copy is queued (the caching host allocator waits for the copy)."""
     if device.type == "cuda":
         windows = windows.contiguous().pin_memory().to(device, non_blocking=True)
     else:
@@ -149,23 +210,12 @@ def dropout_seed(key):
     return int(np.random.SeedSequence(list(key), spawn_key=(1,)).generate_state(1, np.uint64)[0])
 
 
-def learning_rate(cfg, it):
-    if not cfg["decay_lr"]:
-        return cfg["learning_rate"]
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it >= cfg["lr_decay_iters"]:
-        return cfg["min_lr"]
-    progress = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
-
-
 def train_step(train_model, raw_model, optimizer, scaler, autocast, batches, grad_clip, lr):
     """One optimizer step over batches, an iterable of (x, y, seed) per micro-batch, x and y on the
     device: forward and backward of each micro-batch with torch's RNG reseeded to its dropout seed
     (under DDP gradients all-reduced once, on the last; under FSDP reduce-scattered into each rank's
-    slice after each), clipping (of the whole gradient's norm, sharded or not), the AdamW step. Returns the summed
-    micro-batch losses, a tensor, so that nothing waits for the device here."""
+    slice after each), clipping (of the whole gradient's norm, sharded or not), the AdamW step.
+    Returns the summed micro-batch losses, a tensor, so that nothing waits for the device here."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     batches = list(batches)  # every copy to the device is queued before the first forward

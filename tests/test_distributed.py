@@ -21,7 +21,7 @@ import train
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import REPO, TINY_MODEL as TINY
 from model import CODES, GPT, GPTConfig
-from training import DEFAULTS, dropout_seed, load_optimizer_state, peak_flops, read_batch, to_device
+from training import DEFAULTS, TrainConfig, dropout_seed, load_optimizer_state, peak_flops, read_batch, to_device
 from test_codes import code_settings
 
 
@@ -124,12 +124,12 @@ def test_collective_timeout_is_the_process_group_timeout(monkeypatch):
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distributed.start_processes({**DEFAULTS, "device": "cpu", "collective_timeout": 45.0}) == torch.device("cpu")
+    assert distributed.start_processes(TrainConfig(device="cpu", collective_timeout=45.0)) == torch.device("cpu")
     distributed.start_processes(None)  # a process whose checks failed still joins, to tell the others
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     assert calls == [(backend, timedelta(minutes=45)), (backend, timedelta(minutes=DEFAULTS["collective_timeout"]))]
     with pytest.raises(train.UserError, match="collective_timeout must be above 0"):
-        train.check_settings({**DEFAULTS, "collective_timeout": 0.0})
+        TrainConfig(collective_timeout=0.0)
 
 
 # -------------------------------------------------------------------------------------------- DDP
@@ -154,9 +154,9 @@ def step(model, optimizer):
     batches = [(*training.to_device(torch.randint(257, (2, 33), dtype=torch.int32), cpu), g) for g in range(2)]
     training.train_step(model, gpt, optimizer, scaler, nullcontext(), batches, 1.0, 1e-3)
 
-step(gpt, training.make_optimizer(gpt, training.DEFAULTS, cpu))  # one process, no DDP
+step(gpt, training.make_optimizer(gpt, training.TrainConfig(), cpu))  # one process, no DDP
 ddp = distributed.wrap_ddp(gpt, cpu)
-optimizer = training.make_optimizer(gpt, training.DEFAULTS, cpu)
+optimizer = training.make_optimizer(gpt, training.TrainConfig(), cpu)
 storages = []
 for _ in range(4):
     step(ddp, optimizer)

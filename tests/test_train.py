@@ -185,6 +185,29 @@ def test_a_token_file_cut_short_after_prepare_is_refused_at_start_in_one_line(sh
     assert not (tmp_path / "run").exists() and sorted(os.listdir(run)) == held
 
 
+def test_train_config_checks_itself_and_is_what_a_checkpoint_stores():
+    """TrainConfig refuses a bad value with the line train.py prints for it; its dict (what ckpt.pt
+    keeps as "config") makes it again; --help lists every key with its meaning."""
+    from dataclasses import asdict
+    from common import UserError
+    from training import DEFAULTS, MEANINGS, TrainConfig
+    cfg = TrainConfig()
+    assert asdict(cfg) == DEFAULTS and TrainConfig(**asdict(cfg)) == cfg
+    assert cfg.tokens_per_step == 8 * 8 * 1024 and "n_layer" in DEFAULTS and "vocab_size" not in DEFAULTS
+    for changes, message in ((dict(batch_size=0), "batch_size must be at least 1, got 0"),
+                             (dict(min_lr=1.0), "min_lr must be between 0 and learning_rate, got 1.0"),
+                             (dict(learning_rate=math.nan), "every number must be finite (no nan or inf)"),
+                             (dict(parallel="zero"), "parallel must be ddp or fsdp, got 'zero'")):
+        with pytest.raises(UserError) as refused:
+            TrainConfig(**changes)
+        assert str(refused.value) == message
+        result = run_tool("train", [f"--{k}={v}" for k, v in changes.items()])
+        assert result.returncode == 1 and result.stderr == f"error: {message}\n"
+    listed = run_tool("train", ["--n_layer=3", "--help"])
+    assert listed.returncode == 0 and "--n_layer=3 " in listed.stdout
+    assert all(f"--{key}=" in listed.stdout and MEANINGS[key] in listed.stdout for key in DEFAULTS)
+
+
 def test_paper_configs_differ_only_in_the_input_code():
     from configurator import parse_config
     from training import DEFAULTS
