@@ -94,8 +94,11 @@ BENCH_SETTINGS = {  # key: (default, meaning); the other keys are train.py's
     "decode_tokens": (32, "tokens decoded per timing"),
     "profile": (False, "also trace one more step with torch.profiler and print its largest kernels"),
     "suite": ("", "gpu: the whole GPU check in one command (the other keys but device, json and budget_s are "
-                  "its own); with --device=cpu, its rehearsal at toy size"),
+                  "its own); with --device=cpu, its rehearsal at toy size. nanogpt: whole CPU training runs of "
+                  "nanoGPT's train.py against ours (keys nanogpt, rounds, codes, json)"),
     "budget_s": (480.0, "suite=gpu: the seconds it may take; a step that would overrun them is skipped and named"),
+    "nanogpt": ("", "suite=nanogpt: the folder of a nanoGPT checkout whose shakespeare_char data is prepared"),
+    "rounds": (5, "suite=nanogpt: interleaved rounds of whole runs"),
 }
 BENCH_DEFAULTS, BENCH_MEANINGS = split_settings(BENCH_SETTINGS)
 DEFAULTS = {**training.DEFAULTS, **BENCH_DEFAULTS}
@@ -492,7 +495,7 @@ def metrics(out_dir):
 def run_suite(cfg, argv):
     """bench.py --suite=gpu: every step that fits in budget_s, one JSON file, the BENCHMARKS.md rows."""
     if cfg["suite"] != "gpu":
-        raise UserError(f"suite must be gpu (or '' for one measurement), got '{cfg['suite']}'")
+        raise UserError(f"suite must be gpu or nanogpt (or '' for one measurement), got '{cfg['suite']}'")
     own = [k for k in DEFAULTS if k not in ("suite", "device", "json", "budget_s") and cfg[k] != DEFAULTS[k]]
     if own:
         raise UserError(f"suite=gpu sets its own {', '.join(own)}: give it only --device, --json and --budget_s")
@@ -574,12 +577,105 @@ def suite_rows(report):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------- whole runs against nanoGPT's
+
+# nanoGPT README's CPU recipe for shakespeare_char, in float32, evaluated at step 0 only (its own
+# eval_interval would add an evaluation to the long run); ours is config/quickstart.py, the same shape
+NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                  "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                  "--n_embd=128", "--lr_decay_iters=2000", "--dropout=0.0", "--dtype=float32", "--eval_interval=100000"]
+SHORT_RUN, LONG_RUN = 50, 350  # steps; a step costs (T(long) - T(short)) / 300: start-up and evaluations cancel
+
+
+def timed_run(command, cwd):
+    """(wall seconds, CPU seconds of the process, its output) of one whole run, on one thread."""
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        text = log.read()
+    if status:
+        last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise UserError(f"{shlex.join(command)} failed: {last[0]}")
+    return wall, usage.ru_utime + usage.ru_stime, text
+
+
+def run_steps(name, steps, nanogpt, out_dir):
+    """(wall, CPU, ms/step as the run logs it) of `steps` optimizer steps of nanoGPT or of input code name."""
+    if name == "nanoGPT":  # it runs max_iters + 1 steps; its first logged time holds the evaluation at step 0
+        wall, cpu, text = timed_run([sys.executable, "train.py", *NANOGPT_RECIPE, f"--max_iters={steps - 1}",
+                                     f"--out_dir={out_dir}"], nanogpt)
+        logged = [float(v) for v in re.findall(r"time ([\d.]+)ms", text)][1:]
+    else:
+        wall, cpu, text = timed_run([sys.executable, "train.py", "config/quickstart.py", f"--input_code={name}",
+                                     f"--max_iters={steps}", "--threads=1", f"--out_dir={out_dir}",
+                                     "--overwrite=True"], REPO)
+        logged = [float(v) for v in re.findall(r"([\d.]+) ms/iter", text)]
+    return wall, cpu, statistics.median(logged) if logged else None
+
+
+def nanogpt_suite(cfg, argv):
+    """bench.py --suite=nanogpt: whole CPU training runs of nanoGPT's train.py and ours, one thread each,
+    the runs of a round in alternating order; per step the wall time, the CPU time (less sensitive to a
+    busy machine) and what each run logs; ratios to nanoGPT's within each round, then their median."""
+    if not hasattr(os, "wait4"):
+        raise UserError("suite=nanogpt times processes with os.wait4, which this system lacks (Linux, macOS)")
+    nanogpt = os.path.abspath(os.path.expanduser(cfg["nanogpt"]))
+    data = os.path.join(nanogpt, "data", "shakespeare_char")
+    if not cfg["nanogpt"] or not os.path.isfile(os.path.join(nanogpt, "train.py")):
+        raise UserError("suite=nanogpt needs --nanogpt=DIR, a checkout of https://github.com/karpathy/nanoGPT")
+    if not os.path.isfile(os.path.join(data, "train.bin")):
+        raise UserError(f"nanoGPT's shakespeare_char data is not prepared: zcat assets/tinyshakespeare.txt.gz > "
+                        f"{data}/input.txt && python {data}/prepare.py")
+    if cfg["rounds"] < 1:
+        raise UserError(f"rounds must be at least 1, got {cfg['rounds']}")
+    codes = parse_list(cfg, "codes", str)
+    names = ["nanoGPT", *codes]
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="bench-nanogpt-") as work:
+        for name in names:  # untimed: prepares our dataset if need be, warms the file cache
+            run_steps(name, 1, nanogpt, os.path.join(work, name))
+        for r in range(cfg["rounds"]):
+            row = {"load": os.getloadavg()[0]}
+            for name in names if r % 2 == 0 else names[::-1]:
+                short, long = (run_steps(name, steps, nanogpt, os.path.join(work, name))
+                               for steps in (SHORT_RUN, LONG_RUN))
+                row[name] = {"wall_ms": (long[0] - short[0]) / (LONG_RUN - SHORT_RUN) * 1000,
+                             "cpu_ms": (long[1] - short[1]) / (LONG_RUN - SHORT_RUN) * 1000, "logged_ms": long[2]}
+            rounds.append(row)
+            print(f"round {r + 1} (load {row['load']:.1f}): " + "; ".join(
+                f"{name} {row[name]['wall_ms']:.1f} ms wall, {row[name]['cpu_ms']:.1f} ms CPU" for name in names),
+                file=sys.stderr, flush=True)
+    loads = [row["load"] for row in rounds]
+    print(f"python bench.py {shlex.join(argv)}")
+    print(f"{time.strftime('%Y-%m-%d')}: {device_name(torch.device('cpu'))}, torch {torch.__version__}, one thread "
+          f"each; {len(rounds)} interleaved rounds, load {min(loads):.1f} to {max(loads):.1f}; a step = (T({LONG_RUN} "
+          f"steps) - T({SHORT_RUN} steps)) / {LONG_RUN - SHORT_RUN} of whole processes\n")
+    print("| run | wall ms/step | x nanoGPT | CPU ms/step | x nanoGPT | logged ms/iter | x nanoGPT |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        cells = []
+        for key in ("wall_ms", "cpu_ms", "logged_ms"):
+            ratios = [row[name][key] / row["nanoGPT"][key] for row in rounds]
+            cells += [f"{statistics.median(row[name][key] for row in rounds):.1f}",
+                      f"{statistics.median(ratios):.3f} ({min(ratios):.2f} to {max(ratios):.2f})"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if cfg["json"]:
+        atomic_write(cfg["json"], lambda f: f.write((json.dumps(rounds, indent=1) + "\n").encode()))
+        print(f"\nwrote {cfg['json']}", file=sys.stderr)
+
+
 def percent(fraction):
     return "-" if fraction is None else f"{fraction:.1%}"
 
 
 def main(argv):
     cfg = parse_config(DEFAULTS, argv, MEANINGS, __doc__, ignored=IGNORED)
+    if cfg["suite"] == "nanogpt":
+        return nanogpt_suite(cfg, argv)
     if cfg["suite"]:
         return run_suite(cfg, argv)
     codes, batch_sizes, vocab_size, source, device, train = check_config(cfg)
