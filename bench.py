@@ -7,6 +7,7 @@ Training and decode speed of the input codes, side by side: tokens/s, MFU, peak 
     torchrun --standalone --nproc_per_node=2 bench.py config/quickstart.py --parallel=fsdp --codes=fixed_min
     python bench.py --suite=gpu --json=bench-gpu.json            # the whole GPU check: at most 8 minutes
     python bench.py --suite=gpu --device=cpu                     # its rehearsal, every step at toy size
+    python bench.py --suite=nanogpt --nanogpt=/tmp/nanogpt --codes=fixed_min   # whole CPU runs against nanoGPT's
 
 The keys are train.py's (so a training config file works as is; keys that only matter to a run, such
 as out_dir or max_iters, are accepted and ignored) plus the bench keys below. For each input code, in
@@ -50,6 +51,13 @@ batch 1 and 32; (5) one speed setting changed at a time for fixed_min. A step th
 budget_s is skipped and named, one whose package is missing too (in one line: nothing is installed).
 It writes one JSON file (bench-gpu.json unless json names another) and prints BENCHMARKS.md's rows.
 With --device=cpu every step runs at toy size, in seconds: the rehearsal the tests run.
+
+suite=nanogpt runs nanoGPT's train.py (a checkout, --nanogpt=DIR, its shakespeare_char data prepared)
+on its README's CPU recipe and ours on config/quickstart.py, the same shape, as whole processes on
+one thread each, the runs of a round in alternating order. A step costs (T(350 steps) - T(50 steps))
+/ 300, so start-up and the evaluations cancel; it prints the wall time, the CPU time of the process
+(steadier when other processes share the cores) and what each run logs, with the median of the
+per-round ratios to nanoGPT's.
 """
 import importlib.util
 import json

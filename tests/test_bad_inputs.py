@@ -131,6 +131,7 @@ CASES = [  # (tool, arguments, a word the error line must contain)
     ("bench", ["--suite=gpu", "--device=cpu", "--n_layer=4"], "sets its own n_layer"),
     ("bench", ["--suite=tpu", "--device=cpu"], "suite must be gpu"),
     ("bench", ["--suite=gpu", "--device=cpu", "--budget_s=0"], "budget_s"),
+    ("bench", ["--suite=nanogpt", "--nanogpt={root}/nowhere"], "a checkout of https://github.com/karpathy/nanoGPT"),
     *([("bench", ["--suite=gpu"], "--device=cpu rehearses")] if not torch.cuda.is_available() else []),
     ("export_hf", ["--out_dir={root}/nowhere"], "does not exist"),
     ("export_hf", ["--out_dir={root}/run", "--hf_dir={root}/mine"], "earlier export"),
