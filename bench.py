@@ -636,11 +636,15 @@ def nanogpt_suite(cfg, argv):
     if not cfg["nanogpt"] or not os.path.isfile(os.path.join(nanogpt, "train.py")):
         raise UserError("suite=nanogpt needs --nanogpt=DIR, a checkout of https://github.com/karpathy/nanoGPT")
     if not os.path.isfile(os.path.join(data, "train.bin")):
-        raise UserError(f"nanoGPT's shakespeare_char data is not prepared: zcat assets/tinyshakespeare.txt.gz > "
-                        f"{data}/input.txt && python {data}/prepare.py")
+        raise UserError(f"nanoGPT's shakespeare_char data is not prepared: zcat "
+                        f"{os.path.join(REPO, 'assets', 'tinyshakespeare.txt.gz')} > {data}/input.txt && python "
+                        f"{data}/prepare.py")
     if cfg["rounds"] < 1:
         raise UserError(f"rounds must be at least 1, got {cfg['rounds']}")
     codes = parse_list(cfg, "codes", str)
+    unknown = [code for code in codes if code not in CODES]
+    if unknown:
+        raise UserError(f"unknown input code '{unknown[0]}' in codes: choose from {', '.join(CODES)}")
     names = ["nanoGPT", *codes]
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench-nanogpt-") as work:
