@@ -130,3 +130,15 @@ def test_user_errors_are_one_line_and_keep_an_existing_json(tmp_path):
         assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""
     assert path.read_text() == "[]\n"
+
+
+def test_a_code_that_spells_is_measured_with_every_id_given_a_spelling(tmp_path):
+    """bench.py reads no tokenizer, so it gives the spelling code each id's own bytes: a model with no
+    spelling would be refused at its first forward."""
+    path = tmp_path / "spelling.json"
+    result = bench("--codes=spelling", "--code_width=64", "--n_layer=1", "--n_head=2", "--n_embd=64",
+                   "--block_size=64", "--batch_size=2", "--vocab_size=300", "--device=cpu", f"--json={path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [measured] = json.loads(path.read_text())
+    assert measured["input_code"] == "spelling" and measured["input_trainable_params"] == 0
+    assert measured["tokens_per_s"] > 0
