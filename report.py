@@ -230,7 +230,7 @@ def read_curve(run_dir):
 
 def save_figure(fig, path):
     try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     except OSError as e:
         fail(f"cannot write {path}: {e.strerror or e}")
 
@@ -413,8 +413,15 @@ def line_keys(gaps, x):
     n_layer, and each n_layer is a line of its own (max_iters moves with the tokens: no line of its own)."""
     points = [(x_of(setting, runs, x), dict(setting)) for setting, _, runs, _ in gaps]
     keys = dict.fromkeys(k for _, setting in points for k in setting if k != x)
-    return [k for k in keys if any(len({json.dumps(s.get(k)) for at, s in points if at == x0}) > 1
-                                   for x0 in {at for at, _ in points})]
+    varying = [k for k in keys if any(len({json.dumps(s.get(k)) for at, s in points if at == x0}) > 1
+                                      for x0 in {at for at, _ in points})]
+    for key in sorted(varying, key=lambda k: k == "dataset"):  # a key the others decide (a dataset's steps)
+        # names no line of its own; the dataset, tried last, is the one kept of keys that decide each other
+        rest, decided = [k for k in varying if k != key], {}
+        if all(decided.setdefault(json.dumps([s.get(k) for k in rest]), json.dumps(s.get(key))) ==
+               json.dumps(s.get(key)) for _, s in points):
+            varying.remove(key)
+    return varying
 
 
 def plot_gaps(gaps, x, title, path):
@@ -445,9 +452,8 @@ def plot_gaps(gaps, x, title, path):
     ax.set_xlabel(x)
     ax.set_ylabel(f"held-out loss - {BASELINE_CODE}'s (nats; paired seeds, 95% CI)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: off the data
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -226,6 +226,10 @@ def test_a_figure_without_learned_runs_is_one_line_and_two_varying_settings_are_
     assert report.line_keys(gaps, "n_layer") == ["max_iters"]
     assert report.line_keys(report.paired_gaps(depth), "n_layer") == []
     assert report_results(depth + longer, f"--plot={tmp_path / 'two.png'}").returncode == 0
+    bpe = committed("bpe")  # the same depths on another dataset, trained for other steps
+    for row in bpe:
+        row["cell"]["dataset"], row["cell"]["max_iters"] = "study_bpe4096", 300
+    assert report.line_keys(report.paired_gaps(depth + bpe), "n_layer") == ["dataset"]  # its steps: no line
 
 
 @pytest.mark.parametrize("df", [31, 45, 120])
