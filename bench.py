@@ -711,19 +711,20 @@ def main(argv):
             try:
                 results.append(pool.submit(measure, cfg, train, code, vocab_size, batch_sizes).result())
             except torch.cuda.OutOfMemoryError:
-                raise UserError(f"{code}: out of memory on {device} at batch_size {cfg['batch_size']}: lower batch_size "
-                           f"(raise gradient_accumulation_steps to keep the tokens per step)")
+                raise UserError(f"{code}: out of memory on {device} at batch_size {cfg['batch_size']}: lower "
+                                f"batch_size (raise gradient_accumulation_steps to keep the tokens per step)")
             except RuntimeError as e:
                 if cfg["sdpa"] == "auto" or "scaled_dot_product_attention" not in str(e):
                     raise
-                raise UserError(f"sdpa={cfg['sdpa']}: PyTorch has no such attention kernel for this device, dtype and "
-                           f"head size ({cfg['n_embd'] // cfg['n_head']}): use --sdpa=auto")
+                raise UserError(f"sdpa={cfg['sdpa']}: PyTorch has no such attention kernel for this device, dtype "
+                                f"and head size ({cfg['n_embd'] // cfg['n_head']}): use --sdpa=auto")
 
     first = results[0]
     threads = f"{first['threads']} CPU thread{'s' * (first['threads'] != 1)}"
     print(f"python bench.py {shlex.join(argv)}")
-    print(f"{time.strftime('%Y-%m-%d')}: {first['device_name']} ({first['device']}, {threads}), torch {first['torch']}, "
-          f"{first['dtype']}, compile={cfg['compile']}, sdpa={cfg['sdpa']}; each code measured in a fresh process")
+    print(f"{time.strftime('%Y-%m-%d')}: {first['device_name']} ({first['device']}, {threads}), "
+          f"torch {first['torch']}, {first['dtype']}, compile={cfg['compile']}, sdpa={cfg['sdpa']}; each code "
+          f"measured in a fresh process")
     print(f"n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} block_size={cfg['block_size']} "
           f"vocab_size={vocab_size:,} ({source})")
     print(f"\ntraining: {train.tokens_per_step:,} tokens/step (batch_size {cfg['batch_size']} x "

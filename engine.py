@@ -105,7 +105,8 @@ class KVCache:
                 return keys, values, None, False
             mask = torch.arange(self.end, device=k.device) <= start + torch.arange(T, device=k.device)[:, None]
             return keys, values, mask, False  # new queries after cached ones: query i sees keys up to start + i
-        self.k[layer][self.row_index, :, self.positions] = k.transpose(1, 2)  # (B, T, nh, hs) at each row's own positions
+        # (B, T, nh, hs) at each row's own positions
+        self.k[layer][self.row_index, :, self.positions] = k.transpose(1, 2)
         self.v[layer][self.row_index, :, self.positions] = v.transpose(1, 2)
         return self.k[layer, :B, :, :self.end], self.v[layer, :B, :, :self.end], self.mask, False
 
@@ -334,7 +335,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     eos_id keep emitting it; the stream ends when every row has, or after max_new_tokens steps."""
     device = idx.device
     # the cache holds keys as the model makes them: in autocast's dtype, if it is on
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.lm_head.weight.dtype
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else model.lm_head.weight.dtype
     engine = Engine(model, KVCache(model.config, len(idx), dtype, device), max_queue=len(idx),
                     prefill_tokens=idx.numel())
     events = queue.SimpleQueue()

@@ -199,7 +199,8 @@ def export(out_dir, hf_dir):
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(hf_dir)}.tmp.", dir=parent)
     except OSError as e:  # a file where a folder must be, a folder we may not write, a pseudo file system (/proc)
-        reason = "a file is in the way of" if isinstance(e, (FileExistsError, NotADirectoryError)) else f"{e.strerror} in"
+        in_the_way = isinstance(e, (FileExistsError, NotADirectoryError))
+        reason = "a file is in the way of" if in_the_way else f"{e.strerror} in"
         raise UserError(f"cannot create --hf_dir '{hf_dir}': {reason} '{parent}': pick another --hf_dir") from None
     try:
         write_folder(staging, checkpoint, model, enc, save_safetensors)

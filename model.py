@@ -49,7 +49,8 @@ def code_field(default, help):
 @dataclass
 class GPTConfig:
     """The model's settings, each checked here (the one place): a bad value is a one-line ValueError."""
-    vocab_size: int = field(default=65536, metadata={"help": "V, the number of token ids (from the dataset's meta.json)"})
+    vocab_size: int = field(default=65536,
+                            metadata={"help": "V, the number of token ids (from the dataset's meta.json)"})
     block_size: int = field(default=1024, metadata={"help": "context length in tokens"})
     n_layer: int = field(default=32, metadata={"help": "transformer blocks"})
     n_head: int = field(default=32, metadata={"help": "attention heads; n_embd / n_head must be even (rotary)"})
@@ -63,7 +64,8 @@ class GPTConfig:
                                           "'repeat' (bit floor(j W / n_embd))")
     code_width: int = code_field(0, "bits per code of the input codes that read it (random_wide, spelling): above "
                                     "K = ceil(log2 V), e.g. 64 or 256; 0 for the others")
-    norm: str = field(default="rmsnorm", metadata={"help": "'rmsnorm' or 'layernorm' (model.py says why not LayerNorm)"})
+    norm: str = field(default="rmsnorm",
+                      metadata={"help": "'rmsnorm' or 'layernorm' (model.py says why not LayerNorm)"})
     bias: bool = field(default=False, metadata={"help": "biases in the linear layers and LayerNorm"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
     rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base"})
@@ -74,10 +76,13 @@ class GPTConfig:
         code = CODES[self.input_code]
         require(isinstance(code, type) and issubclass(code, InputCode) and issubclass(code, nn.Module),
                 f"CODES[{self.input_code!r}] must be an nn.Module subclass of model.InputCode, got {code!r}")
-        require(self.code_values in ("bipolar", "binary"), f"code_values must be 'bipolar' or 'binary', got {self.code_values!r}")
+        require(self.code_values in ("bipolar", "binary"),
+                f"code_values must be 'bipolar' or 'binary', got {self.code_values!r}")
         require(self.code_layout in LAYOUTS, f"code_layout must be one of {quoted(LAYOUTS)}, got {self.code_layout!r}")
-        require(math.isfinite(self.code_scale) and self.code_scale != 0, f"code_scale must be finite and nonzero, got {self.code_scale}")
-        require(0 <= self.code_seed < 2 ** 64, f"code_seed must be a whole number from 0 to 2^64 - 1, got {self.code_seed}")
+        require(math.isfinite(self.code_scale) and self.code_scale != 0,
+                f"code_scale must be finite and nonzero, got {self.code_scale}")
+        require(0 <= self.code_seed < 2 ** 64,
+                f"code_seed must be a whole number from 0 to 2^64 - 1, got {self.code_seed}")
         require(self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
         require(self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}")
         require(min(self.block_size, self.n_layer, self.n_head, self.n_embd) >= 1,
@@ -85,7 +90,8 @@ class GPTConfig:
         require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         require((self.n_embd // self.n_head) % 2 == 0, "the head size n_embd/n_head must be even for rotary embeddings")
         require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        require(math.isfinite(self.rope_theta) and self.rope_theta > 0, f"rope_theta must be above 0, got {self.rope_theta}")
+        require(math.isfinite(self.rope_theta) and self.rope_theta > 0,
+                f"rope_theta must be above 0, got {self.rope_theta}")
         for name in ("code_layout", "code_width"):  # a setting the code ignores would be a silent no-op
             users = [other for other, cls in CODES.items() if name in cls.reads]
             require(getattr(self, name) == GPTConfig.__dataclass_fields__[name].default or name in code.reads,
@@ -103,7 +109,8 @@ def quoted(names):
 
 
 def code_fields():
-    """The GPTConfig fields that set the input code (metadata 'code'): what a variant may differ in from its baseline."""
+    """The GPTConfig fields that set the input code (metadata 'code'): what a variant may differ in from
+    its baseline."""
     return [f.name for f in fields(GPTConfig) if f.metadata.get("code")]
 
 
@@ -293,7 +300,8 @@ def draw_wide_codes(V, width, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2, (V, width), generator=g, dtype=torch.uint8, device="cpu")
     while (repeated := repeated_rows(codes)).any():
-        codes[repeated] = torch.randint(0, 2, (int(repeated.sum()), width), generator=g, dtype=torch.uint8, device="cpu")
+        codes[repeated] = torch.randint(0, 2, (int(repeated.sum()), width), generator=g, dtype=torch.uint8,
+                                        device="cpu")
     return codes
 
 
@@ -429,13 +437,15 @@ class LearnedTable(InputCode, nn.Embedding):
 
 
 class FrozenRandomTable(InputCode, nn.Module):
-    """frozen_random: a fixed, non-minimal code: a frozen N(0, 1) V x n_embd table (times code_scale), drawn from code_seed."""
+    """frozen_random: a fixed, non-minimal code: a frozen N(0, 1) V x n_embd table (times code_scale),
+    drawn from code_seed."""
     reads = ("code_scale", "code_seed")
 
     def __init__(self, config):
         super().__init__()
         g = torch.Generator().manual_seed(config.code_seed)
-        self.register_buffer("table", config.code_scale * torch.randn(config.vocab_size, config.n_embd, generator=g, device="cpu"))
+        table = torch.randn(config.vocab_size, config.n_embd, generator=g, device="cpu")
+        self.register_buffer("table", config.code_scale * table)
 
     def forward(self, idx):
         return F.embedding(idx, self.table)

@@ -533,7 +533,8 @@ def output_dir(args):
         if foreign:
             raise PrepareError(f"{out_dir} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, "
                                f"which prepare.py did not write and would delete with the old data: move "
-                               f"{'them' if len(foreign) > 1 else 'it'} out, or write elsewhere with --dataset or --out_root")
+                               f"{'them' if len(foreign) > 1 else 'it'} out, or write elsewhere with --dataset "
+                               f"or --out_root")
     return out_dir
 
 

@@ -72,7 +72,8 @@ CODE_KEYS = set(code_fields())  # what a row may differ in from its learned base
 SETTINGS = {  # key: (default, meaning)
     "runs": ("", "run folders (out_dir of train.py and eval.py), comma-separated; globs are expanded"),
     "results": ("", "instead of runs: sweep.py results tables (.jsonl), comma-separated; compared by paired seeds"),
-    "x": ("", "with results: the setting the figure's x axis shows, a grid key or tokens_seen ('': the one that varies)"),
+    "x": ("", "with results: the setting the figure's x axis shows, a grid key or tokens_seen ('': the one "
+              "that varies)"),
     "plot": ("", "also write a figure to this .png ('': none): with runs, val loss against tokens; with "
                  "results, the paired gap to learned against the setting"),
     "where": ("", "with results: only the rows whose grid values or train settings match, e.g. 'seed=1,2' or "
@@ -547,7 +548,8 @@ def fit_table(gaps):
         X = np.column_stack([np.ones(len(data)), data[:, varying]])
         y, dof = data[:, 3], len(data) - X.shape[1]
         if not varying:
-            lines.append(f"| {dataset} | {code} | {len(data)} | no factor varies in these rows: nothing to fit | | | | |")
+            lines.append(f"| {dataset} | {code} | {len(data)} | no factor varies in these rows: nothing to fit "
+                         f"| | | | |")
             continue
         if dof < 1 or np.linalg.matrix_rank(X) < X.shape[1]:
             lines.append(f"| {dataset} | {code} | {len(data)} | too few points or settings for a fit | | | | |")

@@ -277,7 +277,8 @@ class Choice:
         return piece
 
     def cut_at_stop(self):
-        hits = [i for i in (self.text.find(s, max(0, self.starts[-1] - self.hold)) for s in self.request.stop) if i >= 0]
+        since = max(0, self.starts[-1] - self.hold)
+        hits = [i for i in (self.text.find(s, since) for s in self.request.stop) if i >= 0]
         if hits:  # the stop string and all after it go; so do the tokens that only made those
             self.text, self.finish = self.text[:min(hits)], "stop"
             kept = sum(1 for start in self.starts if start < len(self.text))
