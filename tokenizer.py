@@ -32,7 +32,8 @@ MAX_VOCAB = 2 ** 16  # token ids are stored as uint16
 BUNDLED = {f"cl100k_{2 ** k}": 2 ** k for k in range(9, 17)}  # name: V, from cl100k_512 to cl100k_65536
 ENDOFTEXT = "<|endoftext|>"
 BUNDLED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "cl100k_base_65536.tiktoken")
-CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 
 
 @functools.lru_cache(maxsize=1)

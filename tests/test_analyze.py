@@ -28,7 +28,8 @@ def analysis(runs, tmp_path, *args):
 def train_briefly(dataset, out_dir, steps, layers=2):
     run_in_process("train.py", f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY_MODEL, f"--n_layer={layers}",
                    "--batch_size=8", "--gradient_accumulation_steps=1", f"--max_iters={steps}", "--eval_iters=1",
-                   f"--eval_interval={steps}", "--warmup_iters=2", f"--lr_decay_iters={steps}", f"--log_interval={steps}")
+                   f"--eval_interval={steps}", "--warmup_iters=2", f"--lr_decay_iters={steps}",
+                   f"--log_interval={steps}")
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,8 @@ def load_export(transformers, hf_dir):
 
 
 def check_export(ours, theirs, tokenizer, sampled, prompt, new):
-    ids = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size),
+                        generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (theirs(ids).logits - ours(ids)[0]).abs().max().item() < 1e-5
     out = theirs.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=new, do_sample=False)
@@ -215,7 +216,8 @@ def test_hf_export_round_trips_and_matches_sample_py(name, layout, transformers,
     prompt, new = "ROMEO:", 12
     sampled = sample_greedy(capsys, tmp_path / "run", prompt, new)
     import export_hf
-    export_hf.export(str(tmp_path / "run"), str(tmp_path / f"hf_{name}"))  # transformers caches remote code by folder name
+    # transformers caches remote code by folder name: one folder per code
+    export_hf.export(str(tmp_path / "run"), str(tmp_path / f"hf_{name}"))
     theirs, tokenizer = load_export(transformers, tmp_path / f"hf_{name}")
     assert asdict(theirs.gpt.config) == asdict(config)
     check_export(ours, theirs, tokenizer, sampled, prompt, new)
@@ -249,7 +251,8 @@ def channel_bits(layout, n_embd, width):
     return LAYOUTS[layout](torch.arange(width), n_embd)
 
 
-@pytest.mark.parametrize("vocab_size", [256, 257])  # K = 8 divides 64; K = 9 does not, but both give bit 0 the spare channel
+# K = 8 divides 64; K = 9 does not, but both give bit 0 the spare channel
+@pytest.mark.parametrize("vocab_size", [256, 257])
 def test_tile_and_repeat_are_one_network_up_to_a_permutation_of_residual_channels(vocab_size):
     """A repeat model equals the tile model whose residual channels are permuted by P: the same logits
     (float64, up to the rounding of reordered sums). Initial weights are i.i.d., so the permuted weights
@@ -558,7 +561,8 @@ def test_a_checkpoint_missing_its_code_is_refused(tmp_path):
     (dict(code_width=64), r"code_width applies to input_code 'random_wide', 'spelling' only, not 'fixed_min'"),
     (dict(input_code="spelling", code_width=9), r"code_width must be above K = 9"),
     (dict(code_layout="interleave"), r"code_layout must be one of 'tile', 'repeat', got 'interleave'"),
-    (dict(input_code="learned", code_layout="repeat"), r"code_layout applies to input_code 'fixed_min', .* not 'learned'"),
+    (dict(input_code="learned", code_layout="repeat"),
+     r"code_layout applies to input_code 'fixed_min', .* not 'learned'"),
     (dict(input_code="learned_lift", code_layout="repeat"), r"not 'learned_lift'"),
     (dict(n_embd=8, n_head=2), r"n_embd \(8\) must be at least the 9 code bits"),
     (dict(code_scale=0.0), r"code_scale must be finite and nonzero"),

@@ -33,7 +33,8 @@ def shakespeare(start, length):
 
 
 def run(script, *args, env=None, cwd=REPO):
-    return subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def transformers(hf_env):
 def cl100k_checkpoint(tmp_path_factory):
     """An untrained tiny affine-code GPT over the bundled 65,536-token tokenizer (K = 16)."""
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=65536, block_size=32, n_layer=1, n_head=2, n_embd=32, input_code="affine", code_seed=3)
+    config = GPTConfig(vocab_size=65536, block_size=32, n_layer=1, n_head=2, n_embd=32, input_code="affine",
+                       code_seed=3)
     out_dir = str(tmp_path_factory.mktemp("run_cl100k"))
     meta = {"encoding": "cl100k_65536", "vocab_size": 65536, "eot_token": 65535}
     save_checkpoint({"model_args": vars(config), "model": GPT(config).state_dict(), "meta": meta, "config": {},

@@ -139,7 +139,8 @@ def test_initial_loss_on_random_ids_is_close_to_ln_V():
         assert abs(loss.item() - math.log(V)) < 0.3
 
 
-@pytest.mark.parametrize("bad,match", [(dict(input_code="learnt"), "input_code"), (dict(code_values="pm1"), "code_values"),
+@pytest.mark.parametrize("bad,match", [(dict(input_code="learnt"), "input_code"),
+                                       (dict(code_values="pm1"), "code_values"),
                                        (dict(n_head=5), "multiple"), (dict(vocab_size=1), "vocab_size"),
                                        (dict(n_layer=0), "n_layer"), (dict(dropout=1.0), "dropout"),
                                        (dict(dropout=float("nan")), "dropout"), (dict(rope_theta=0.0), "rope_theta"),
@@ -156,11 +157,13 @@ def test_the_same_seed_gives_every_input_code_the_same_decoder():
     shared = {}
     for code in CODES:
         torch.manual_seed(5)
-        model = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32, **code_settings(code, 257)))
+        model = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32,
+                              **code_settings(code, 257)))
         shared[code] = {k: v for k, v in model.state_dict().items() if not k.startswith("embed.")}
     reference = shared["fixed_min"]
     for code, weights in shared.items():
-        assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference), code
+        assert weights.keys() == reference.keys(), code
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), code
     torch.manual_seed(6)
     other = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32))
     assert not torch.equal(other.lm_head.weight, reference["lm_head.weight"])  # and the seed does matter
@@ -172,12 +175,14 @@ def test_rotary_turns_each_pair_of_q_and_k_by_its_angle_and_attention_sees_only_
     assert cos.shape == sin.shape == (32, 16)  # (block_size, head_size)
     x = torch.randn(3, 4, 32, 16, dtype=torch.float64)  # (B, heads, T, head_size)
     x1, x2 = x.chunk(2, dim=-1)
-    angle = torch.arange(32, dtype=torch.float64)[:, None] * 10000.0 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    frequency = 10000.0 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    angle = torch.arange(32, dtype=torch.float64)[:, None] * frequency
     textbook = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), dim=-1)
     assert torch.allclose(rotate(x, cos.double(), sin.double()), textbook, atol=1e-6)  # the tables are float32
     q, k = torch.randn(2, 16, dtype=torch.float64)
-    scores = [rotate(q.expand(32, 16), cos.double(), sin.double())[i] @ rotate(k.expand(32, 16), cos.double(), sin.double())[j]
-              for i, j in ((5, 2), (25, 22), (3, 3), (30, 30))]
+    rotated_q = rotate(q.expand(32, 16), cos.double(), sin.double())
+    rotated_k = rotate(k.expand(32, 16), cos.double(), sin.double())
+    scores = [rotated_q[i] @ rotated_k[j] for i, j in ((5, 2), (25, 22), (3, 3), (30, 30))]
     assert scores[0] == pytest.approx(scores[1], abs=1e-5) and scores[2] == pytest.approx(scores[3], abs=1e-5)
     assert rotate(x.bfloat16(), cos, sin).dtype == torch.bfloat16  # autocast's dtype is kept
 

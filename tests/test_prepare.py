@@ -501,7 +501,8 @@ def test_a_file_with_no_line_breaks_is_cut_after_spaces_into_documents(tmp_path)
     train_docs, val_docs = documents(tokens["train"], meta), documents(tokens["val"], meta)
     assert_cut_from([text], train_docs, val_docs)  # every character kept, in order
     assert len(train_docs + val_docs) > 50 and val_docs
-    assert all(doc.endswith(" ") and len(doc) <= 2 * 8 * 1000 for doc in train_docs + val_docs if doc != text[-len(doc):])
+    assert all(doc.endswith(" ") and len(doc) <= 2 * 8 * 1000
+               for doc in train_docs + val_docs if doc != text[-len(doc):])
 
 
 def test_long_lines_come_in_pieces_cut_after_a_space_or_between_characters():
@@ -520,7 +521,8 @@ def test_a_very_long_run_of_spaces_is_encoded_exactly_and_other_text_as_before(m
     text = shakespeare_text()[:300_000]  # long, but without such a run: encoded whole
     assert prepare.encode_text(enc, text) == enc.encode_ordinary(text)
     monkeypatch.setattr(prepare, "SPACE_PIECE", 10 ** 7)  # as if the pieces were too long: the panic itself
-    with pytest.raises(prepare.PrepareError, match="tiktoken failed on a document of 1,000,002 characters beginning 'a "):
+    failed = "tiktoken failed on a document of 1,000,002 characters beginning 'a "
+    with pytest.raises(prepare.PrepareError, match=failed):
         prepare.encode_batch("cl100k_4096", 0, ["a" + " " * 1_000_000 + "b"])
 
 
@@ -671,8 +673,10 @@ def test_a_tokenizer_process_that_dies_is_an_error_not_a_hang(tmp_path, previous
 @pytest.mark.parametrize("workers", [1, 2])  # with 2, a tokenizer process's batch file is what fails too
 def test_a_full_disk_mid_run_is_one_line_and_leaves_previous_data_intact(previous, workers):
     result = subprocess.run([sys.executable, "prepare.py", f"--input={SHAKESPEARE}", "--dataset=prev",
-                             "--overwrite=True", "--encoding=bytes", f"--out_root={previous[0]}", f"--workers={workers}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(200_000))
+                             "--overwrite=True", "--encoding=bytes", f"--out_root={previous[0]}",
+                             f"--workers={workers}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limited_file_size(200_000))
     assert result.returncode == 1, result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line == f"error: cannot write {previous[0] / 'prev'}: [Errno 27] File too large"

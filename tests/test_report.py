@@ -213,7 +213,8 @@ def test_tables_of_different_data_are_refused_unless_allowed(tmp_path, report_re
     assert report_results(mixed, "--allow_mixed=True").returncode == 0
 
 
-def test_a_figure_without_learned_runs_is_one_line_and_two_varying_settings_are_separate_lines(tmp_path, report_results):
+def test_a_figure_without_learned_runs_is_one_line_and_two_varying_settings_are_separate_lines(tmp_path,
+                                                                                               report_results):
     result = report_results("results/codes_lr.jsonl", f"--plot={tmp_path / 'none.png'}")  # no learned rows
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "note: no learned run of the same seeds" in result.stderr and "error: nothing to draw" in result.stderr
@@ -254,7 +255,8 @@ def test_a_grid_over_code_seed_pairs_each_code_seed_with_learned(tmp_path, repor
             rows.append(row)
     lines = table_lines(report_results(rows))
     affine = {line[0]: float(line[5].split()[0]) for line in lines if line[1] == "affine"}
-    assert len(affine) == 8 and affine["code_seed=2, n_layer=4"] - affine["code_seed=1, n_layer=4"] == pytest.approx(0.01)
+    assert len(affine) == 8
+    assert affine["code_seed=2, n_layer=4"] - affine["code_seed=1, n_layer=4"] == pytest.approx(0.01)
 
 
 def test_an_eval_json_cut_short_is_one_line_saying_how_to_remake_it(runs, tmp_path):

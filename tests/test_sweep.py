@@ -426,7 +426,8 @@ def test_the_report_of_the_study_shows_each_rows_model_and_fits_the_gap_against_
     for width in (16, 32):
         gap[width] = statistics.mean(loss[dataset, width, "fixed_min", s] - loss[dataset, width, "learned", s]
                                      for s in (1, 2))
-    fit = next(line for line in result.stdout.splitlines() if line.startswith(f"| {dataset} | fixed_min code_scale=0.1 |"))
+    row_start = f"| {dataset} | fixed_min code_scale=0.1 |"
+    fit = next(line for line in result.stdout.splitlines() if line.startswith(row_start))
     slope = [c.strip() for c in fit.strip("|").split("|")][5]
     assert slope.startswith(f"{gap[32] - gap[16]:+.4f} ± ")  # two widths an octave apart: the slope is the change
     assert "no factor varies" in result.stdout  # the novels: one width
