@@ -1,13 +1,9 @@
 """
-Training on many processes (torchrun, one node or many), for train.py: the process group, the
-agreement every process reaches before anything is written, the model wrapped for data parallelism
-(DDP: a whole copy per process; or FSDP2: weights, gradients and AdamW state sharded over the
-processes, with checkpoints gathered into the one ckpt.pt format), and the decisions every rank must
-take alike (a signal's stop, summed losses).
-
-Under torchrun each process checks its own files (config files, data/, out_dir, the checkpoint).
-Without a shared filesystem these differ from node to node, and a process that stopped alone would
-leave the others waiting in their first collective until the timeout. So every process joins the
+Training on many processes (torchrun, one node or many), for train.py: the process group, the model
+wrapped for DDP or FSDP2 (checkpoints gathered into the one ckpt.pt format), and what every rank must
+decide alike. Under torchrun each process checks its own files (config files, data/, out_dir, the
+checkpoint), which differ from node to node without a shared filesystem; a process that stopped alone
+would leave the others waiting in their first collective until the timeout. So every process joins the
 process group even when its checks failed, and they agree: all go on, or all stop with one line.
 """
 import inspect
@@ -22,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import UserError, data_dir, resolve_device, torchrun_process
-from training import DEFAULTS, groups_with_options, load_optimizer_state
+from common import UserError, resolve_device, torchrun_process
+from training import DEFAULTS
 
 SHARED = "every node must see the same config files, data/ and out_dir: a shared filesystem, or copies"
 # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning
@@ -95,11 +91,9 @@ def tell_launcher(message):
 
 
 def run_seen(cfg, meta, checkpoint, device):
-    """What every process must see alike: the settings, the device type, the dataset (meta.json and
-    the .bin sizes) and the checkpoint resumed from (its step and losses)."""
-    folder = data_dir(cfg.dataset)
-    sizes = {split: os.path.getsize(os.path.join(folder, f"{split}.bin")) for split in ("train", "val")}
-    return {"settings": asdict(cfg), "device": device.type, "dataset": {**meta, **sizes},
+    """What every process must see alike: the settings, the device type, the dataset's meta.json (its
+    token files were checked against it) and the checkpoint resumed from (its step and losses)."""
+    return {"settings": asdict(cfg), "device": device.type, "dataset": meta,
             "checkpoint": checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}}
 
 
@@ -127,21 +121,18 @@ def disagreement(everyone):
 
 def wrap(raw_model, cfg, device, dtype, world_size):
     """(model, train_model): what evaluation runs (raw_model compiled or not) and what training runs
-    (under DDP, model wrapped). Under FSDP raw_model is sharded in place and is both."""
+    (under DDP, model wrapped). Under FSDP raw_model is sharded in place and is both. DDP broadcasts no
+    buffers (rotary tables, the code's A and b, a frozen table: the same on every rank by
+    construction), and the gradients are views into its all-reduce buckets, not a second copy beside
+    them (train_step zeroes them in place to keep them so)."""
     if cfg.parallel == "fsdp":
         shard(raw_model, device, dtype, cfg.compile)
         return raw_model, raw_model
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    return model, wrap_ddp(model, device) if world_size > 1 else model
-
-
-def wrap_ddp(model, device):
-    """DDP around the model. Its buffers (rotary tables, the code's A and b, a frozen table) are the
-    same on every rank by construction, so they are not broadcast before every forward; and the
-    gradients are views into DDP's all-reduce buckets, not a second copy beside them (train_step
-    zeroes them in place to keep them so)."""
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-               **NO_BUFFER_SYNC)
+    if world_size == 1:
+        return model, model
+    ids = [device.index] if device.type == "cuda" else None
+    return model, DDP(model, device_ids=ids, gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
 
 
 def fsdp_available():
@@ -191,28 +182,30 @@ def gathered_state(raw_model, optimizer, sharded):
 
 
 def restore_optimizer_state(raw_model, optimizer, saved, sharded):
-    """training.load_optimizer_state, also for a model sharded by FSDP: there every rank holds the
-    checkpoint's whole tensors (memory-mapped) and keeps its slice of each."""
+    """A checkpoint's AdamW state (moments, step counts) into optimizer, which keeps its own options
+    (fused, betas, weight decay): load_state_dict alone would bring back the saved run's, so a new
+    weight_decay on resume would be ignored, and the step counts would not go where fused (device)
+    or unfused (CPU) AdamW keeps them. Under FSDP every rank holds the checkpoint's whole tensors
+    (memory-mapped) and keeps its slice of each."""
+    groups = [{**group, **{k: v for k, v in mine.items() if k != "params"}}
+              for group, mine in zip(saved["param_groups"], optimizer.param_groups)]
     if not sharded:
-        return load_optimizer_state(optimizer, saved)
+        return optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     names = {id(p): name for name, p in raw_model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     by_name = {"state": {order[i]: state for i, state in saved["state"].items()},
-               "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
-                                for group in groups_with_options(saved, optimizer)]}
+               "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups]}
     set_optimizer_state_dict(raw_model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-def local(tensor):
-    """This rank's part of a tensor: its slice under FSDP, else all of it."""
+def local(tensor):  # this rank's slice under FSDP, else all of it
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 # ----------------------------------------------------------------------------- what ranks agree on
 
-def sum_over_ranks(tensor):
-    """tensor summed over every process, in place (as is on one process)."""
+def sum_over_ranks(tensor):  # in place
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
