@@ -66,11 +66,14 @@ def start_processes(cfg):
 
 def agree(configured, device, failure):
     """Stop every process, with one line, if any process failed its checks or does not see the run
-    that rank 0 sees."""
+    that rank 0 sees: the settings, the device type, the dataset's meta.json (its token files were
+    checked against it) and the checkpoint resumed from (its step and losses)."""
     reason = None if failure is None else str(failure) if isinstance(failure, UserError) else repr(failure)
+    cfg, meta, checkpoint = configured or (None, None, None)
+    resumed = checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}
+    seen = cfg and {"settings": asdict(cfg), "device": device.type, "dataset": meta, "checkpoint": resumed}
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {"host": socket.gethostname(), "failure": reason,
-                                      "seen": configured and run_seen(*configured, device)})
+    dist.all_gather_object(everyone, {"host": socket.gethostname(), "failure": reason, "seen": seen})
     message = disagreement(everyone)
     if message:
         dist.destroy_process_group()
@@ -90,15 +93,8 @@ def tell_launcher(message):
             json.dump({"message": reason}, f)
 
 
-def run_seen(cfg, meta, checkpoint, device):
-    """What every process must see alike: the settings, the device type, the dataset's meta.json (its
-    token files were checked against it) and the checkpoint resumed from (its step and losses)."""
-    return {"settings": asdict(cfg), "device": device.type, "dataset": meta,
-            "checkpoint": checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}}
-
-
 def disagreement(everyone):
-    """The line that stops every process, or None; everyone[r] is rank r's host, failure and run_seen."""
+    """The line that stops every process, or None; everyone[r] is rank r's host, failure and what it sees."""
     failed = [(rank, p) for rank, p in enumerate(everyone) if p["failure"]]
     if failed:
         rank, first = failed[0]

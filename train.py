@@ -283,13 +283,11 @@ class Log:
                                     config=asdict(cfg))
         self.bar = progress(total=cfg.max_iters, initial=iter_num, hide=not master)
 
-    def say(self, line, plain_only=False):
-        """A line of its own on stderr, above the bar; plain_only: only where no bar is drawn."""
+    def say(self, line, plain_only=False):  # plain_only: only where no bar is drawn
         if self.master and (self.bar.disable or not plain_only):
             tqdm.write(line, file=sys.stderr)
 
     def record(self, **record):
-        """One record, its step first, appended to metrics.jsonl and sent to wandb."""
         if not self.master:
             return
         try:
@@ -359,7 +357,7 @@ def main(argv):
     # the first signal: checkpoint and stop at the next step boundary; a second one stops at once
     stop = StopSignals(defer=1, noted="stopping after this step, with a checkpoint; Ctrl-C again to stop now"
                        if master else "")
-    signum, window_start, window_steps = 0, time.time(), 0
+    signum, window_start, window_iter = 0, time.time(), state.iter_num  # the speed's window
     try:
         while True:
             iter_num = state.iter_num
@@ -378,7 +376,7 @@ def main(argv):
                 log.say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if iter_num > start_iter or iter_num >= cfg.max_iters:  # max_iters=0: the init
                     save(cfg, meta, raw_model, optimizer, scaler, state, master)
-                window_start, window_steps = time.time(), 0
+                window_start, window_iter = time.time(), iter_num
             if iter_num >= cfg.max_iters:
                 break
             signum = distributed.stop_agreed(stop, device)
@@ -396,13 +394,12 @@ def main(argv):
             loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp, batches, cfg.grad_clip, lr)
             state.iter_num += 1
             state.tokens_seen += cfg.tokens_per_step
-            window_steps += 1
             log.bar.update(1)
             if state.iter_num % cfg.log_interval == 0:
                 # the mean over all micro-batches of all ranks
                 loss = distributed.sum_over_ranks(loss_sum).item() / cfg.gradient_accumulation_steps
                 check_finite(loss, "the training loss", state.iter_num, cfg.out_dir)
-                step_s = (time.time() - window_start) / window_steps
+                step_s = (time.time() - window_start) / (state.iter_num - window_iter)
                 tokens_per_s = cfg.tokens_per_step / step_s
                 mfu = flops_per_token * tokens_per_s / (world_size * peak) if peak else None
                 log.record(iter=state.iter_num, loss=loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu,
@@ -411,7 +408,7 @@ def main(argv):
                 log.bar.set_postfix_str(f"loss {loss:.4f}, {speed}")
                 log.say(f"iter {state.iter_num}: loss {loss:.4f}, {step_s * 1000:.1f} ms/iter, {speed}",
                         plain_only=True)
-                window_start, window_steps = time.time(), 0
+                window_start, window_iter = time.time(), state.iter_num
     finally:
         log.bar.close()  # ends the bar's line: what is said next (an error too) has its own
 
