@@ -87,9 +87,8 @@ def load_checkpoint(out_dir, device="cpu"):
 
 
 def model_config(settings, **overrides):
-    """The GPTConfig of settings (a training config or a checkpoint's model_args: the keys that are
-    GPTConfig fields) with overrides; a UserError naming what is wrong, and the nearest code to a
-    misspelt input_code."""
+    """The GPTConfig of settings (a training config or a checkpoint's model_args) with overrides; a
+    UserError naming what is wrong, and the nearest code to a misspelt input_code."""
     values = {**{f.name: settings[f.name] for f in fields(GPTConfig) if f.name in settings}, **overrides}
     try:
         return GPTConfig(**values)
@@ -113,9 +112,7 @@ def checkpoint_config(checkpoint):
 
 def check_input_code(model):
     """Refuse a binary code whose stored buffers (affine's A and b, permuted's perm, random_wide's
-    codebook, a code of yours) do not give every id its own code: a damaged or hand-edited checkpoint.
-    A recoding code must map the ids to distinct K-bit ids; a code with a codebook of its own must give
-    distinct rows of bits 0 and 1."""
+    codebook, a code of yours) do not give every id its own code: a damaged or hand-edited checkpoint."""
     embed = model.embed
     if not isinstance(embed, BinaryCode):
         return

@@ -86,8 +86,7 @@ def split_settings(settings):
 
 
 def help_text(config, meanings, usage, ignored=()):
-    """usage, then one line per key: --key=value (after the config files on the line) and its meaning;
-    the ignored keys in one line at the end."""
+    """usage, then --key=value and its meaning per key, the ignored keys in one line at the end."""
     listed = {k: v for k, v in config.items() if k not in ignored}
     width = min(40, max(len(f"--{k}={v!r}") for k, v in listed.items()))
     lines = [usage.strip(), "", "keys (values after the config files given; --key=value overrides):"]

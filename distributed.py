@@ -141,12 +141,11 @@ def fsdp_available():
 
 
 def shard(raw_model, device, dtype, compile):
-    """FSDP2 on raw_model, in place, bottom-up as fully_shard asks: each Block, then the rest (the
-    embedding, the final norm, the head). Each parameter becomes a DTensor of this rank's slice of dim
-    0; a block's full weights exist only while it runs. Under bfloat16 they are gathered and computed
-    in bfloat16 and the gradients reduced in float32, the float32 slices staying AdamW's master copy
-    (train.py still enters autocast, for the norms, softmax and loss). With compile, each block is
-    compiled before it is sharded (torchtitan's order), the FSDP hooks running between blocks."""
+    """FSDP2 on raw_model, in place, bottom-up as fully_shard asks. Each parameter becomes a DTensor of
+    this rank's slice of dim 0; a block's full weights exist only while it runs. Under bfloat16 they are
+    gathered and computed in bfloat16 and the gradients reduced in float32, the float32 slices staying
+    AdamW's master copy (train.py still enters autocast, for the norms, softmax and loss). With compile,
+    each block is compiled before it is sharded (torchtitan's order), the FSDP hooks between blocks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the run's device, even on a GPU machine
