@@ -185,8 +185,7 @@ def build(cfg, meta, device, dtype, checkpoint, world_size):
     model, train_model = distributed.wrap(raw_model, cfg, device, dtype, world_size)
     optimizer = make_optimizer(raw_model, cfg, device)  # after sharding: its state is sharded too
     if checkpoint is not None:
-        sharded = cfg.parallel == "fsdp"
-        distributed.restore_optimizer_state(raw_model, optimizer, checkpoint["optimizer"], sharded)
+        distributed.restore_optimizer_state(raw_model, optimizer, checkpoint["optimizer"], cfg.parallel == "fsdp")
     return raw_model, model, train_model, optimizer
 
 
