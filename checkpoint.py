@@ -59,11 +59,6 @@ def save_checkpoint(checkpoint, out_dir):
     atomic_write(os.path.join(out_dir, CKPT_NAME), lambda f: torch.save(checkpoint, f))
 
 
-def clean_state_dict(state_dict):
-    """Strip the key prefixes that torch.compile (_orig_mod.) and DDP (module.) wrappers add."""
-    return {re.sub(r"^((_orig_mod|module)\.)+", "", key): value for key, value in state_dict.items()}
-
-
 def load_checkpoint(out_dir, device="cpu"):
     """The checkpoint dict of out_dir (or of a ckpt.pt path); CheckpointError with a one-line reason."""
     path = out_dir if os.path.isfile(out_dir) else os.path.join(out_dir, CKPT_NAME)
@@ -92,9 +87,8 @@ def load_checkpoint(out_dir, device="cpu"):
 
 
 def model_config(settings, **overrides):
-    """The GPTConfig of settings (a training config or a checkpoint's model_args: the keys that are
-    GPTConfig fields) with overrides; a UserError naming what is wrong, and the nearest code to a
-    misspelt input_code."""
+    """The GPTConfig of settings (a training config or a checkpoint's model_args) with overrides; a
+    UserError naming what is wrong, and the nearest code to a misspelt input_code."""
     values = {**{f.name: settings[f.name] for f in fields(GPTConfig) if f.name in settings}, **overrides}
     try:
         return GPTConfig(**values)
@@ -118,9 +112,7 @@ def checkpoint_config(checkpoint):
 
 def check_input_code(model):
     """Refuse a binary code whose stored buffers (affine's A and b, permuted's perm, random_wide's
-    codebook, a code of yours) do not give every id its own code: a damaged or hand-edited checkpoint.
-    A recoding code must map the ids to distinct K-bit ids; a code with a codebook of its own must give
-    distinct rows of bits 0 and 1."""
+    codebook, a code of yours) do not give every id its own code: a damaged or hand-edited checkpoint."""
     embed = model.embed
     if not isinstance(embed, BinaryCode):
         return
@@ -141,9 +133,11 @@ def check_input_code(model):
 
 
 def load_weights(model, checkpoint):
-    """The checkpoint's weights and buffers into model (train.py's resume, build_model), then its input code checked."""
+    """The checkpoint's weights and buffers into model (train.py's resume, build_model), then its input code
+    checked. The key prefixes that torch.compile (_orig_mod.) and DDP (module.) wrappers add are dropped."""
+    state = {re.sub(r"^((_orig_mod|module)\.)+", "", key): value for key, value in checkpoint["model"].items()}
     try:
-        model.load_state_dict(clean_state_dict(checkpoint["model"]))
+        model.load_state_dict(state)
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint weights do not fit its model: {' '.join(str(e).split())}") from None
     check_input_code(model)

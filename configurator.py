@@ -1,9 +1,7 @@
 """
 Strict nanoGPT-style configuration, the one command-line convention of every script here: config
-files of plain Python assignments, then --key=value, applied in the order given.
-
-    python train.py config/fixed_min.py --batch_size=16 --compile=False
-    python train.py config/fixed_min.py --help     # every key, its value after config/fixed_min.py, its meaning
+files of plain Python assignments, then --key=value, applied in the order given; --help (anywhere)
+prints every key, its value after the other arguments, and its meaning.
 
 Every key must already exist in the script's defaults and keep its type (an int is accepted where a
 float is expected; a key whose default is None takes any value; None is taken only there and for the
@@ -88,8 +86,7 @@ def split_settings(settings):
 
 
 def help_text(config, meanings, usage, ignored=()):
-    """usage, then one line per key: --key=value (after the config files on the line) and its meaning;
-    the ignored keys in one line at the end."""
+    """usage, then --key=value and its meaning per key, the ignored keys in one line at the end."""
     listed = {k: v for k, v in config.items() if k not in ignored}
     width = min(40, max(len(f"--{k}={v!r}") for k, v in listed.items()))
     lines = [usage.strip(), "", "keys (values after the config files given; --key=value overrides):"]
@@ -103,9 +100,8 @@ def help_text(config, meanings, usage, ignored=()):
 
 
 def parse_config(defaults, argv, meanings=None, usage="", nullable=(), ignored=()):
-    """defaults (dict) updated by config files and --key=value arguments, in the order given; the keys
-    in nullable also take None. --help (anywhere) prints each key's value after the other arguments,
-    with its meaning, and exits; it lists the ignored keys (accepted, unused) by name only."""
+    """defaults (dict) updated by config files and --key=value arguments; the keys in nullable also take
+    None; ignored keys are accepted, unused, and listed by name only in --help."""
     config = dict(defaults)
     for arg in [arg for arg in argv if arg not in ("-h", "--help")]:
         if arg.startswith("--") and "=" not in arg:

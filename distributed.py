@@ -1,13 +1,9 @@
 """
-Training on many processes (torchrun, one node or many), for train.py: the process group, the
-agreement every process reaches before anything is written, the model wrapped for data parallelism
-(DDP: a whole copy per process; or FSDP2: weights, gradients and AdamW state sharded over the
-processes, with checkpoints gathered into the one ckpt.pt format), and the decisions every rank must
-take alike (a signal's stop, summed losses).
-
-Under torchrun each process checks its own files (config files, data/, out_dir, the checkpoint).
-Without a shared filesystem these differ from node to node, and a process that stopped alone would
-leave the others waiting in their first collective until the timeout. So every process joins the
+Training on many processes (torchrun, one node or many), for train.py: the process group, the model
+wrapped for DDP or FSDP2 (checkpoints gathered into the one ckpt.pt format), and what every rank must
+decide alike. Under torchrun each process checks its own files (config files, data/, out_dir, the
+checkpoint), which differ from node to node without a shared filesystem; a process that stopped alone
+would leave the others waiting in their first collective until the timeout. So every process joins the
 process group even when its checks failed, and they agree: all go on, or all stop with one line.
 """
 import inspect
@@ -22,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import UserError, data_dir, resolve_device, torchrun_process
-from training import DEFAULTS, groups_with_options, load_optimizer_state
+from common import UserError, resolve_device, torchrun_process
+from training import DEFAULTS
 
 SHARED = "every node must see the same config files, data/ and out_dir: a shared filesystem, or copies"
 # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning
@@ -70,11 +66,14 @@ def start_processes(cfg):
 
 def agree(configured, device, failure):
     """Stop every process, with one line, if any process failed its checks or does not see the run
-    that rank 0 sees."""
+    that rank 0 sees: the settings, the device type, the dataset's meta.json (its token files were
+    checked against it) and the checkpoint resumed from (its step and losses)."""
     reason = None if failure is None else str(failure) if isinstance(failure, UserError) else repr(failure)
+    cfg, meta, checkpoint = configured or (None, None, None)
+    resumed = checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}
+    seen = cfg and {"settings": asdict(cfg), "device": device.type, "dataset": meta, "checkpoint": resumed}
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {"host": socket.gethostname(), "failure": reason,
-                                      "seen": configured and run_seen(*configured, device)})
+    dist.all_gather_object(everyone, {"host": socket.gethostname(), "failure": reason, "seen": seen})
     message = disagreement(everyone)
     if message:
         dist.destroy_process_group()
@@ -94,17 +93,8 @@ def tell_launcher(message):
             json.dump({"message": reason}, f)
 
 
-def run_seen(cfg, meta, checkpoint, device):
-    """What every process must see alike: the settings, the device type, the dataset (meta.json and
-    the .bin sizes) and the checkpoint resumed from (its step and losses)."""
-    folder = data_dir(cfg.dataset)
-    sizes = {split: os.path.getsize(os.path.join(folder, f"{split}.bin")) for split in ("train", "val")}
-    return {"settings": asdict(cfg), "device": device.type, "dataset": {**meta, **sizes},
-            "checkpoint": checkpoint and {k: checkpoint[k] for k in ("iter_num", "best_val_loss", "val_loss")}}
-
-
 def disagreement(everyone):
-    """The line that stops every process, or None; everyone[r] is rank r's host, failure and run_seen."""
+    """The line that stops every process, or None; everyone[r] is rank r's host, failure and what it sees."""
     failed = [(rank, p) for rank, p in enumerate(everyone) if p["failure"]]
     if failed:
         rank, first = failed[0]
@@ -127,21 +117,18 @@ def disagreement(everyone):
 
 def wrap(raw_model, cfg, device, dtype, world_size):
     """(model, train_model): what evaluation runs (raw_model compiled or not) and what training runs
-    (under DDP, model wrapped). Under FSDP raw_model is sharded in place and is both."""
+    (under DDP, model wrapped). Under FSDP raw_model is sharded in place and is both. DDP broadcasts no
+    buffers (rotary tables, the code's A and b, a frozen table: the same on every rank by
+    construction), and the gradients are views into its all-reduce buckets, not a second copy beside
+    them (train_step zeroes them in place to keep them so)."""
     if cfg.parallel == "fsdp":
         shard(raw_model, device, dtype, cfg.compile)
         return raw_model, raw_model
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    return model, wrap_ddp(model, device) if world_size > 1 else model
-
-
-def wrap_ddp(model, device):
-    """DDP around the model. Its buffers (rotary tables, the code's A and b, a frozen table) are the
-    same on every rank by construction, so they are not broadcast before every forward; and the
-    gradients are views into DDP's all-reduce buckets, not a second copy beside them (train_step
-    zeroes them in place to keep them so)."""
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-               **NO_BUFFER_SYNC)
+    if world_size == 1:
+        return model, model
+    ids = [device.index] if device.type == "cuda" else None
+    return model, DDP(model, device_ids=ids, gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
 
 
 def fsdp_available():
@@ -154,12 +141,11 @@ def fsdp_available():
 
 
 def shard(raw_model, device, dtype, compile):
-    """FSDP2 on raw_model, in place, bottom-up as fully_shard asks: each Block, then the rest (the
-    embedding, the final norm, the head). Each parameter becomes a DTensor of this rank's slice of dim
-    0; a block's full weights exist only while it runs. Under bfloat16 they are gathered and computed
-    in bfloat16 and the gradients reduced in float32, the float32 slices staying AdamW's master copy
-    (train.py still enters autocast, for the norms, softmax and loss). With compile, each block is
-    compiled before it is sharded (torchtitan's order), the FSDP hooks running between blocks."""
+    """FSDP2 on raw_model, in place, bottom-up as fully_shard asks. Each parameter becomes a DTensor of
+    this rank's slice of dim 0; a block's full weights exist only while it runs. Under bfloat16 they are
+    gathered and computed in bfloat16 and the gradients reduced in float32, the float32 slices staying
+    AdamW's master copy (train.py still enters autocast, for the norms, softmax and loss). With compile,
+    each block is compiled before it is sharded (torchtitan's order), the FSDP hooks between blocks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the run's device, even on a GPU machine
@@ -191,28 +177,30 @@ def gathered_state(raw_model, optimizer, sharded):
 
 
 def restore_optimizer_state(raw_model, optimizer, saved, sharded):
-    """training.load_optimizer_state, also for a model sharded by FSDP: there every rank holds the
-    checkpoint's whole tensors (memory-mapped) and keeps its slice of each."""
+    """A checkpoint's AdamW state (moments, step counts) into optimizer, which keeps its own options
+    (fused, betas, weight decay): load_state_dict alone would bring back the saved run's, so a new
+    weight_decay on resume would be ignored, and the step counts would not go where fused (device)
+    or unfused (CPU) AdamW keeps them. Under FSDP every rank holds the checkpoint's whole tensors
+    (memory-mapped) and keeps its slice of each."""
+    groups = [{**group, **{k: v for k, v in mine.items() if k != "params"}}
+              for group, mine in zip(saved["param_groups"], optimizer.param_groups)]
     if not sharded:
-        return load_optimizer_state(optimizer, saved)
+        return optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     names = {id(p): name for name, p in raw_model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     by_name = {"state": {order[i]: state for i, state in saved["state"].items()},
-               "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
-                                for group in groups_with_options(saved, optimizer)]}
+               "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups]}
     set_optimizer_state_dict(raw_model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-def local(tensor):
-    """This rank's part of a tensor: its slice under FSDP, else all of it."""
+def local(tensor):  # this rank's slice under FSDP, else all of it
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 # ----------------------------------------------------------------------------- what ranks agree on
 
-def sum_over_ranks(tensor):
-    """tensor summed over every process, in place (as is on one process)."""
+def sum_over_ranks(tensor):  # in place
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor

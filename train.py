@@ -8,14 +8,12 @@ Train a GPT with a fixed, affine-recoded or learned input code, on one process o
     python train.py --init_from=resume --out_dir=out-fixed_min --max_iters=40000
     python train.py config/fixed_min.py --help                 # every key, its value and its meaning
 
-Data are data/DATASET/{train,val}.bin (uint16 token ids) and meta.json, written by prepare.py.
-main reads as the run: configure (every key checked, by every process, before anything is written),
-build (the model and AdamW), the loop (evaluate and checkpoint, stop on a signal, one optimizer step,
-log), finish. The keys and their checks are training.TrainConfig; the step is training.train_step,
-which bench.py times; the processes' agreement and the DDP or FSDP wrapping are in distributed.py.
-A step reads the same tokens whatever the number of processes; Ctrl-C or SIGTERM checkpoints and says
-how to resume; after a kill -9 anywhere, --init_from=resume ends as a run never killed; a run never
-replaces another by accident (docs/training.md, "What a run guarantees").
+Data are data/DATASET/{train,val}.bin (uint16 token ids) and meta.json, written by prepare.py. The
+keys are training.TrainConfig, the step training.train_step (which bench.py times), the processes'
+agreement and the DDP or FSDP wrapping distributed.py. A step reads the same tokens whatever the number
+of processes; Ctrl-C or SIGTERM checkpoints and says how to resume; after a kill -9 anywhere,
+--init_from=resume ends as a run never killed; a run never replaces another by accident
+(docs/training.md, "What a run guarantees").
 """
 import importlib.util
 import json
@@ -27,22 +25,23 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import distributed
-from checkpoint import CKPT_NAME, load_checkpoint, load_weights, model_config, save_checkpoint
+from checkpoint import CKPT_NAME, checkpoint_config, load_checkpoint, load_weights, model_config, save_checkpoint
 from common import (EVAL_FILES, StopSignals, UserError, atomic_write, check_token_files, data_dir,
                     device_text, hold_writer, load_meta, make_dataset, progress, releases_writer_locks,
                     resolve_device, resolve_dtype, run_folder, run_main, set_threads, torchrun_process,
                     unrecorded_note)
 from configurator import parse_config
-from model import CODES, GPT, GPTConfig
+from model import CODES, GPT
 from tokenizer import get_encoding, token_bytes
-from training import (DEFAULTS, MEANINGS, MODEL_KEYS, TrainConfig, checkpoint_activations,
-                      learning_rate, make_optimizer, micro_batches, peak_flops, read_batch, require,
-                      setup_precision, to_device, train_step)
+from training import (DEFAULTS, MEANINGS, MODEL_KEYS, TrainConfig, learning_rate, make_optimizer, micro_batches,
+                      peak_flops, read_batch, require, setup_precision, to_device, train_step)
 
 EVAL_KEY = 2 ** 31 - 1  # keeps eval windows apart from the training keys (seed, step, g)
 RUN_FILES = (CKPT_NAME, "metrics.jsonl", *EVAL_FILES.values())  # what overwrite=True clears
@@ -73,10 +72,16 @@ def configure(argv):
         require(tokens > cfg.block_size, f"block_size {cfg.block_size} needs at least {cfg.block_size + 1} "
                 f"tokens, but the {split} split of '{cfg.dataset}' has {tokens}: lower block_size or prepare more data")
     model_config(asdict(cfg), vocab_size=meta["vocab_size"])  # a model that cannot be built: refused
-    if checkpoint is None and CODES[cfg.input_code].needs_token_bytes:
-        check_spelling_encoding(cfg, meta)
     if checkpoint is not None:
         check_resume(cfg, meta, checkpoint)
+    elif CODES[cfg.input_code].needs_token_bytes:  # a new code made from the tokens' byte strings (spelling)
+        try:
+            n_vocab = get_encoding(meta["encoding"]).n_vocab
+        except ValueError as e:
+            raise UserError(f"input_code={cfg.input_code} is made from the byte strings of the dataset's "
+                            f"tokens: {e}") from None
+        require(n_vocab == meta["vocab_size"], f"dataset '{cfg.dataset}' says vocab_size {meta['vocab_size']} "
+                f"(meta.json) but its encoding {meta['encoding']} has {n_vocab} tokens: prepare it again")
     check_out_dir(cfg)
     return cfg, meta, checkpoint
 
@@ -87,9 +92,8 @@ def checkpoint_to_resume(out_dir):
     except UserError as e:
         log = os.path.join(out_dir, "metrics.jsonl")
         if os.path.isfile(log) and os.path.getsize(log) and not os.path.exists(os.path.join(out_dir, CKPT_NAME)):
-            raise UserError(f"cannot resume: out_dir '{out_dir}' holds only the metrics.jsonl of a run "
-                            f"stopped before its first checkpoint: start it over with --init_from=scratch "
-                            f"--overwrite=True") from None
+            e = (f"out_dir '{out_dir}' holds only the metrics.jsonl of a run stopped before its first "
+                 f"checkpoint: start it over with --init_from=scratch --overwrite=True")
         raise UserError(f"cannot resume: {e}") from None
 
 
@@ -117,29 +121,14 @@ def check_machine(cfg):
                 f"({torch.cuda.device_count()}): use --nproc_per_node={torch.cuda.device_count()}")
 
 
-def check_spelling_encoding(cfg, meta):
-    """A new model of a code made from the tokens' byte strings (spelling) needs the dataset's tokenizer."""
-    try:
-        vocab_size = get_encoding(meta["encoding"]).n_vocab
-    except ValueError as e:
-        raise UserError(f"input_code={cfg.input_code} is made from the byte strings of the dataset's "
-                        f"tokens: {e}") from None
-    require(vocab_size == meta["vocab_size"], f"dataset '{cfg.dataset}' says vocab_size "
-            f"{meta['vocab_size']} (meta.json) but its encoding {meta['encoding']} has {vocab_size} tokens: "
-            f"prepare it again")
-
-
 def check_resume(cfg, meta, checkpoint):
     """The checkpoint's dataset and model are this run's, and it has steps left to take."""
-    saved = {**{f.name: f.default for f in fields(GPTConfig)}, **checkpoint["model_args"]}  # newer fields
-    require(saved["vocab_size"] == meta["vocab_size"], f"cannot resume: the checkpoint's vocab_size is "
-            f"{saved['vocab_size']} but dataset '{cfg.dataset}' has {meta['vocab_size']} (meta.json): use "
-            f"the dataset it was trained on")
-    trained_on = checkpoint.get("meta", {}).get("encoding", meta["encoding"])
-    require(trained_on == meta["encoding"], f"cannot resume: the checkpoint was trained on encoding "
-            f"{trained_on} but dataset '{cfg.dataset}' is {meta['encoding']} (meta.json): use the dataset "
-            f"it was trained on")
-    mine = asdict(cfg)
+    saved, mine = asdict(checkpoint_config(checkpoint)), asdict(cfg)  # newer fields at their defaults
+    trained_on = checkpoint["meta"].get("encoding", meta["encoding"])
+    require((trained_on, saved["vocab_size"]) == (meta["encoding"], meta["vocab_size"]), f"cannot resume: the "
+            f"checkpoint was trained on encoding {trained_on} (vocab_size {saved['vocab_size']}) but dataset "
+            f"'{cfg.dataset}' is {meta['encoding']} (vocab_size {meta['vocab_size']}): use the dataset it was "
+            f"trained on")
     changed = [f"{k}={mine[k]!r} (checkpoint: {saved[k]!r})" for k in MODEL_KEYS if saved[k] != mine[k]]
     require(not changed, f"cannot resume with another model: {', '.join(changed)}")
     step = checkpoint["iter_num"]
@@ -190,20 +179,20 @@ def build(cfg, meta, device, dtype, checkpoint, world_size):
     elif raw_model.embed.needs_token_bytes:  # spelling: the dataset's tokens, then the checkpoint's
         raw_model.embed.set_token_bytes(token_bytes(get_encoding(meta["encoding"])))
     raw_model.to(device)
-    if cfg.activation_checkpointing:
-        checkpoint_activations(raw_model.blocks)
+    if cfg.activation_checkpointing:  # keep each block's input, recompute the rest in backward (dropout too)
+        for block in raw_model.blocks:  # in place: the parameter names, so checkpoints, stay as they are
+            block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
     model, train_model = distributed.wrap(raw_model, cfg, device, dtype, world_size)
     optimizer = make_optimizer(raw_model, cfg, device)  # after sharding: its state is sharded too
     if checkpoint is not None:
-        sharded = cfg.parallel == "fsdp"
-        distributed.restore_optimizer_state(raw_model, optimizer, checkpoint["optimizer"], sharded)
+        distributed.restore_optimizer_state(raw_model, optimizer, checkpoint["optimizer"], cfg.parallel == "fsdp")
     return raw_model, model, train_model, optimizer
 
 
 @dataclass
 class Progress:
-    """Where the run stands: what a checkpoint holds besides the weights, the optimizer and the settings.
-    No data or RNG state: the batches and dropout masks are a pure function of (seed, iter_num)."""
+    """What a checkpoint holds besides the weights, the optimizer and the settings. No data or RNG
+    state: the batches and dropout masks are a pure function of (seed, iter_num)."""
     iter_num: int = 0
     tokens_seen: int = 0  # counted, not iter_num * tokens per step: a resume may change the batch
     best_val_loss: float = float("inf")
@@ -213,24 +202,26 @@ class Progress:
 # ---------------------------------------------------------------------------------- the loop's parts
 
 @torch.no_grad()
-def estimate_loss(cfg, model, amp, rank, world_size, device, batch_done=lambda: None):
+def estimate_loss(cfg, model, amp, rank, world_size, device, show_bar):
     """Mean loss on the same eval_iters batches of each split every time (curves are comparable): a
-    sample, where eval.py makes a full pass; batch_done() after each forward."""
+    sample, where eval.py makes a full pass."""
     model.eval()
     out = {}
-    for split_id, split in enumerate(("train", "val")):
-        total = torch.zeros(2, device=device)
-        # every rank runs as many forwards (under FSDP each is a collective); past eval_iters: not counted
-        for k in range(rank, math.ceil(cfg.eval_iters / world_size) * world_size, world_size):
-            key = (cfg.seed, EVAL_KEY, split_id, k)
-            x, y = to_device(read_batch(cfg.dataset, split, key, cfg.batch_size, cfg.block_size), device)
-            with amp:
-                loss = model(x, y)[1]
-            if k < cfg.eval_iters:
-                total += torch.stack((loss.float(), torch.ones((), device=device)))
-            batch_done()
-        distributed.sum_over_ranks(total)
-        out[split] = (total[0] / total[1]).item()
+    # every rank runs as many forwards (under FSDP each is a collective); past eval_iters: not counted
+    ks = range(rank, math.ceil(cfg.eval_iters / world_size) * world_size, world_size)
+    with progress(total=2 * len(ks), desc="evaluating", leave=False, hide=not show_bar) as bar:
+        for split_id, split in enumerate(("train", "val")):
+            total = torch.zeros(2, device=device)
+            for k in ks:
+                key = (cfg.seed, EVAL_KEY, split_id, k)
+                x, y = to_device(read_batch(cfg.dataset, split, key, cfg.batch_size, cfg.block_size), device)
+                with amp:
+                    loss = model(x, y)[1]
+                if k < cfg.eval_iters:
+                    total += torch.stack((loss.float(), torch.ones((), device=device)))
+                bar.update(1)
+            distributed.sum_over_ranks(total)
+            out[split] = (total[0] / total[1]).item()
     model.train()
     return out
 
@@ -291,13 +282,11 @@ class Log:
                                     config=asdict(cfg))
         self.bar = progress(total=cfg.max_iters, initial=iter_num, hide=not master)
 
-    def say(self, line, plain_only=False):
-        """A line of its own on stderr, above the bar; plain_only: only where no bar is drawn."""
+    def say(self, line, plain_only=False):  # plain_only: only where no bar is drawn
         if self.master and (self.bar.disable or not plain_only):
             tqdm.write(line, file=sys.stderr)
 
     def record(self, **record):
-        """One record, its step first, appended to metrics.jsonl and sent to wandb."""
         if not self.master:
             return
         try:
@@ -311,9 +300,7 @@ class Log:
 
 
 def start_notes(cfg, meta, raw_model, world_size, on, dtype, start_iter):
-    """The run's first line, then what it should know before it starts: a step too large for a CPU,
-    where it resumes, token files whose sha256 is not recorded yet, the epochs it will make over its
-    train split, and steps past the end of the learning-rate schedule."""
+    """The run's first line, then what it should know before it starts."""
     counts, fsdp, tokens = raw_model.param_counts(), cfg.parallel == "fsdp", cfg.tokens_per_step
     notes = [f"{cfg.input_code}: {counts['trainable']:,} trainable parameters ({counts['input_trainable']:,} "
              f"in the input), {world_size} process(es){' (FSDP)' if fsdp else ''} on {on}, "
@@ -350,9 +337,6 @@ def main(argv):
     # build: the model under its three names, the optimizer, and where the run stands
     dtype, amp, scaler = setup_precision(cfg, device)
     raw_model, model, train_model, optimizer = build(cfg, meta, device, dtype, checkpoint, world_size)
-    # raw_model: the weights, their counts, the checkpoints (sharded in place under FSDP)
-    # model: raw_model compiled or not, what evaluation runs
-    # train_model: model wrapped for DDP (or model itself), what training runs
     resumed = checkpoint is not None
     state = Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)}) if resumed else Progress()
     if resumed and checkpoint.get("scaler") and scaler.is_enabled():  # float16's loss scale
@@ -372,7 +356,7 @@ def main(argv):
     # the first signal: checkpoint and stop at the next step boundary; a second one stops at once
     stop = StopSignals(defer=1, noted="stopping after this step, with a checkpoint; Ctrl-C again to stop now"
                        if master else "")
-    signum, window_start, window_steps = 0, time.time(), 0
+    signum, window_start, window_iter = 0, time.time(), state.iter_num  # the speed's window
     try:
         while True:
             iter_num = state.iter_num
@@ -382,9 +366,7 @@ def main(argv):
                 first = iter_num == start_iter  # it can take a while (compilation, a large model)
                 if first:
                     log.say(f"iter {iter_num}: evaluating on {cfg.eval_iters} batch(es) of each split ...")
-                forwards = 2 * math.ceil(cfg.eval_iters / world_size)  # this rank's
-                with progress(total=forwards, desc="evaluating", leave=False, hide=not (first and master)) as bar:
-                    losses = estimate_loss(cfg, model, amp, rank, world_size, device, lambda: bar.update(1))
+                losses = estimate_loss(cfg, model, amp, rank, world_size, device, show_bar=first and master)
                 for split in ("train", "val"):
                     check_finite(losses[split], f"the eval loss on {split}", iter_num, cfg.out_dir)
                 state.val_loss, state.best_val_loss = losses["val"], min(state.best_val_loss, losses["val"])
@@ -393,7 +375,7 @@ def main(argv):
                 log.say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if iter_num > start_iter or iter_num >= cfg.max_iters:  # max_iters=0: the init
                     save(cfg, meta, raw_model, optimizer, scaler, state, master)
-                window_start, window_steps = time.time(), 0
+                window_start, window_iter = time.time(), iter_num
             if iter_num >= cfg.max_iters:
                 break
             signum = distributed.stop_agreed(stop, device)
@@ -411,13 +393,12 @@ def main(argv):
             loss_sum = train_step(train_model, raw_model, optimizer, scaler, amp, batches, cfg.grad_clip, lr)
             state.iter_num += 1
             state.tokens_seen += cfg.tokens_per_step
-            window_steps += 1
             log.bar.update(1)
             if state.iter_num % cfg.log_interval == 0:
                 # the mean over all micro-batches of all ranks
                 loss = distributed.sum_over_ranks(loss_sum).item() / cfg.gradient_accumulation_steps
                 check_finite(loss, "the training loss", state.iter_num, cfg.out_dir)
-                step_s = (time.time() - window_start) / window_steps
+                step_s = (time.time() - window_start) / (state.iter_num - window_iter)
                 tokens_per_s = cfg.tokens_per_step / step_s
                 mfu = flops_per_token * tokens_per_s / (world_size * peak) if peak else None
                 log.record(iter=state.iter_num, loss=loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu,
@@ -426,7 +407,7 @@ def main(argv):
                 log.bar.set_postfix_str(f"loss {loss:.4f}, {speed}")
                 log.say(f"iter {state.iter_num}: loss {loss:.4f}, {step_s * 1000:.1f} ms/iter, {speed}",
                         plain_only=True)
-                window_start, window_steps = time.time(), 0
+                window_start, window_iter = time.time(), state.iter_num
     finally:
         log.bar.close()  # ends the bar's line: what is said next (an error too) has its own
 

@@ -1,23 +1,15 @@
 """
 The training settings (TrainConfig: each key's default and meaning, checked when it is made) and one
 optimizer step, shared by train.py (the run) and bench.py (which times exactly this step).
-
-One step, in the order of this file's second half: learning_rate (warmup, then cosine decay),
-micro_batches (this rank's share of the step's G micro-batches: read_batch's windows of the uint16
-memmap, a pure function of (seed, step, g), and to_device's one copy), then train_step (dropout
-reseeded per micro-batch, forward, backward, the DDP all-reduce on the last micro-batch only,
-clipping, AdamW).
 """
 import math
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
-from functools import partial
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
 
 from common import DEVICE_HELP, DTYPE_HELP, THREADS_HELP, UserError, autocast, data_dir, resolve_dtype
 from model import GPTConfig
@@ -88,27 +80,21 @@ class TrainConfig(ModelSettings):
         require(bool(self.out_dir), "out_dir must name a folder")
         for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             require(getattr(self, key) >= 1, f"{key} must be at least 1, got {getattr(self, key)}")
-        require(self.max_iters >= 0, f"max_iters must be 0 or more, got {self.max_iters}")
-        require(self.learning_rate > 0, f"learning_rate must be above 0, got {self.learning_rate}")
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "threads"):
+            require(getattr(self, key) >= 0, f"{key} must be 0 or more, got {getattr(self, key)}")
+        for key in ("learning_rate", "collective_timeout"):
+            require(getattr(self, key) > 0, f"{key} must be above 0, got {getattr(self, key)}")
         require(0 <= self.min_lr <= self.learning_rate,
                 f"min_lr must be between 0 and learning_rate, got {self.min_lr}")
-        require(self.warmup_iters >= 0 and self.lr_decay_iters >= 0,
-                "warmup_iters and lr_decay_iters must be 0 or more")
-        require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or more, got {self.grad_clip}")
         require(self.parallel in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, got '{self.parallel}'")
-        require(self.collective_timeout > 0,
-                f"collective_timeout must be above 0 minutes, got {self.collective_timeout}")
         require(0 <= self.seed < 2 ** 64, f"seed must be a whole number from 0 to 2^64 - 1, got {self.seed}")
-        require(self.threads >= 0, f"threads must be 0 (auto) or a count, got {self.threads}")
         require(self.prepare is None or isinstance(self.prepare, list)
                 and all(isinstance(a, str) for a in self.prepare),
                 "prepare must be a list of prepare.py arguments, e.g. ['--encoding=bytes']")
 
     @property
-    def tokens_per_step(self):
-        """Tokens of one optimizer step, whatever the number of processes."""
+    def tokens_per_step(self):  # whatever the number of processes
         return self.batch_size * self.gradient_accumulation_steps * self.block_size
 
 
@@ -136,27 +122,6 @@ def make_optimizer(model, cfg, device):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type in ("cuda", "cpu"))
-
-
-def load_optimizer_state(optimizer, saved):
-    """A checkpoint's AdamW state (moments, step counts) into optimizer, which keeps its own options
-    (fused, betas, weight decay): load_state_dict alone would bring back the saved run's, so a new
-    weight_decay on resume would be ignored. The current options also put the step counts where
-    they belong: on the device for fused AdamW, on the CPU otherwise."""
-    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups_with_options(saved, optimizer)})
-
-
-def groups_with_options(saved, optimizer):
-    """saved's parameter groups with optimizer's own options (all but their "params")."""
-    return [{**group, **{k: v for k, v in mine.items() if k != "params"}}
-            for group, mine in zip(saved["param_groups"], optimizer.param_groups)]
-
-
-def checkpoint_activations(blocks):
-    """Keep only each block's input for backward and recompute the rest there (torch.utils.checkpoint
-    replays the dropout masks too); the parameter names, so checkpoints, stay as they are."""
-    for block in blocks:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 # ---------------------------------------------------------------------------------------- the step
@@ -211,10 +176,8 @@ def dropout_seed(key):
 
 
 def train_step(train_model, raw_model, optimizer, scaler, autocast, batches, grad_clip, lr):
-    """One optimizer step over batches, an iterable of (x, y, seed) per micro-batch, x and y on the
-    device: forward and backward of each micro-batch with torch's RNG reseeded to its dropout seed
-    (under DDP gradients all-reduced once, on the last; under FSDP reduce-scattered into each rank's
-    slice after each), clipping (of the whole gradient's norm, sharded or not), the AdamW step.
+    """One optimizer step over batches, (x, y, dropout seed) per micro-batch: under DDP the gradients
+    are all-reduced once, on the last; under FSDP reduce-scattered into each rank's slice after each.
     Returns the summed micro-batch losses, a tensor, so that nothing waits for the device here."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -21,7 +21,7 @@ import train
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import REPO, TINY_MODEL as TINY
 from model import CODES, GPT, GPTConfig
-from training import DEFAULTS, TrainConfig, dropout_seed, load_optimizer_state, peak_flops, read_batch, to_device
+from training import DEFAULTS, TrainConfig, dropout_seed, peak_flops, read_batch, to_device
 from test_codes import code_settings
 
 
@@ -155,7 +155,7 @@ def step(model, optimizer):
     training.train_step(model, gpt, optimizer, scaler, nullcontext(), batches, 1.0, 1e-3)
 
 step(gpt, training.make_optimizer(gpt, training.TrainConfig(), cpu))  # one process, no DDP
-ddp = distributed.wrap_ddp(gpt, cpu)
+ddp = distributed.wrap(gpt, training.TrainConfig(compile=False), cpu, torch.float32, world_size=2)[1]  # DDP
 optimizer = training.make_optimizer(gpt, training.TrainConfig(), cpu)
 storages = []
 for _ in range(4):
@@ -246,7 +246,8 @@ def test_resume_takes_the_optimizer_state_from_the_checkpoint_and_its_options_fr
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(optimizer.state[p][key], saved["state"][i][key])
     foreach = torch.optim.AdamW([{"params": g["params"]} for g in optimizer.param_groups])
-    load_optimizer_state(foreach, saved)  # the other way: a fused run resumed where AdamW is not fused
+    # the other way: a fused run resumed where AdamW is not fused
+    distributed.restore_optimizer_state(None, foreach, saved, sharded=False)
     assert not any(g["fused"] for g in foreach.param_groups)
     assert all(torch.equal(foreach.state[p]["step"], saved["state"][i]["step"]) for i, p in enumerate(params))
 
