@@ -268,7 +268,8 @@ def step_rate(model, rows, cache_rows, config, device, dtype, generator):
     room = model.config.block_size - steps - 1  # no window may fill up while timed
     spread = [config["max_tokens"] * r // rows for r in range(rows)] if rows > 1 else [config["max_tokens"] // 2]
     lengths = [max(1, min(config["prompt_tokens"] + offset, room)) for offset in spread]
-    engine = Engine(model, KVCache(model.config, cache_rows, dtype, device), rows, sum(lengths))
+    # a prefill budget of every row padded to the longest, so that all rows are in the one prefill
+    engine = Engine(model, KVCache(model.config, cache_rows, dtype, device), rows, rows * max(lengths))
     events = queue.SimpleQueue()  # the engine reports every token; nobody reads them here
     engine.submit([Sequence(torch.randint(model.config.vocab_size, (n,), generator=generator).tolist(), steps + 2,
                             events, r) for r, n in enumerate(lengths)])
