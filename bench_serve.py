@@ -26,8 +26,12 @@ clients. Each ratio is the median of each repeat's own pair. A second table give
 CPU-second (Linux): the server's CPU time against this thread's, which a busy machine's scheduler
 does not blur. The clients' CPU share is this process's CPU time while they ran over that and
 serve.py's; the server's CPU beside its engine thread is what HTTP, JSON and its other threads took
-of serve.py's. On a machine of few cores the clients compete with the server for them, so give the
-load average and compare runs as ratios.
+of serve.py's. A third table counts the engine thread's CPU time alone, and how busy it was (its CPU
+over the wall time): served / step per wall second is about served / step per engine CPU-second (what
+the batches themselves lose: rows standing empty while their clients' next requests come, prompts
+prefilled apart) times the engine's busy share at c clients over its share at the first count (what
+the hand-offs leave it waiting: for requests, the GIL or a core). On a machine of few cores the
+clients compete with the server for them, so give the load average and compare runs as ratios.
 
 Soak (--soak=SECONDS). soak_clients threads send requests one after another for soak_warmup + soak
 seconds, or until soak_requests have gone, request k being the k-th of a fixed, shuffled cycle of 23
@@ -226,8 +230,9 @@ def tokens_of(config, answer):
 
 
 def run_clients(config, port, clients, prompts, server_pid):
-    """One count's clients: their tokens/s, each request's seconds, and the CPU seconds that this
-    process (the clients) and the server used meanwhile."""
+    """One count's clients: their tokens/s (per second, per server CPU-second, per CPU-second of its
+    engine thread), each request's seconds, the CPU seconds that this process (the clients), the server
+    and its engine thread used meanwhile, and the engine thread's share of the wall time."""
     def client(c):
         results = []
         for r in range(config["rounds"]):
@@ -245,7 +250,9 @@ def run_clients(config, port, clients, prompts, server_pid):
     engine_cpu = None if engine_cpu is None else cpu_seconds(server_pid, engine) - engine_cpu
     if server_cpu is not None and server_cpu < MIN_CPU_S:
         server_cpu = engine_cpu = None
-    return {"rate": tokens / (time.perf_counter() - start), "cpu_rate": server_cpu and tokens / server_cpu,
+    elapsed = time.perf_counter() - start
+    return {"rate": tokens / elapsed, "cpu_rate": server_cpu and tokens / server_cpu,
+            "engine_rate": engine_cpu and tokens / engine_cpu, "engine_busy": engine_cpu and engine_cpu / elapsed,
             "latencies": [seconds for seconds, _ in results], "clients_cpu": own_cpu_seconds() - own,
             "server_cpu": server_cpu, "engine_cpu": engine_cpu}
 
@@ -261,7 +268,8 @@ def step_rate(model, rows, cache_rows, config, device, dtype, generator):
     room = model.config.block_size - steps - 1  # no window may fill up while timed
     spread = [config["max_tokens"] * r // rows for r in range(rows)] if rows > 1 else [config["max_tokens"] // 2]
     lengths = [max(1, min(config["prompt_tokens"] + offset, room)) for offset in spread]
-    engine = Engine(model, KVCache(model.config, cache_rows, dtype, device), rows, sum(lengths))
+    # a prefill budget of every row padded to the longest, so that all rows are in the one prefill
+    engine = Engine(model, KVCache(model.config, cache_rows, dtype, device), rows, rows * max(lengths))
     events = queue.SimpleQueue()  # the engine reports every token; nobody reads them here
     engine.submit([Sequence(torch.randint(model.config.vocab_size, (n,), generator=generator).tolist(), steps + 2,
                             events, r) for r, n in enumerate(lengths)])
@@ -338,8 +346,9 @@ def sweep(config, counts, process, port, cache_rows, threads):
                "clients_cpu_share": sum(own for own, _, _ in used) / sum(own + server for own, server, _ in used)
                if known else None,
                "http_cpu_share": (sum(server - engine for _, server, engine in used)
-                                  / sum(server for _, server, _ in used)) if known else None}
-        for clock, i, served in (("wall", 0, "rate"), ("cpu", 1, "cpu_rate")):
+                                  / sum(server for _, server, _ in used)) if known else None,
+               "engine_busy": statistics.median(run["engine_busy"] for run in runs[clients]) if known else None}
+        for clock, i, served in (("wall", 0, "rate"), ("cpu", 1, "cpu_rate"), ("engine", 1, "engine_rate")):
             if any(run[served] is None for c in counts for run in runs[c]):  # no CPU times (not Linux), or too few
                 continue
             rates = [run[served] for run in runs[clients]]
@@ -361,14 +370,15 @@ def print_sweep(config, argv, banner, rows, loads):
     print(f"{banner}\npython bench_serve.py {' '.join(argv)}")
     unit = "scored tokens" if config["kind"] == "loglikelihood" else "new tokens"
     first = rows[0]["clients"]
-    wall_only = " latency median | latency p95 | clients' CPU share | server's CPU beside its engine thread |"
-    for clock, per in (("wall", "s"), ("cpu", "server CPU-s")):  # per CPU-second: what a busy machine's
-        if f"{clock}_tokens_per_s" not in rows[0]:                 # scheduler leaves out
+    extra = {"wall": " latency median | latency p95 | clients' CPU share | server's CPU beside its engine thread |",
+             "engine": " engine thread busy (its CPU / wall) |"}
+    for clock, per in (("wall", "s"), ("cpu", "server CPU-s"), ("engine", "engine-thread CPU-s")):  # per
+        if f"{clock}_tokens_per_s" not in rows[0]:  # CPU-second: what a busy machine's scheduler leaves out
             continue
         wall = clock == "wall"
         print(f"\n| clients | requests | {unit} per {per} | vs {first} | step vs {first} | engine vs {first} | "
-              f"served / step | served / engine |" + wall_only * wall
-              + "\n|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|---:|" * wall)
+              f"served / step | served / engine |" + extra.get(clock, "")
+              + "\n|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * extra.get(clock, "").count("|"))
         for row in rows:
             ratios = [shown(row.get(f"{clock}_{name}_vs_first"), "{:.1f}x") for name in ("step", "engine")]
             shares = [shown(statistics.median(row[f"{clock}_served_vs_{name}"]) if f"{clock}_served_vs_{name}" in row
@@ -377,7 +387,8 @@ def print_sweep(config, argv, banner, rows, loads):
                   f"{row[f'{clock}_vs_first']:.1f}x | {' | '.join(ratios)} | {' | '.join(shares)} |"
                   + f" {row['latency_median_s']:.2f} s | {row['latency_p95_s']:.2f} s | "
                     f"{shown(row['clients_cpu_share'], '{:.0%}')} | "
-                    f"{shown(row['http_cpu_share'], '{:.1%}')} |" * wall)
+                    f"{shown(row['http_cpu_share'], '{:.1%}')} |" * wall
+                  + f" {shown(row['engine_busy'], '{:.0%}')} |" * (clock == "engine"))
         for row in rows[1:]:
             for name in ("step", "engine"):
                 if row.get(f"{clock}_served_vs_{name}"):

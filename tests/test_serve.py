@@ -546,6 +546,23 @@ def test_bench_serve_prints_its_table(server):
     assert rows == ["1", "2"]  # both baselines, the engine's step and the engine alone, were timed
 
 
+def test_the_step_baseline_decodes_every_row_it_counts(model, monkeypatch):
+    """bench_serve's step baseline counts a token per row at each step: every row, of its different
+    lengths, must be in the prefill and then in every timed step."""
+    (net, _), running, step = model, [], bench_serve.Engine.step
+
+    def counted(engine, newcomers):
+        step(engine, newcomers)
+        running.append(len(engine.running))
+
+    monkeypatch.setattr(bench_serve.Engine, "step", counted)
+    for rows in (4, 16):
+        running.clear()
+        bench_serve.step_rate(net, rows, rows, {"max_tokens": 16, "prompt_tokens": 8}, torch.device("cpu"),
+                              torch.float32, torch.Generator().manual_seed(0))
+        assert running[:-1] == [rows] * (len(running) - 1)  # the last step ends them all
+
+
 def test_a_short_soak_holds(trained_checkpoint):
     """bench_serve.py --soak, short: 8 clients send the mix twice over (46 requests) to a server of 4
     rows, so sequences queue, join and leave at every step: every greedy answer, whole or streamed, is
