@@ -121,7 +121,8 @@ def test_processes_that_fail_or_see_another_run_are_named_in_the_one_line():
 
 def test_collective_timeout_is_the_process_group_timeout(monkeypatch):
     calls = []
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, timeout: calls.append((backend, timeout)))
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert distributed.start_processes(TrainConfig(device="cpu", collective_timeout=45.0)) == torch.device("cpu")

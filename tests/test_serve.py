@@ -514,7 +514,8 @@ def test_lm_eval_through_the_server_matches_the_hf_export(server, tmp_path):
     pytest.importorskip("transformers")
     subprocess.run([sys.executable, "export_hf.py", f"--out_dir={server.out_dir}", f"--hf_dir={tmp_path / 'hf'}"],
                    cwd=REPO, check=True, capture_output=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     tasks = ["--tasks", "shakespeare_lines,shakespeare_speeches", "--include_path", "assets/lm_eval", "--log_samples"]
     routes = {
         "serve": ["--model", "local-completions", "--model_args", f"base_url=http://127.0.0.1:{server.port}/v1/"
@@ -522,8 +523,9 @@ def test_lm_eval_through_the_server_matches_the_hf_export(server, tmp_path):
         "hf": ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32,"
                f"max_length=63", "--device", "cpu"],
     }
-    runs = {name: subprocess.Popen([sys.executable, "-m", "lm_eval", *args, *tasks, "--output_path", str(tmp_path / name)], cwd=REPO,
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = {name: subprocess.Popen([sys.executable, "-m", "lm_eval", *args, *tasks,
+                                    "--output_path", str(tmp_path / name)],
+                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for name, args in routes.items()}  # side by side: most of each run is importing the harness
     for name, run in runs.items():
         output = run.communicate(timeout=600)[0]

@@ -126,7 +126,8 @@ def test_sigkill_at_any_moment_always_resumes(shakespeare_bytes, tmp_path):
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shakespeare_bytes, tmp_path):
-    args = ["--batch_size=4", "--gradient_accumulation_steps=2", "--eval_interval=2", "--eval_iters=2", "--log_interval=1"]
+    args = ["--batch_size=4", "--gradient_accumulation_steps=2", "--eval_interval=2", "--eval_iters=2",
+            "--log_interval=1"]
     train(tmp_path, shakespeare_bytes, *args, "--max_iters=2", in_process=True)
     saved = load_checkpoint(str(tmp_path))
     result = resume(tmp_path, "--max_iters=30", "--learning_rate=1e5", "--grad_clip=0.0", "--warmup_iters=0",
@@ -221,7 +222,8 @@ def test_paper_configs_differ_only_in_the_input_code():
         tokens = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"] * cfg["max_iters"]
         assert 16.5e9 < tokens < 17.5e9  # the paper's ~17B tokens
     quickstart = parse_config(DEFAULTS, [os.path.join(REPO, "config", "quickstart.py")])
-    assert quickstart["dataset"] == "shakespeare" and quickstart["input_code"] == "fixed_min" and not quickstart["compile"]
+    assert quickstart["dataset"] == "shakespeare" and quickstart["input_code"] == "fixed_min"
+    assert not quickstart["compile"]
 
 
 def folder_bytes(folder):
@@ -343,8 +345,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
     tmp_path = tmp_path / "run"
     shutil.copytree(trained_checkpoint("fixed_min"), tmp_path)
     kept = load_checkpoint(str(tmp_path))
-    result = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=42",
-                             "--eval_interval=2"],
+    result = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}", "--init_from=resume",
+                             "--max_iters=42", "--eval_interval=2"],
                             cwd=REPO, capture_output=True, text=True, preexec_fn=limited_file_size(100_000))
     line = last_error_line(result)
     assert line.startswith(f"error: cannot write {tmp_path / 'ckpt.pt'}") and "the previous one is kept" in line
