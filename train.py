@@ -422,6 +422,9 @@ def main(argv):
                 f"{os.path.join(cfg.out_dir, CKPT_NAME)}")
     if log.wandb:
         log.wandb.finish()
+    # DDP's reducer holds the process group too; freed there, gloo's destructor would wait for its threads
+    # while holding the GIL that a thread may need to free a tensor (a hang): leave that to the group itself
+    del train_model
     distributed.stop_processes()
     if signum:
         sys.exit(128 + signum)

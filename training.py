@@ -82,8 +82,9 @@ class TrainConfig(ModelSettings):
             require(getattr(self, key) >= 1, f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "threads"):
             require(getattr(self, key) >= 0, f"{key} must be 0 or more, got {getattr(self, key)}")
-        for key in ("learning_rate", "collective_timeout"):
-            require(getattr(self, key) > 0, f"{key} must be above 0, got {getattr(self, key)}")
+        require(self.learning_rate > 0, f"learning_rate must be above 0, got {self.learning_rate}")
+        require(self.collective_timeout > 0,
+                f"collective_timeout must be above 0 minutes, got {self.collective_timeout}")
         require(0 <= self.min_lr <= self.learning_rate,
                 f"min_lr must be between 0 and learning_rate, got {self.min_lr}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")

@@ -129,7 +129,7 @@ def test_collective_timeout_is_the_process_group_timeout(monkeypatch):
     distributed.start_processes(None)  # a process whose checks failed still joins, to tell the others
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     assert calls == [(backend, timedelta(minutes=45)), (backend, timedelta(minutes=DEFAULTS["collective_timeout"]))]
-    with pytest.raises(train.UserError, match="collective_timeout must be above 0"):
+    with pytest.raises(train.UserError, match="collective_timeout must be above 0 minutes, got 0.0"):
         TrainConfig(collective_timeout=0.0)
 
 
@@ -164,6 +164,7 @@ for _ in range(4):
     storages.append(sorted({p.grad.untyped_storage().data_ptr() for p in gpt.parameters()}))
 print(json.dumps({"freed": freed, "storages": storages, "params": len(list(gpt.parameters())),
                   "broadcast_buffers": ddp.broadcast_buffers}))
+del ddp  # before the group: see the end of train.py
 dist.destroy_process_group()
 """
 

@@ -16,17 +16,26 @@ from checkpoint import load_checkpoint
 from conftest import REPO, TINY_MODEL as TINY, limited_file_size, run_in_process, run_tool
 
 
-def train_py(argv, launcher=(sys.executable,), in_process=False):
+def train_py(argv, launcher=(sys.executable,), in_process=False, script="train.py"):
     """train.py ARGV as a process; in_process, its main in this process (where the test is not about the
-    process itself: a process each costs a torch import each)."""
+    process itself: a process each costs a torch import each). A run that hangs fails its test after 300 s,
+    its processes (torchrun's workers too) killed, instead of stopping the suite."""
     if in_process:
         return run_tool("train", argv)
-    return subprocess.run([*launcher, "train.py", *argv], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.Popen([*launcher, script, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(proc.args)} did not end within 300 s; its stderr ends:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def train(out_dir, dataset, *args, check=True, launcher=(sys.executable,), in_process=False):
+def train(out_dir, dataset, *args, check=True, launcher=(sys.executable,), in_process=False, script="train.py"):
     """train.py on the tiny model."""
-    result = train_py([f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY, *args], launcher, in_process)
+    result = train_py([f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY, *args], launcher, in_process, script)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -60,12 +69,34 @@ def test_all_three_codes_learn_shakespeare(shakespeare_bytes, tmp_path):
         assert abs(final[code] - final["learned"]) < 0.1 * final["learned"]
 
 
+# train.py, run as it is, with destroy_process_group watched: how many DDP wrappers are alive when it is called
+WATCHING_THE_GROUPS_END = """
+import gc, os, runpy, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+destroy = dist.destroy_process_group
+def watched(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"DDP wrappers alive at destroy_process_group: {alive}", file=sys.stderr, flush=True)
+    return destroy(*args, **kwargs)
+dist.destroy_process_group = watched
+sys.path.insert(0, os.getcwd())
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 def test_two_process_torchrun_logs_the_same_losses_as_one_process(shakespeare_bytes, tmp_path):
+    """...and frees DDP before it ends the process group: DDP's reducer would otherwise free the group with
+    the GIL held while a gloo thread may need it to free a tensor, which hangs the process at exit."""
     args = ["--batch_size=4", "--gradient_accumulation_steps=4", "--max_iters=8", "--eval_interval=4",
             "--eval_iters=4", "--log_interval=1", "--learning_rate=3e-3", "--warmup_iters=2"]
     train(tmp_path / "one", shakespeare_bytes, *args)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    train(tmp_path / "two", shakespeare_bytes, *args, launcher=launcher)
+    (tmp_path / "watching.py").write_text(WATCHING_THE_GROUPS_END)
+    result = train(tmp_path / "two", shakespeare_bytes, *args, launcher=launcher, script=str(tmp_path / "watching.py"))
+    assert re.findall(r"DDP wrappers alive at destroy_process_group: (\d+)", result.stderr) == ["0", "0"]
     for key in ("loss", "val_loss", "train_loss"):
         one, two = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
         assert [i for i, _ in one] == [i for i, _ in two] and len(one) > 1
