@@ -6,7 +6,7 @@
 # fixed_min of a random permutation of the ids: is fixed_min's gap here the order of BPE's ids?
 # The learned table is 4,096 x 64 = 262K parameters here, more than the 4-layer decoder's 197K.
 #
-#   python sweep.py config/study_bpe.py     # 36 runs; 16 min on 2 idle cores (docs/results.md)
+#   python sweep.py config/study_bpe.py     # 36 runs; time: docs/studies.md
 
 # (learning_rate, min_lr) per code, chosen by config/study_bpe_lr.py on the test split
 # (results/bpe_lr.jsonl): the lowest mean test loss of 3e-3, 6e-3 and 1.2e-2 (and 1.5e-3 for learned).

@@ -1,6 +1,6 @@
 # Scale study, step 5: the other input codes of model.CODES, on the bytes data of the depth study
 # (config/study_depth.py: width 64, 600 steps of 1,024 tokens, 3 paired seeds), at 1 layer, the depth
-# where fixed_min's gap to learned was smallest (+0.25%, results/depth.jsonl), and at 4 layers, the
+# where fixed_min's gap to learned was smallest (+0.23%, results/depth.jsonl), and at 4 layers, the
 # model the learning rate was chosen on. Every code at 1.2e-2: the rate config/study_lr.py chose for
 # fixed_min, affine and learned, and config/study_codes_lr.py for each of the others.
 #   fixed_min code_layout=repeat  bit k on adjacent channels, as the paper's released checkpoints
@@ -9,7 +9,7 @@
 #                                 256-bit codes need n_embd >= 256, which train.py asks for)
 #   learned_lift                  fixed_min's K bits through a trained K x n_embd map (576 parameters here)
 #
-#   python sweep.py config/study_codes.py   # 48 runs; 15 min on 2 idle cores (docs/results.md)
+#   python sweep.py config/study_codes.py   # 48 runs; time: docs/studies.md
 
 base = 'config/scale.py'
 dataset = 'study_bytes'

@@ -3,7 +3,7 @@
 # scored on the test split, never on val): 1.2e-2, that study's winner, and a factor 2 either side.
 # Then write each code's rate of lowest mean test loss into _learning_rates of config/study_codes.py.
 #
-#   python sweep.py config/study_codes_lr.py   # 30 runs (5 codes x 3 rates x 2 seeds); 13.5 min on 2 idle cores
+#   python sweep.py config/study_codes_lr.py   # 30 runs (5 codes x 3 rates x 2 seeds); time: docs/studies.md
 import itertools
 
 base = 'config/scale.py'

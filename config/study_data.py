@@ -3,7 +3,7 @@
 # split, so no text is read twice on average), warmup and cosine decay scaled to each budget, each
 # code at its learning rate from config/study_lr.py, 3 paired seeds; the held-out loss on val.
 #
-#   python sweep.py config/study_data.py    # 27 runs; 8 min on 2 cores (docs/results.md)
+#   python sweep.py config/study_data.py    # 27 runs; time: docs/studies.md
 
 # (learning_rate, min_lr) per code, chosen by config/study_lr.py on the test split (results/lr.jsonl):
 # 1.2e-2 had the lowest mean test loss for all three codes, below 6e-3 and 2.4e-2.

@@ -5,7 +5,7 @@
 # code's rate of lowest mean test loss over the seeds into _learning_rates of config/study_depth.py and
 # config/study_data.py (min_lr: a tenth of it), where it stays fixed across scales.
 #
-#   python sweep.py config/study_lr.py      # 30 runs (5 rates x 3 codes x 2 seeds); 11 min on 2 idle cores
+#   python sweep.py config/study_lr.py      # 30 runs (5 rates x 3 codes x 2 seeds); time: docs/studies.md
 base = 'config/scale.py'
 dataset = 'study_bytes'
 prepare = ['--input=assets/tinyshakespeare.txt.gz', '--encoding=bytes', '--test_fraction=0.1']
