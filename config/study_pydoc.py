@@ -1,9 +1,9 @@
-# The small-scale study, part B (docs/results.md): the paper's vocabulary, V = 65,536 (K = 16 bits), on
+# The first study, part B (docs/results.md): the paper's vocabulary, V = 65,536 (K = 16 bits), on
 # the offline quickstart corpus (python prepare.py: CPython's docs, 94K train / 13K val tokens). The
 # same tiny model as part A: at this V the 64 x 65,536 lm_head (and the learned input table) dominate,
 # so a run is CPU-bound at a few hundred tokens per second. fixed_min, affine, learned; 3 paired seeds.
 #
-#   python sweep.py config/study_pydoc.py    # 9 runs; about 10 min on 2 cores
+#   python sweep.py config/study_pydoc.py    # 9 runs; time: docs/studies.md
 #   python report.py --runs='out-study/pydoc/*' --plot=assets/study_pydoc.png
 base = {
     'n_layer': 2, 'n_head': 4, 'n_embd': 64, 'block_size': 64,

@@ -1,9 +1,9 @@
-# The small-scale study, part A (docs/results.md): Shakespeare in the bytes encoding (V = 257, K = 9
+# The first study, part A (docs/results.md): Shakespeare in the bytes encoding (V = 257, K = 9
 # bits) and a tiny model that trains in well under a minute on one CPU core; the input codes fixed_min,
 # affine and learned, and the ablations: {0,1} bits instead of {-1,+1}, code_scale 0.5 and 2, and a
 # frozen random Gaussian table (frozen_random: fixed but not minimal); 3 paired seeds each.
 #
-#   python sweep.py config/study_shakespeare.py    # 21 runs; about 20 min on 2 cores
+#   python sweep.py config/study_shakespeare.py    # 21 runs; time: docs/studies.md
 #   python report.py --runs='out-study/shakespeare/*' --plot=assets/study_shakespeare.png
 base = {
     'n_layer': 2, 'n_head': 4, 'n_embd': 64, 'block_size': 64,
