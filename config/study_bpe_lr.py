@@ -6,7 +6,7 @@
 # whether fixed_min's gap on BPE comes from the order of the ids. Then write each code's rate of
 # lowest mean test loss into _learning_rates of config/study_bpe.py.
 #
-#   python sweep.py config/study_bpe_lr.py  # 26 runs (3 rates x 4 codes, and 1 more for learned, x 2 seeds); time: docs/studies.md
+#   python sweep.py config/study_bpe_lr.py  # 26 runs (3 rates x 4 codes, 1 more for learned, x 2 seeds)
 import itertools
 
 base = 'config/scale.py'
